@@ -1,0 +1,199 @@
+"""Relax pass: dense matmul with a constant weight -> call of the LUT/shift kernel.
+
+Matches ``matmul(x, permute_dims(W[N, K]))`` (torch ``nn.Linear``) and ``matmul(x, W[K, N])`` (ONNX
+MatMul/Gemm, HF Conv1D), where ``W`` is a constant or a function parameter the caller names. The
+``quantize`` callback decides per weight: it returns the packed bit-planes and scale codes, or
+``None`` with a reason to keep the matmul dense. The rewrite replaces the matmul by
+
+    y2d = call_tir(lut_gemm_<config>, [reshape(x, [M, K]), const planes, const scales])
+    y   = reshape(y2d, x.shape[:-1] + [N])
+
+One kernel per distinct configuration is added to the module (call sites share it). Every matmul
+seen is recorded as rewritten or left dense (with the reason), so compile reports can say exactly
+what runs multiplication-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from ..schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs, make_primfunc
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLinear:
+    """A reparameterized weight in the kernel format (see ``schedules/packing.py``)."""
+
+    planes: np.ndarray  # uint8[bits, N, Kp // 8]
+    scales: np.ndarray  # int8[bits, N, Kp // group_size, terms]
+    n: int
+    k: int
+    group_size: int
+
+    @property
+    def bits(self) -> int:
+        return int(self.planes.shape[0])
+
+    @property
+    def terms(self) -> int:
+        return int(self.scales.shape[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.planes.nbytes + self.scales.nbytes)
+
+
+@dataclasses.dataclass
+class RewriteRecord:
+    """What the pass rewrote and what it left dense."""
+
+    rewritten: list[dict] = dataclasses.field(default_factory=list)
+    dense: list[dict] = dataclasses.field(default_factory=list)
+    kernels: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> str:
+        reasons: dict[str, int] = {}
+        for d in self.dense:
+            reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
+        why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none"
+        return (
+            f"{len(self.rewritten)} matmuls rewritten to LUT kernels "
+            f"({len(self.kernels)} distinct kernels); {len(self.dense)} left dense: {why}"
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# quantize(key, W[N, K]) -> PackedLinear | str (reason to keep dense)
+QuantizeFn = Callable[[str, np.ndarray], "PackedLinear | str"]
+KnobsFn = Callable[[LutGemmConfig], LutGemmKnobs]
+
+
+def rewrite_matmuls(
+    mod,
+    quantize: QuantizeFn,
+    params: dict | None = None,
+    knobs: KnobsFn = default_knobs,
+    func_name: str = "main",
+):
+    """Rewrite the matmuls of ``mod[func_name]``; returns ``(new_mod, RewriteRecord)``.
+
+    ``params`` maps function-parameter names to their numpy values (weights kept as parameters by
+    the frontend); constants in the graph are read directly.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    matmul_op = tvm.ir.Op.get("relax.matmul")
+    permute_op = tvm.ir.Op.get("relax.permute_dims")
+    params = params or {}
+    record = RewriteRecord()
+
+    def const_2d(expr, mut) -> tuple[str, np.ndarray] | None:
+        if isinstance(expr, relax.Var):
+            bound = mut.lookup_binding(expr)
+            if bound is not None:
+                expr = bound
+        if isinstance(expr, relax.Var) and str(expr.name) in params:
+            arr = params[str(expr.name)]
+            return (str(expr.name), np.asarray(arr)) if np.ndim(arr) == 2 else None
+        if isinstance(expr, tvm.ir.Constant) and isinstance(expr.value, tvm.runtime.Tensor):
+            if len(expr.value.shape) == 2:
+                arr = expr.value.numpy()
+                return f"const_{abs(hash(arr.tobytes())) & 0xFFFFFFFF:08x}", arr
+        return None
+
+    def weight_nk(w_expr, mut) -> tuple[str, np.ndarray] | None:
+        """(key, W[N, K]) if the matmul's right operand is a constant weight."""
+        expr = w_expr
+        if isinstance(expr, relax.Var):
+            bound = mut.lookup_binding(expr)
+            if bound is not None:
+                expr = bound
+        if isinstance(expr, relax.Call) and expr.op.same_as(permute_op):
+            axes = expr.attrs.axes
+            src = const_2d(expr.args[0], mut)
+            if src is not None and (axes is None or [int(a) for a in axes] == [1, 0]):
+                return src  # nn.Linear: W[N, K] transposed in the graph
+            return None
+        src = const_2d(expr, mut)
+        if src is not None:
+            return src[0], src[1].T  # matmul(x, W[K, N])
+        return None
+
+    @mutator
+    class _Rewriter(PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.mod_ = mod
+            self.gvars: dict[LutGemmConfig, object] = {}
+
+        def kernel(self, cfg: LutGemmConfig):
+            if cfg not in self.gvars:
+                kn = knobs(cfg)
+                func = make_primfunc(cfg, kn).with_attr("op_pattern", 8)  # opaque: no fusion
+                self.gvars[cfg] = self.builder_.add_func(func, cfg.name)
+                record.kernels[cfg.name] = {
+                    "config": dataclasses.asdict(cfg),
+                    "knobs": dataclasses.asdict(kn),
+                }
+            return self.gvars[cfg]
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not call.op.same_as(matmul_op):
+                return call
+            x, w = call.args
+            found = weight_nk(w, self)
+            if found is None:
+                return call  # activation x activation (attention): not a weight matmul
+            key, wnk = found
+            n, k = (int(s) for s in wnk.shape)
+            xshape = x.ty.shape
+            entry = {"weight": key, "n": n, "k": k}
+            if x.ty.dtype != "float32":
+                record.dense.append({**entry, "reason": f"activation dtype {x.ty.dtype}"})
+                return call
+            if xshape is None or not all(isinstance(s, tvm.tirx.IntImm) for s in xshape):
+                record.dense.append({**entry, "reason": "dynamic activation shape"})
+                return call
+            dims = [int(s) for s in xshape]
+            m = int(np.prod(dims[:-1]))
+            packed = quantize(key, wnk)
+            if isinstance(packed, str):
+                record.dense.append({**entry, "reason": packed})
+                return call
+            if (packed.n, packed.k) != (n, k):
+                raise ValueError(
+                    f"quantizer returned shape {(packed.n, packed.k)} for {key} {(n, k)}"
+                )
+            cfg = LutGemmConfig(m, n, k, packed.bits, packed.group_size, packed.terms)
+            gv = self.kernel(cfg)
+            x2 = x if len(dims) == 2 else self.builder_.emit(relax.op.reshape(x, (m, k)))
+            y = relax.call_tir(
+                gv,
+                [x2, relax.const(packed.planes), relax.const(packed.scales)],
+                out_ty=relax.TensorType((m, n), "float32"),
+            )
+            record.rewritten.append({**entry, "m": m, "bits": packed.bits, "kernel": cfg.name})
+            if len(dims) == 2:
+                return y
+            return relax.op.reshape(self.builder_.emit(y), dims[:-1] + [n])
+
+        def run(self, name):
+            func = self.mod_[name]
+            self.builder_.update_func(self.mod_.get_global_var(name), self.visit_expr(func))
+            return self.builder_.get()
+
+    new_mod = _Rewriter(mod).run(func_name)
+    new_mod = relax.transform.DeadCodeElimination()(new_mod)
+    log.info("LUT rewrite: %s", record.summary())
+    return new_mod, record

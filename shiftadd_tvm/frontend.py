@@ -1,0 +1,70 @@
+"""PyTorch (Hugging Face causal LM) -> TVM Relax through torch.export."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class _LogitsOnly(torch.nn.Module):
+    """input_ids [batch, seq] -> logits [batch, seq, vocab], no KV cache."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def _cumsum_bool_fix(node, importer):
+    """HF masking utils call cumsum on a bool tensor: torch yields int64, the importer kept bool."""
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if x.ty.dtype == "bool" and node.kwargs.get("dtype") is None:
+        x = importer.block_builder.emit(relax.op.astype(x, "int64"))
+    return importer.block_builder.emit(relax.op.cumsum(x, axis=dim))
+
+
+def import_causal_lm(model, batch: int, seq_len: int):
+    """Export ``model`` for fixed ``[batch, seq_len]`` input ids.
+
+    Returns ``(mod, params, names)``: the Relax module whose ``main`` takes the ids followed by the
+    weights as parameters, the numpy value of each weight parameter, and the torch parameter name of
+    each Relax parameter (``p_model_layers_0_..`` -> ``model.layers.0...``).
+    """
+    from tvm.relax.frontend.torch import from_exported_program
+
+    wrapper = _LogitsOnly(model).eval()
+    ids = torch.zeros((batch, seq_len), dtype=torch.int64)
+    t0 = time.time()
+    with torch.no_grad():
+        ep = torch.export.export(wrapper, (ids,))
+    mod = from_exported_program(
+        ep, keep_params_as_input=True, custom_convert_map={"cumsum.default": _cumsum_bool_fix}
+    )
+    log.info("torch.export + Relax import in %.1fs", time.time() - t0)
+    names = {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.target is not None:
+            target = (
+                spec.target[len("model.") :] if spec.target.startswith("model.") else spec.target
+            )
+            names[spec.arg.name] = target
+    state = ep.state_dict
+    params = {}
+    for rname, tname in names.items():
+        full = "model." + tname
+        tensor = state[full] if full in state else ep.constants[full]
+        params[rname] = tensor.detach().cpu().numpy()
+    main_params = [str(p.name) for p in mod["main"].params[1:]]
+    missing = [p for p in main_params if p not in params]
+    if missing:
+        raise RuntimeError(f"exported parameters without values: {missing[:5]}")
+    return mod, params, names

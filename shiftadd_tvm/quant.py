@@ -1,0 +1,178 @@
+"""Binary-coding quantization (BCQ) with power-of-two scales: plain functions on tensors.
+
+``W[N, K] ~= sum_b alpha_b * B_b`` with ``B_b in {-1,+1}`` and, per output row and group of
+``group_size`` columns, each ``alpha`` a sum of ``terms`` signed powers of two.
+
+Fit (ShiftAddLLM's alternating scheme, weighted by the activation energy of each column):
+
+1. greedy start per group: ``B_b = sign(r)``, ``alpha_b = weighted mean |r|``, ``r -= alpha_b B_b``;
+2. ``iters`` rounds of: least-squares ``alpha`` with ``B`` fixed (weights ``d_k``), rounding of
+   ``alpha`` to sums of signed powers of two, re-pick of every code as the nearest of the ``2^bits``
+   signed sums. The best round (weighted error) is kept.
+
+``d_k`` is the diagonal of the calibration Hessian ``X^T X`` (mean squared activation of column k):
+without it, outlier input channels get clipped (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import torch
+
+from .schedules.packing import EXP_MAX, EXP_MIN, encode_terms, pack_planes, padded_k
+
+SUPPORTED_BITS = (1, 2, 3, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """The weight format and fit settings. Hashable and printable."""
+
+    bits: int = 3
+    group_size: int = 128
+    terms: int = 3
+    iters: int = 15
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
+        gs = self.group_size
+        if gs < 8 or gs & (gs - 1):
+            raise ValueError(
+                f"group_size={gs} must be a power of two >= 8 (the kernel reads 8 columns per table)"
+            )
+        if not 1 <= self.terms <= 4:
+            raise ValueError(f"terms={self.terms} must be in 1..4 (signed powers of two per scale)")
+        if self.iters < 0:
+            raise ValueError(f"iters={self.iters} must be >= 0")
+
+    def bits_per_weight(self) -> float:
+        """Storage per weight including the scale codes (one byte per power-of-two term)."""
+        return self.bits + self.bits * self.terms * 8 / self.group_size
+
+
+@dataclasses.dataclass
+class BCQResult:
+    codes: torch.Tensor  # bool[bits, N, K], True = +1
+    term_signs: torch.Tensor  # int8[bits, N, G, terms] in {-1, 0, 1}
+    term_exps: torch.Tensor  # int16[bits, N, G, terms]
+    cfg: QuantConfig
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """float64 scales [bits, N, G] (exact sums of the power-of-two terms)."""
+        return (self.term_signs.double() * torch.exp2(self.term_exps.double())).sum(-1)
+
+    def dequantize(self) -> torch.Tensor:
+        """Dense float64 W[N, K] that the packed format means."""
+        bits, n, k = self.codes.shape
+        a = torch.repeat_interleave(self.alpha, self.cfg.group_size, dim=-1)[..., :k]
+        return ((self.codes.double() * 2 - 1) * a).sum(0)
+
+    def pack(self) -> tuple[np.ndarray, np.ndarray]:
+        """(planes uint8[bits, N, Kp/8], scales int8[bits, N, G, terms]) in the kernel layout."""
+        planes = pack_planes(self.codes.numpy(), self.cfg.group_size)
+        scales = encode_terms(self.term_signs.numpy(), self.term_exps.numpy())
+        return planes, scales
+
+
+def round_pow2_terms(a: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy expansion of ``a`` into ``terms`` signed powers of two (nearest power each step).
+
+    Returns ``(signs int8[..., terms], exps int16[..., terms])``; a term whose residual is below
+    ``2**EXP_MIN`` (or zero) is absent (sign 0).
+    """
+    r = a.double().clone()
+    signs, exps = [], []
+    for _ in range(terms):
+        mag = r.abs()
+        e0 = torch.floor(torch.log2(mag.clamp_min(1e-300)))
+        lo = torch.exp2(e0)
+        e = torch.where(mag - lo > 2 * lo - mag, e0 + 1, e0).clamp(EXP_MIN, EXP_MAX)
+        present = mag >= 2.0 ** (EXP_MIN - 1)
+        s = torch.where(present, torch.sign(r), torch.zeros_like(r))
+        r = r - s * torch.exp2(e)
+        signs.append(s.to(torch.int8))
+        exps.append(torch.where(present, e, torch.zeros_like(e)).to(torch.int16))
+    return torch.stack(signs, -1), torch.stack(exps, -1)
+
+
+def pow2_value(signs: torch.Tensor, exps: torch.Tensor) -> torch.Tensor:
+    return (signs.double() * torch.exp2(exps.double())).sum(-1)
+
+
+def _nearest_codes(w: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
+    """For w[R, gs] and alpha[R, bits]: bool codes[R, gs, bits] of the nearest signed sum."""
+    combos = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=bits)), dtype=w.dtype)
+    values = alpha @ combos.T  # [R, 2^bits]
+    best = torch.argmin((w[:, :, None] - values[:, None, :]).abs(), dim=-1)  # [R, gs]
+    return combos[best] > 0  # [R, gs, bits]
+
+
+def bcq_quantize(
+    w: torch.Tensor, cfg: QuantConfig, col_weight: torch.Tensor | None = None
+) -> BCQResult:
+    """Fit binary planes with power-of-two group scales to ``w[N, K]``.
+
+    ``col_weight[K]`` (>= 0) weights each column's squared error (the activation energy).
+    """
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or inf; fix the checkpoint before quantizing")
+    n, k = w.shape
+    gs, bits = cfg.group_size, cfg.bits
+    kp = padded_k(k, gs)
+    groups = kp // gs
+    wd = torch.zeros(n, kp, dtype=torch.float64)
+    wd[:, :k] = w.double()
+    d = torch.zeros(kp, dtype=torch.float64)
+    if col_weight is None:
+        d[:k] = 1.0
+    else:
+        cw = col_weight.double().clamp_min(0)
+        d[:k] = cw / cw[cw > 0].mean() if (cw > 0).any() else 1.0
+        d[:k] += 1e-6  # dead columns still get a (tiny) say
+    R = n * groups
+    wg = wd.reshape(R, gs)
+    dg = d.reshape(1, groups, gs).expand(n, groups, gs).reshape(R, gs)
+    dsum = dg.sum(-1, keepdim=True).clamp_min(1e-30)
+
+    # greedy start
+    r = wg.clone()
+    codes = torch.empty(R, gs, bits, dtype=torch.bool)
+    alpha = torch.empty(R, bits, dtype=torch.float64)
+    for b in range(bits):
+        s = r >= 0
+        a = (dg * r.abs()).sum(-1, keepdim=True) / dsum
+        codes[:, :, b] = s
+        alpha[:, b] = a[:, 0]
+        r = r - a * (s.double() * 2 - 1)
+
+    def error(codes, alpha):
+        approx = ((codes.double() * 2 - 1) * alpha[:, None, :]).sum(-1)
+        return (dg * (wg - approx) ** 2).sum()
+
+    ts, te = round_pow2_terms(alpha, cfg.terms)
+    codes = _nearest_codes(wg, pow2_value(ts, te), bits)
+    best = (error(codes, pow2_value(ts, te)), codes, ts, te)
+    eye = torch.eye(bits, dtype=torch.float64)
+    for _ in range(cfg.iters):
+        S = codes.double() * 2 - 1  # [R, gs, bits]
+        A = S.transpose(1, 2) @ (S * dg[:, :, None])  # [R, bits, bits]
+        rhs = (S * (dg * wg)[:, :, None]).sum(1)  # [R, bits]
+        ridge = 1e-9 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+        alpha = torch.linalg.solve(A + ridge[:, None, None] * eye, rhs[:, :, None])[:, :, 0]
+        ts, te = round_pow2_terms(alpha, cfg.terms)
+        codes = _nearest_codes(wg, pow2_value(ts, te), bits)
+        err = error(codes, pow2_value(ts, te))
+        if err < best[0]:
+            best = (err, codes, ts, te)
+    _, codes, ts, te = best
+    codes = codes.reshape(n, groups, gs, bits).permute(3, 0, 1, 2).reshape(bits, n, kp)[:, :, :k]
+    ts = ts.reshape(n, groups, bits, cfg.terms).permute(2, 0, 1, 3).contiguous()
+    te = te.reshape(n, groups, bits, cfg.terms).permute(2, 0, 1, 3).contiguous()
+    return BCQResult(codes=codes.contiguous(), term_signs=ts, term_exps=te, cfg=cfg)

@@ -1,0 +1,207 @@
+"""Minimal runtime: load an exported artifact and run it.
+
+Needs only numpy, ``apache-tvm-ffi`` and ``libtvm_runtime.so`` (3 MB, from the installed
+``apache-tvm`` wheel, a deployment bundle, or ``$SHIFTADD_TVM_RUNTIME_LIB``). It never imports
+torch, transformers or the TVM compiler library.
+
+Artifact file layout (``Artifact.export``): ``<shared library> <manifest JSON> <u64 LE length of the
+JSON> <8-byte magic b"SHADDTVM">``. The manifest records the library's byte length and SHA-256; a
+file whose trailer, length or checksum does not match is refused before it is loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ArtifactError, InputError
+
+TRAILER_MAGIC = b"SHADDTVM"
+ARTIFACT_FORMAT = "shiftadd-tvm-artifact"
+SUPPORTED_VERSIONS = (1,)
+_KDL_CPU = 1
+_POOLED_ALLOCATOR = 2
+
+_tvm_ffi = None
+
+
+def _import_tvm_ffi():
+    """Import tvm_ffi without letting it import torch (it tries to, for a DLPack fast path)."""
+    global _tvm_ffi
+    if _tvm_ffi is None:
+        blocked = "torch" not in sys.modules
+        if blocked:
+            sys.modules["torch"] = None  # makes `import torch` raise ImportError inside tvm_ffi
+        try:
+            import tvm_ffi
+        finally:
+            if blocked and sys.modules.get("torch", 0) is None:
+                del sys.modules["torch"]
+        _tvm_ffi = tvm_ffi
+    return _tvm_ffi
+
+
+def runtime_library_path(artifact: Path | None = None) -> Path:
+    """Locate libtvm_runtime.so: env override, a bundle beside the artifact, or the apache-tvm wheel."""
+    env = os.environ.get("SHIFTADD_TVM_RUNTIME_LIB")
+    if env:
+        if not Path(env).is_file():
+            raise ArtifactError(f"SHIFTADD_TVM_RUNTIME_LIB={env} does not exist")
+        return Path(env)
+    if artifact is not None:
+        bundled = artifact.parent / "tvm_runtime" / "libtvm_runtime.so"
+        if bundled.is_file():
+            return bundled
+    spec = importlib.util.find_spec("tvm")  # locates the package without importing it
+    if spec is not None and spec.submodule_search_locations:
+        lib = Path(list(spec.submodule_search_locations)[0]) / "lib" / "libtvm_runtime.so"
+        if lib.is_file():
+            return lib
+    raise ArtifactError(
+        "libtvm_runtime.so not found: install apache-tvm==0.27.0.post1, or set "
+        "SHIFTADD_TVM_RUNTIME_LIB to its path"
+    )
+
+
+_loaded_runtime: dict[str, ctypes.CDLL] = {}
+
+
+def _load_runtime_lib(path: Path) -> None:
+    key = str(path.resolve())
+    if not _loaded_runtime:
+        _import_tvm_ffi()  # libtvm_ffi.so first: libtvm_runtime.so links against it
+        _loaded_runtime[key] = ctypes.CDLL(key, mode=ctypes.RTLD_GLOBAL)
+
+
+def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict:
+    """The manifest of an artifact file; with ``verify`` also checks the library checksum."""
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"artifact '{p}' does not exist; create it with `shiftadd-tvm compile`")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        if size < 16:
+            raise ArtifactError(f"'{p}' is too small to be an artifact ({size} bytes): truncated?")
+        f.seek(size - 16)
+        tail = f.read(16)
+        if tail[8:] != TRAILER_MAGIC:
+            raise ArtifactError(
+                f"'{p}' has no shiftadd-tvm manifest (truncated, or not made by `shiftadd-tvm compile`)"
+            )
+        n = int.from_bytes(tail[:8], "little")
+        if n <= 0 or n > size - 16:
+            raise ArtifactError(
+                f"'{p}' has a corrupt manifest length ({n}); re-export the artifact"
+            )
+        f.seek(size - 16 - n)
+        try:
+            manifest = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ArtifactError(
+                f"'{p}' has a corrupt manifest ({e}); re-export the artifact"
+            ) from e
+        if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+            raise ArtifactError(
+                f"'{p}' is not a shiftadd-tvm artifact (format {manifest.get('format')!r})"
+            )
+        if manifest.get("version") not in SUPPORTED_VERSIONS:
+            raise ArtifactError(
+                f"'{p}' has artifact version {manifest.get('version')}, this runtime reads "
+                f"{SUPPORTED_VERSIONS}; recompile it or update shiftadd-tvm"
+            )
+        body_len = manifest.get("library_bytes")
+        if body_len != size - 16 - n:
+            raise ArtifactError(
+                f"'{p}' library length {size - 16 - n} differs from the manifest's {body_len}: the file is corrupt"
+            )
+        if verify:
+            f.seek(0)
+            h = hashlib.sha256()
+            remaining = body_len
+            while remaining:
+                chunk = f.read(min(1 << 22, remaining))
+                if not chunk:
+                    break
+                h.update(chunk)
+                remaining -= len(chunk)
+            if h.hexdigest() != manifest.get("library_sha256"):
+                raise ArtifactError(f"'{p}' fails its checksum: the file is corrupt; re-export it")
+    return manifest
+
+
+def _aligned(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
+    """A zeroed array whose data pointer is ``align``-byte aligned (TVM kernels require it)."""
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dt.itemsize
+    raw = np.zeros(nbytes + align, dtype=np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off : off + nbytes].view(dt).reshape(shape)
+
+
+class Runtime:
+    """A loaded artifact: ``rt(input_ids)`` -> logits ``float32[batch, seq, vocab]``."""
+
+    def __init__(self, path: str | os.PathLike, verify: bool = True):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, verify=verify)
+        _load_runtime_lib(runtime_library_path(self.path))
+        ffi = _import_tvm_ffi()
+        try:
+            lib = ffi.load_module(str(self.path))
+            self._vm = lib["vm_load_executable"]()
+            self._vm["vm_initialization"](_KDL_CPU, 0, _POOLED_ALLOCATOR)
+            self._main = self._vm["main"]
+        except Exception as e:
+            raise ArtifactError(f"TVM could not load '{self.path}': {e}") from e
+        self._lib = lib
+        self.seq_len = int(self.manifest["input"]["seq_len"])
+        self.vocab_size = int(self.manifest["vocab_size"])
+        self._ids = _aligned((1, self.seq_len), np.int64)
+        self._ffi = ffi
+
+    def _check(self, input_ids) -> np.ndarray:
+        ids = np.asarray(input_ids)
+        if ids.dtype.kind not in "iu":
+            raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2:
+            raise InputError(f"input_ids must be [batch, seq] (or [seq]), got shape {ids.shape}")
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise InputError(f"input_ids is empty (shape {ids.shape})")
+        if ids.shape[1] > self.seq_len:
+            raise InputError(
+                f"sequence of {ids.shape[1]} tokens is longer than the {self.seq_len} this artifact "
+                "was compiled for; split the input or recompile with a larger --seq-len"
+            )
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise InputError(
+                f"token ids must lie in [0, {self.vocab_size}), got range [{lo}, {hi}]"
+            )
+        return ids.astype(np.int64, copy=False)
+
+    def __call__(self, input_ids) -> np.ndarray:
+        """Logits for each row; rows shorter than ``seq_len`` are right-padded (causal: exact)."""
+        ids = self._check(input_ids)
+        batch, seq = ids.shape
+        out = np.empty((batch, seq, self.vocab_size), dtype=np.float32)
+        for b in range(batch):
+            self._ids[...] = 0
+            self._ids[0, :seq] = ids[b]
+            res = self._main(self._ffi.from_dlpack(self._ids))
+            logits = res[0] if not hasattr(res, "__dlpack__") else res
+            out[b] = np.from_dlpack(logits)[0, :seq]
+        return out
+
+
+def load(path: str | os.PathLike, verify: bool = True) -> Runtime:
+    """Load an artifact written by ``Artifact.export`` / ``shiftadd-tvm compile``."""
+    return Runtime(path, verify=verify)
