@@ -1,0 +1,208 @@
+"""Command line: ``shiftadd-tvm compile`` and ``shiftadd-tvm eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from .errors import ShiftAddError
+
+log = logging.getLogger("shiftadd_tvm")
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser(
+        "compile",
+        help="reparameterize a model and export a multiplication-free .so",
+        description="Calibrate on real text, fit binary planes with power-of-two scales to every "
+        "Linear of the transformer blocks, import the model into TVM Relax, rewrite those matmuls "
+        "into LUT kernels, build for the target and export one .so (library + manifest).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="'smollm2' (the default model), a Hugging Face folder, or a .gguf file",
+    )
+    p.add_argument("--bits", type=int, default=3, help="bit-planes per weight (1-4)")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="columns sharing one scale per row (power of two >= 8); a ragged tail group is padded",
+    )
+    p.add_argument(
+        "--terms", type=int, default=3, help="signed powers of two per scale (1 = a pure shift)"
+    )
+    p.add_argument("--iters", type=int, default=15, help="alternating refinement rounds of the fit")
+    p.add_argument(
+        "--target",
+        default="llvm",
+        help='\'llvm\' (this CPU) or a TVM target JSON dict, e.g. \'{"kind": "llvm", "mcpu": "znver4"}\'',
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=512,
+        help="tokens per call the artifact is compiled for (shorter inputs are padded)",
+    )
+    p.add_argument(
+        "--calib-text", default="wiki", help="calibration text: 'wiki', 'lee' or a UTF-8 file"
+    )
+    p.add_argument(
+        "--calib-start",
+        type=int,
+        default=200_000,
+        help="first calibration token (keep it clear of the evaluation windows)",
+    )
+    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows of 512 tokens")
+    p.add_argument(
+        "--no-calib",
+        action="store_true",
+        help="fit without activation statistics (much worse accuracy)",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the check of the artifact's logits against torch with the same dequantized weights",
+    )
+    p.add_argument("--output", "-o", required=True, help="artifact path (.so); written atomically")
+    p.add_argument(
+        "--report", help="also write the compile report (manifest + verification) as JSON here"
+    )
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of the float model and of an artifact on the same text windows",
+        description="Runs the artifact through the minimal runtime and the float model through "
+        "torch on the same non-overlapping windows of real text; prints both perplexities, their "
+        "ratio, the artifact size against the float weights and one forward pass time each.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--artifact", required=True, help="artifact written by `shiftadd-tvm compile`")
+    p.add_argument(
+        "--text",
+        default="wiki",
+        help="'wiki' (Wikipedia excerpt), 'lee' (Lee news) or a UTF-8 file",
+    )
+    p.add_argument(
+        "--tokens", type=int, default=2048, help="evaluate on the first N tokens of the text"
+    )
+    p.add_argument(
+        "--window", type=int, default=512, help="tokens per window (<= the artifact's --seq-len)"
+    )
+    p.add_argument("--no-float", action="store_true", help="skip the float model")
+    p.add_argument("--json", help="write the results as JSON here (atomically)")
+
+
+def cmd_compile(args) -> int:
+    import numpy as np
+
+    from .compiler import CalibrationSpec, compile, verify_against_torch
+    from .models import load_model
+    from .text import token_ids
+
+    model, tok = load_model(args.model)
+    calib = (
+        None
+        if args.no_calib
+        else CalibrationSpec(args.calib_text, args.calib_start, args.calib_windows)
+    )
+    art = compile(
+        model,
+        target=args.target,
+        bits=args.bits,
+        group_size=args.group_size,
+        terms=args.terms,
+        tokenizer=tok,
+        seq_len=args.seq_len,
+        iters=args.iters,
+        calibration=calib,
+    )
+    art.manifest["model"] = args.model
+    path = art.export(args.output)
+    report = dict(art.manifest)
+    if not args.no_verify:
+        ids = token_ids(tok, "wiki", 0, args.seq_len)[None]
+        err = verify_against_torch(path, art, model, np.asarray(ids))
+        report["verify"] = {
+            "text": "wiki",
+            "tokens": int(ids.shape[1]),
+            "rel_err_vs_dequantized_torch": err,
+        }
+        log.info("artifact logits vs torch with the same dequantized weights: rel err %.2e", err)
+        if err > 1e-3:
+            log.error("verification failed: rel err %.2e > 1e-3", err)
+    if args.report:
+        from ._files import write_text_atomic
+
+        write_text_atomic(args.report, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    size = path.stat().st_size
+    print(
+        f"wrote {path}: {size / 1e6:.1f} MB ({size / art.manifest['float_weight_bytes']:.1%} of the "
+        f"float weights); {art.manifest['rewrite']['summary']}; "
+        f"{art.manifest['bits_per_weight']} bits/weight in the rewritten layers"
+    )
+    return 0 if args.no_verify or report["verify"]["rel_err_vs_dequantized_torch"] <= 1e-3 else 3
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_artifact
+
+    r = evaluate_artifact(
+        args.artifact, args.text, args.tokens, args.window, args.json, float_model=not args.no_float
+    )
+    lines = [
+        f"text {r['text']}: {r['tokens']} tokens in {r['windows']} windows of {r['window']}",
+        f"artifact perplexity  {r['artifact_ppl']:.3f}   ({r['bits']} bits, {r['bits_per_weight']} bits/weight)",
+    ]
+    if "float_ppl" in r:
+        lines += [
+            f"float perplexity     {r['float_ppl']:.3f}",
+            f"ratio                {r['ratio']:.3f}",
+            f"forward pass         artifact {r['artifact_forward_s']:.2f} s, torch fp32 "
+            f"{r['torch_forward_s']:.2f} s ({r['forward_speedup_vs_torch']:.2f}x)",
+        ]
+    lines.append(
+        f"size                 artifact {r['artifact_bytes'] / 1e6:.1f} MB vs float weights "
+        f"{r['float_weight_bytes'] / 1e6:.1f} MB ({r['size_ratio']:.1%})"
+    )
+    print("\n".join(lines))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shiftadd-tvm",
+        description="Compile pretrained transformers into multiplication-free TVM modules.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_compile(sub)
+    _add_eval(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    t0 = time.time()
+    try:
+        rc = {"compile": cmd_compile, "eval": cmd_eval}[args.command](args)
+    except ShiftAddError as e:
+        log.error("%s", e)
+        return 2
+    log.info("%s finished in %.1fs", args.command, time.time() - t0)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
