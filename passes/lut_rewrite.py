@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..schedules import dense_gemm
+from ..schedules.cpu_rules import KERNEL_ATTR
 from ..schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs, make_primfunc
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,8 @@ class RewriteRecord:
         why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none"
         return (
             f"{len(self.rewritten)} matmuls rewritten to LUT kernels "
-            f"({len(self.kernels)} distinct kernels); {len(self.dense)} left dense: {why}"
+            f"({len({r['kernel'] for r in self.rewritten})} distinct kernels); "
+            f"{len(self.dense)} left dense: {why}"
         )
 
     def to_dict(self) -> dict:
@@ -82,11 +85,14 @@ def rewrite_matmuls(
     params: dict | None = None,
     knobs: KnobsFn = default_knobs,
     func_name: str = "main",
+    dense_kernel: bool = True,
 ):
     """Rewrite the matmuls of ``mod[func_name]``; returns ``(new_mod, RewriteRecord)``.
 
     ``params`` maps function-parameter names to their numpy values (weights kept as parameters by
-    the frontend); constants in the graph are read directly.
+    the frontend); constants in the graph are read directly. Weight matmuls the quantizer keeps
+    dense run on the scheduled dense kernel (``dense_kernel=True``) instead of Relax's unscheduled
+    legalization.
     """
     import tvm
     from tvm import relax
@@ -111,8 +117,8 @@ def rewrite_matmuls(
                 return f"const_{abs(hash(arr.tobytes())) & 0xFFFFFFFF:08x}", arr
         return None
 
-    def weight_nk(w_expr, mut) -> tuple[str, np.ndarray] | None:
-        """(key, W[N, K]) if the matmul's right operand is a constant weight."""
+    def weight_nk(w_expr, mut):
+        """(key, W[N, K], expr of W[N, K] or None) if the matmul's right operand is a constant."""
         expr = w_expr
         if isinstance(expr, relax.Var):
             bound = mut.lookup_binding(expr)
@@ -122,11 +128,11 @@ def rewrite_matmuls(
             axes = expr.attrs.axes
             src = const_2d(expr.args[0], mut)
             if src is not None and (axes is None or [int(a) for a in axes] == [1, 0]):
-                return src  # nn.Linear: W[N, K] transposed in the graph
+                return src[0], src[1], expr.args[0]  # nn.Linear: W[N, K] transposed in the graph
             return None
         src = const_2d(expr, mut)
         if src is not None:
-            return src[0], src[1].T  # matmul(x, W[K, N])
+            return src[0], src[1].T, None  # matmul(x, W[K, N])
         return None
 
     @mutator
@@ -134,18 +140,27 @@ def rewrite_matmuls(
         def __init__(self, mod):
             super().__init__(mod)
             self.mod_ = mod
-            self.gvars: dict[LutGemmConfig, object] = {}
+            self.gvars: dict[object, object] = {}
+
+        def add_kernel(self, cfg, func, info: dict):
+            if cfg not in self.gvars:
+                func = func.with_attr("op_pattern", 8).with_attr(KERNEL_ATTR, 1)  # opaque: no fusion
+                self.gvars[cfg] = self.builder_.add_func(func, cfg.name)
+                record.kernels[cfg.name] = {"config": dataclasses.asdict(cfg), **info}
+            return self.gvars[cfg]
 
         def kernel(self, cfg: LutGemmConfig):
             if cfg not in self.gvars:
                 kn = knobs(cfg)
-                func = make_primfunc(cfg, kn).with_attr("op_pattern", 8)  # opaque: no fusion
-                self.gvars[cfg] = self.builder_.add_func(func, cfg.name)
-                record.kernels[cfg.name] = {
-                    "config": dataclasses.asdict(cfg),
-                    "knobs": dataclasses.asdict(kn),
-                }
+                return self.add_kernel(cfg, make_primfunc(cfg, kn), {"knobs": dataclasses.asdict(kn)})
             return self.gvars[cfg]
+
+        def call(self, gv, x, dims, m, k, n, weights):
+            x2 = x if len(dims) == 2 else self.builder_.emit(relax.op.reshape(x, (m, k)))
+            y = relax.call_tir(gv, [x2, *weights], out_ty=relax.TensorType((m, n), "float32"))
+            if len(dims) == 2:
+                return y
+            return relax.op.reshape(self.builder_.emit(y), dims[:-1] + [n])
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
@@ -155,7 +170,7 @@ def rewrite_matmuls(
             found = weight_nk(w, self)
             if found is None:
                 return call  # activation x activation (attention): not a weight matmul
-            key, wnk = found
+            key, wnk, nk_expr = found
             n, k = (int(s) for s in wnk.shape)
             xshape = x.ty.shape
             entry = {"weight": key, "n": n, "k": k}
@@ -169,24 +184,22 @@ def rewrite_matmuls(
             m = int(np.prod(dims[:-1]))
             packed = quantize(key, wnk)
             if isinstance(packed, str):
-                record.dense.append({**entry, "reason": packed})
-                return call
+                if not dense_kernel:
+                    record.dense.append({**entry, "reason": packed, "kernel": "relax-legalized"})
+                    return call
+                cfg = dense_gemm.DenseGemmConfig(m, n, k)
+                gv = self.add_kernel(cfg, dense_gemm.make_primfunc(cfg), {"kind": "dense"})
+                w_arg = nk_expr if nk_expr is not None else relax.const(np.ascontiguousarray(wnk))
+                record.dense.append({**entry, "reason": packed, "kernel": cfg.name})
+                return self.call(gv, x, dims, m, k, n, [w_arg])
             if (packed.n, packed.k) != (n, k):
-                raise ValueError(
-                    f"quantizer returned shape {(packed.n, packed.k)} for {key} {(n, k)}"
-                )
+                raise ValueError(f"quantizer returned shape {(packed.n, packed.k)} for {key} {(n, k)}")
             cfg = LutGemmConfig(m, n, k, packed.bits, packed.group_size, packed.terms)
             gv = self.kernel(cfg)
-            x2 = x if len(dims) == 2 else self.builder_.emit(relax.op.reshape(x, (m, k)))
-            y = relax.call_tir(
-                gv,
-                [x2, relax.const(packed.planes), relax.const(packed.scales)],
-                out_ty=relax.TensorType((m, n), "float32"),
-            )
             record.rewritten.append({**entry, "m": m, "bits": packed.bits, "kernel": cfg.name})
-            if len(dims) == 2:
-                return y
-            return relax.op.reshape(self.builder_.emit(y), dims[:-1] + [n])
+            return self.call(
+                gv, x, dims, m, k, n, [relax.const(packed.planes), relax.const(packed.scales)]
+            )
 
         def run(self, name):
             func = self.mod_[name]

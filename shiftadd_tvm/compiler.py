@@ -229,8 +229,11 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     import tvm
 
     t0 = time.time()
+    from .schedules.cpu_rules import cpu_pipeline
+
+    target_obj = tgt.tvm_target()
     with tvm.transform.PassContext(opt_level=3):
-        executable = tvm.compile(mod, target=tgt.tvm_target())
+        executable = tvm.compile(mod, target=target_obj, relax_pipeline=cpu_pipeline(target_obj))
     t_build = time.time() - t0
 
     cfg = model.config

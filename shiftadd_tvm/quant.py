@@ -105,11 +105,18 @@ def pow2_value(signs: torch.Tensor, exps: torch.Tensor) -> torch.Tensor:
 
 
 def _nearest_codes(w: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
-    """For w[R, gs] and alpha[R, bits]: bool codes[R, gs, bits] of the nearest signed sum."""
+    """For w[R, gs] and alpha[R, bits]: bool codes[R, gs, bits] of the nearest signed sum.
+
+    The 2^bits candidate values of each row are sorted once; each weight then finds its neighbours
+    by binary search (ties go to the smaller value).
+    """
     combos = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=bits)), dtype=w.dtype)
-    values = alpha @ combos.T  # [R, 2^bits]
-    best = torch.argmin((w[:, :, None] - values[:, None, :]).abs(), dim=-1)  # [R, gs]
-    return combos[best] > 0  # [R, gs, bits]
+    values, order = torch.sort(alpha @ combos.T, dim=-1)  # [R, 2^bits]
+    hi = torch.searchsorted(values, w).clamp(1, values.shape[-1] - 1)  # [R, gs]
+    lo = hi - 1
+    v_lo, v_hi = torch.gather(values, 1, lo), torch.gather(values, 1, hi)
+    pick = torch.where((w - v_lo).abs() <= (v_hi - w).abs(), lo, hi)
+    return combos[torch.gather(order, 1, pick)] > 0  # [R, gs, bits]
 
 
 def bcq_quantize(
