@@ -144,7 +144,9 @@ def rewrite_matmuls(
 
         def add_kernel(self, cfg, func, info: dict):
             if cfg not in self.gvars:
-                func = func.with_attr("op_pattern", 8).with_attr(KERNEL_ATTR, 1)  # opaque: no fusion
+                func = func.with_attr("op_pattern", 8).with_attr(
+                    KERNEL_ATTR, 1
+                )  # opaque: no fusion
                 self.gvars[cfg] = self.builder_.add_func(func, cfg.name)
                 record.kernels[cfg.name] = {"config": dataclasses.asdict(cfg), **info}
             return self.gvars[cfg]
@@ -152,7 +154,9 @@ def rewrite_matmuls(
         def kernel(self, cfg: LutGemmConfig):
             if cfg not in self.gvars:
                 kn = knobs(cfg)
-                return self.add_kernel(cfg, make_primfunc(cfg, kn), {"knobs": dataclasses.asdict(kn)})
+                return self.add_kernel(
+                    cfg, make_primfunc(cfg, kn), {"knobs": dataclasses.asdict(kn)}
+                )
             return self.gvars[cfg]
 
         def call(self, gv, x, dims, m, k, n, weights):
@@ -193,7 +197,9 @@ def rewrite_matmuls(
                 record.dense.append({**entry, "reason": packed, "kernel": cfg.name})
                 return self.call(gv, x, dims, m, k, n, [w_arg])
             if (packed.n, packed.k) != (n, k):
-                raise ValueError(f"quantizer returned shape {(packed.n, packed.k)} for {key} {(n, k)}")
+                raise ValueError(
+                    f"quantizer returned shape {(packed.n, packed.k)} for {key} {(n, k)}"
+                )
             cfg = LutGemmConfig(m, n, k, packed.bits, packed.group_size, packed.terms)
             gv = self.kernel(cfg)
             record.rewritten.append({**entry, "m": m, "bits": packed.bits, "kernel": cfg.name})

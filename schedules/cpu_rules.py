@@ -58,7 +58,9 @@ def schedule_cpu_defaults(mod):
     out = {}
     n_done = 0
     for gv, func in mod.functions.items():
-        if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and KERNEL_ATTR in func.attrs):
+        if not isinstance(func, tirx.PrimFunc) or (
+            func.attrs is not None and KERNEL_ATTR in func.attrs
+        ):
             continue
         sch = s_tir.Schedule(func)
         changed = False
@@ -66,10 +68,19 @@ def schedule_cpu_defaults(mod):
             if sch.get(blk).name_hint == "matmul":
                 try:
                     changed |= schedule_matmul_block(sch, blk)
-                except (tvm.error.InternalError, s_tir.ScheduleError, RuntimeError, ValueError) as e:  # keep the plain loop nest
+                except (
+                    tvm.error.InternalError,
+                    s_tir.ScheduleError,
+                    RuntimeError,
+                    ValueError,
+                ) as e:  # keep the plain loop nest
                     log.warning("matmul rule skipped %s: %s", gv.name_hint, str(e).splitlines()[0])
         if changed:
-            out[gv] = sch.mod["main"].with_attrs(func.attrs) if func.attrs is not None else sch.mod["main"]
+            out[gv] = (
+                sch.mod["main"].with_attrs(func.attrs)
+                if func.attrs is not None
+                else sch.mod["main"]
+            )
             n_done += 1
     for gv, func in out.items():
         mod[gv] = func

@@ -65,7 +65,9 @@ def make_primfunc(cfg: DenseGemmConfig, m_inner: int | None = None, n_unroll: in
                     for k in range(K):
                         for u in T.unroll(U):
                             for mi in T.vectorized(MI):
-                                acc[u, mi] = acc[u, mi] + xt[mo, k, mi] * w[T.min(nt * U + u, N - 1), k]
+                                acc[u, mi] = (
+                                    acc[u, mi] + xt[mo, k, mi] * w[T.min(nt * U + u, N - 1), k]
+                                )
                     for u in T.unroll(U):
                         for mi in range(MI):
                             if nt * U + u < N:
