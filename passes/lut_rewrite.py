@@ -179,10 +179,22 @@ def rewrite_matmuls(
             xshape = x.ty.shape
             entry = {"weight": key, "n": n, "k": k}
             if x.ty.dtype != "float32":
-                record.dense.append({**entry, "reason": f"activation dtype {x.ty.dtype}"})
+                record.dense.append(
+                    {
+                        **entry,
+                        "reason": f"activation dtype {x.ty.dtype} (kernel takes float32)",
+                        "fallback": True,
+                    }
+                )
                 return call
             if xshape is None or not all(isinstance(s, tvm.tirx.IntImm) for s in xshape):
-                record.dense.append({**entry, "reason": "dynamic activation shape"})
+                record.dense.append(
+                    {
+                        **entry,
+                        "reason": "dynamic activation shape (compile for a static --seq-len)",
+                        "fallback": True,
+                    }
+                )
                 return call
             dims = [int(s) for s in xshape]
             m = int(np.prod(dims[:-1]))

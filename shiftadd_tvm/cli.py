@@ -124,7 +124,6 @@ def cmd_compile(args) -> int:
         iters=args.iters,
         calibration=calib,
     )
-    art.manifest["model"] = args.model
     path = art.export(args.output)
     report = dict(art.manifest)
     if not args.no_verify:

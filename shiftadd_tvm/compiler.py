@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import __version__
 from ._files import atomic_path
 from .calibrate import activation_energy, target_linears
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModelError
 from .passes.lut_rewrite import PackedLinear, rewrite_matmuls
 from .quant import BCQResult, QuantConfig, bcq_quantize
 from .targets import resolve_target
@@ -89,19 +89,32 @@ def _windows(ids: np.ndarray, window: int) -> np.ndarray:
     return ids[: n * window].reshape(n, window)
 
 
-def quantize_model(
-    model,
+@dataclasses.dataclass
+class Imported:
+    """A model imported into Relax, frontend-neutral: what the common back half needs."""
+
+    mod: object  # IRModule; main(ids, *weights)
+    params: dict[str, np.ndarray]  # relax parameter name -> value
+    candidates: dict[str, tuple[str, np.ndarray]]  # relax key -> (readable name, W[N, K])
+    policy_dense: dict[str, str]  # relax key -> why it stays dense on purpose
+    energy: dict[str, torch.Tensor] | None  # relax key -> activation energy per column
+    info: dict  # manifest fields from the frontend
+    calib_info: dict
+    names: dict[str, str] = dataclasses.field(default_factory=dict)  # relax key -> readable name
+
+
+def quantize_candidates(
+    candidates: dict[str, tuple[str, np.ndarray]],
     qcfg: QuantConfig,
     energy: dict[str, torch.Tensor] | None,
     progress: bool = True,
 ) -> dict[str, BCQResult]:
-    layers = target_linears(model)
     out = {}
-    for name, mod in tqdm(
-        layers.items(), desc=f"BCQ {qcfg.bits}-bit", unit="layer", disable=not progress
+    for key, (name, w) in tqdm(
+        candidates.items(), desc=f"BCQ {qcfg.bits}-bit", unit="layer", disable=not progress
     ):
-        cw = energy.get(name) if energy is not None else None
-        out[name] = bcq_quantize(mod.weight.detach(), qcfg, cw)
+        cw = energy.get(key) if energy is not None else None
+        out[key] = bcq_quantize(torch.as_tensor(np.asarray(w)), qcfg, cw, name=name)
     return out
 
 
@@ -121,6 +134,139 @@ def _bind_used_params(mod, params: dict[str, np.ndarray]):
     return relax.transform.BindParams("main", binding)(mod)
 
 
+def _calibration_windows(tokenizer, calibration, calib_ids):
+    """(windows int64[n, w] or None, info dict)."""
+    if calib_ids is not None:
+        ids = np.asarray(calib_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.size == 0:
+            raise ConfigError(
+                f"calib_ids must be a non-empty int array [windows, window], got shape {ids.shape}"
+            )
+        return ids, {"source": "ids", "windows": int(ids.shape[0]), "window": int(ids.shape[1])}
+    if calibration is None:
+        log.warning(
+            "no calibration data: scales fitted to plain weight error (outlier channels suffer)"
+        )
+        return None, {"source": None}
+    if tokenizer is None:
+        raise ConfigError(
+            "calibration text needs a tokenizer: pass tokenizer=..., calib_ids=..., "
+            "or calibration=None to fit without activation statistics"
+        )
+    from .text import token_ids
+
+    ids = token_ids(
+        tokenizer, calibration.text, calibration.start, calibration.windows * calibration.window
+    )
+    return _windows(ids, calibration.window), {"source": "text", **dataclasses.asdict(calibration)}
+
+
+def import_torch(model, tokenizer, seq_len, calibration, calib_ids, progress) -> Imported:
+    from .frontend import import_causal_lm
+
+    model.eval()
+    windows, calib_info = _calibration_windows(tokenizer, calibration, calib_ids)
+    layers = target_linears(model)
+    energy_by_name = None
+    if windows is not None:
+        t0 = time.time()
+        energy_by_name = activation_energy(model, windows, layers, progress)
+        calib_info["seconds"] = round(time.time() - t0, 2)
+    mod, params, names = import_causal_lm(model, 1, seq_len)
+    by_weight = {f"{name}.weight": name for name in layers}
+    candidates, policy, energy = {}, {}, {}
+    for key, tname in names.items():
+        if key not in params or params[key].ndim != 2:
+            continue
+        if tname in by_weight:
+            lname = by_weight[tname]
+            candidates[key] = (lname, params[key])
+            if energy_by_name is not None:
+                energy[key] = energy_by_name[lname]
+        else:
+            policy[key] = "not a transformer-block Linear (output head / embedding): kept dense"
+    cfg = model.config
+    info = {
+        "model": getattr(cfg, "_name_or_path", None),
+        "frontend": "torch.export",
+        "architecture": getattr(cfg, "architectures", None),
+        "vocab_size": int(cfg.vocab_size),
+        "float_weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "seq_len": seq_len,
+    }
+    return Imported(
+        mod, params, candidates, policy, energy if energy_by_name else None, info, calib_info, dict(names)
+    )
+
+
+def import_onnx(
+    model_proto, path, tokenizer, seq_len, calibration, calib_ids, progress
+) -> Imported:
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from . import onnx_path
+
+    onnx_path.check_operators(model_proto)
+    input_name, shape = onnx_path.graph_input(model_proto, seq_len)
+    seq_len = shape[1]
+    mats = onnx_path.weight_matmuls(model_proto)
+    windows, calib_info = _calibration_windows(tokenizer, calibration, calib_ids)
+    energy_by_weight = None
+    if windows is not None:
+        t0 = time.time()
+        windows = windows[:, :seq_len] if windows.shape[1] > seq_len else windows
+        if windows.shape[1] != seq_len:
+            raise ConfigError(
+                f"ONNX calibration windows must have the compiled length {seq_len}, got {windows.shape[1]}"
+            )
+        energy_by_weight = onnx_path.activation_energy(
+            model_proto, input_name, windows, [m for m in mats if not m.head], progress
+        )
+        calib_info["seconds"] = round(time.time() - t0, 2)
+    try:
+        mod = from_onnx(model_proto, shape_dict={input_name: shape}, keep_params_in_input=True)
+    except Exception as e:
+        raise UnsupportedModelError(f"TVM's ONNX importer failed: {str(e).splitlines()[0]}") from e
+    mod, detached = relax.frontend.detach_params(mod)
+    names = [str(p.name) for p in mod["main"].params[1:]]
+    params = {n: v.numpy() for n, v in zip(names, detached.get("main", []), strict=True)}
+    # relax parameter names are the initializer names (dots kept, or sanitized to underscores)
+    by_init = {m.weight: m for m in mats}
+    candidates, policy, energy = {}, {}, {}
+    for key in names:
+        m = by_init.get(key) or by_init.get(key.replace("_", "."))
+        if m is None:
+            continue
+        if m.head:
+            policy[key] = (
+                f"{m.weight}: output head (tied to the embedding or feeding the output), kept dense"
+            )
+        else:
+            candidates[key] = (m.weight, m.w_nk)
+            if energy_by_weight is not None:
+                energy[key] = energy_by_weight[m.weight]
+    from onnx import numpy_helper
+
+    vocab = int(model_proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
+    fbytes = sum(
+        numpy_helper.to_array(i).nbytes for i in model_proto.graph.initializer if i.data_type == 1
+    )
+    info = {
+        "model": str(path) if path else None,
+        "frontend": "onnx",
+        "architecture": None,
+        "vocab_size": vocab,
+        "float_weight_bytes": int(fbytes),
+        "seq_len": seq_len,
+    }
+    readable = {k: by_init.get(k, by_init.get(k.replace("_", "."))) for k in names}
+    readable = {k: m.weight for k, m in readable.items() if m is not None}
+    return Imported(
+        mod, params, candidates, policy, energy if energy_by_weight else None, info, calib_info, readable
+    )
+
+
 def compile(  # noqa: A001 - the public API name the issue asks for
     model,
     target="llvm",
@@ -133,14 +279,18 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     iters: int = 15,
     calibration: CalibrationSpec | None = CalibrationSpec(),
     calib_ids: np.ndarray | None = None,
+    allow_dense_fallback: bool = False,
     progress: bool = True,
 ) -> Artifact:
     """Reparameterize ``model`` to binary planes with power-of-two scales and build it with TVM.
 
-    ``model``: a Hugging Face causal LM (``torch.nn.Module``), or a string: ``smollm2``, a HF folder
-    or a ``.gguf`` file. Calibration text comes from ``calibration`` (tokenized with ``tokenizer``)
-    or from explicit ``calib_ids`` (int64 [windows, window]); ``calibration=None`` and no ids fit
-    the weights without activation statistics (logged as a warning: outlier channels suffer).
+    ``model``: a Hugging Face causal LM (``torch.nn.Module``), an ``onnx.ModelProto``, or a string:
+    ``smollm2``, a HF folder, a ``.gguf`` or a ``.onnx`` file. Calibration text comes from
+    ``calibration`` (tokenized with ``tokenizer``) or from explicit ``calib_ids`` (int64
+    [windows, window]); ``calibration=None`` and no ids fit the weights without activation
+    statistics (logged as a warning: outlier channels suffer). Weight matmuls that cannot be
+    rewritten (dynamic shapes, non-float activations) are an error unless
+    ``allow_dense_fallback``, which keeps them dense and counts them in the manifest.
     The artifact takes ``int64[1, seq_len]`` ids; the runtime pads shorter inputs.
     """
     from .models import load_model
@@ -151,118 +301,124 @@ def compile(  # noqa: A001 - the public API name the issue asks for
         raise ConfigError(f"seq_len={seq_len} must be >= 1")
     tgt = resolve_target(target)
     model_spec = None
+    onnx_proto = None
     if isinstance(model, (str, os.PathLike)):
         model_spec = str(model)
-        model, tok = load_model(model_spec)
-        tokenizer = tokenizer or tok
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(
-            f"model must be a torch.nn.Module or a model path/alias, got {type(model).__name__}"
-        )
-    model.eval()
+        if model_spec.lower().endswith(".onnx"):
+            from .onnx_path import load_onnx
 
-    # 1. calibration
-    calib_info: dict = {"source": None}
-    if calib_ids is None and calibration is not None:
-        if tokenizer is None:
-            raise ConfigError(
-                "calibration text needs a tokenizer: pass tokenizer=..., calib_ids=..., "
-                "or calibration=None to fit without activation statistics"
-            )
-        from .text import token_ids
-
-        ids = token_ids(
-            tokenizer, calibration.text, calibration.start, calibration.windows * calibration.window
+            onnx_proto = load_onnx(model_spec)
+        else:
+            model, tok = load_model(model_spec)
+            tokenizer = tokenizer or tok
+    elif type(model).__name__ == "ModelProto":
+        onnx_proto = model
+    if onnx_proto is not None:
+        imp = import_onnx(
+            onnx_proto, model_spec, tokenizer, seq_len, calibration, calib_ids, progress
         )
-        calib_ids = _windows(ids, calibration.window)
-        calib_info = {"source": "text", **dataclasses.asdict(calibration)}
-    elif calib_ids is not None:
-        calib_ids = np.asarray(calib_ids, dtype=np.int64)
-        calib_info = {
-            "source": "ids",
-            "windows": int(calib_ids.shape[0]),
-            "window": int(calib_ids.shape[1]),
-        }
-    energy = None
-    if calib_ids is not None:
-        t0 = time.time()
-        energy = activation_energy(model, calib_ids, target_linears(model), progress)
-        calib_info["seconds"] = round(time.time() - t0, 2)
+    elif isinstance(model, torch.nn.Module):
+        imp = import_torch(model, tokenizer, seq_len, calibration, calib_ids, progress)
+        if model_spec:
+            imp.info["model"] = model_spec
     else:
-        log.warning(
-            "no calibration data: scales fitted to plain weight error (outlier channels suffer)"
+        raise ConfigError(
+            f"model must be a torch.nn.Module, an onnx.ModelProto or a model path/alias, "
+            f"got {type(model).__name__}"
         )
+    return build_imported(imp, qcfg, tgt, allow_dense_fallback, progress, t_start)
 
-    # 2. reparameterization
+
+def build_imported(imp: Imported, qcfg, tgt, allow_dense_fallback, progress, t_start) -> Artifact:
+    """The common back half: fit, rewrite, bind, build, describe."""
+    import tvm
+
     t0 = time.time()
-    quantized = quantize_model(model, qcfg, energy, progress)
+    quantized = quantize_candidates(imp.candidates, qcfg, imp.energy, progress)
     t_quant = time.time() - t0
-
-    # 3. import, rewrite, build
-    from .frontend import import_causal_lm
-
-    mod, params, names = import_causal_lm(model, 1, seq_len)
     packed: dict[str, PackedLinear] = {}
-    for name, res in quantized.items():
+    for key, res in quantized.items():
         planes, scales = res.pack()
         n, k = res.codes.shape[1:]
-        packed[f"{name}.weight"] = PackedLinear(planes, scales, int(n), int(k), qcfg.group_size)
+        packed[key] = PackedLinear(planes, scales, int(n), int(k), qcfg.group_size)
 
     def choose(key: str, _w: np.ndarray):
-        tname = names.get(key, key)
-        if tname in packed:
-            return packed[tname]
-        return "not a transformer-block Linear (output head / embedding): kept dense"
+        if key in packed:
+            return packed[key]
+        return imp.policy_dense.get(key, f"{key}: not a reparameterization candidate, kept dense")
 
-    mod, record = rewrite_matmuls(mod, choose, params=params)
-    log.info("%s", record.summary())
+    mod, record = rewrite_matmuls(imp.mod, choose, params=imp.params)
+    fallbacks = [d for d in record.dense if d.get("fallback")]
+    missing = sorted(set(packed) - {r["weight"] for r in record.rewritten})
+    for key in missing:  # a candidate the pass never reached: its matmul has another form
+        fallbacks.append({"weight": key, "reason": "matmul form not recognised by the pass"})
+    readable = {**imp.names, **{k: name for k, (name, _) in imp.candidates.items()}}
     for d in record.dense:
         log.info(
             "  dense: %s [%d x %d]: %s",
-            names.get(d["weight"], d["weight"]),
+            readable.get(d["weight"], d["weight"]),
             d["n"],
             d["k"],
             d["reason"],
         )
-    mod = _bind_used_params(mod, params)
+    if fallbacks:
+        listed = "; ".join(
+            f"{readable.get(d['weight'], d['weight'])}: {d['reason']}" for d in fallbacks[:5]
+        )
+        if not allow_dense_fallback:
+            raise UnsupportedModelError(
+                f"{len(fallbacks)} weight matmul(s) cannot be rewritten ({listed}); pass "
+                "--allow-dense-fallback (allow_dense_fallback=True) to keep them dense"
+            )
+        log.warning("%d weight matmul(s) kept dense by fallback: %s", len(fallbacks), listed)
+    mod = _bind_used_params(mod, imp.params)
 
-    import tvm
-
-    t0 = time.time()
     from .schedules.cpu_rules import cpu_pipeline
 
+    t0 = time.time()
     target_obj = tgt.tvm_target()
     with tvm.transform.PassContext(opt_level=3):
         executable = tvm.compile(mod, target=target_obj, relax_pipeline=cpu_pipeline(target_obj))
     t_build = time.time() - t0
 
-    cfg = model.config
-    float_bytes = sum(p.numel() * 4 for p in model.parameters())
+    by_name = {readable[k]: r for k, r in quantized.items()}
     qbytes = sum(p.nbytes for p in packed.values())
     qweights = sum(p.n * p.k for p in packed.values())
+    seq_len = imp.info["seq_len"]
     manifest = {
         "format": ARTIFACT_FORMAT,
         "version": ARTIFACT_VERSION,
         "shiftadd_tvm": __version__,
-        "model": model_spec or getattr(cfg, "_name_or_path", None),
-        "architecture": getattr(cfg, "architectures", None),
-        "vocab_size": int(cfg.vocab_size),
+        **{k: v for k, v in imp.info.items() if k != "seq_len"},
         "input": {"batch": 1, "seq_len": seq_len, "dtype": "int64"},
-        "output": {"dtype": "float32", "shape": [1, seq_len, int(cfg.vocab_size)]},
+        "output": {"dtype": "float32", "shape": [1, seq_len, imp.info["vocab_size"]]},
         "quant": dataclasses.asdict(qcfg),
         "bits_per_weight": round(qcfg.bits_per_weight(), 4),
         "quantized_weights": qweights,
         "quantized_bytes": qbytes,
-        "float_weight_bytes": float_bytes,
-        "layers": {name: {"bits": qcfg.bits, "n": p.n, "k": p.k} for name, p in packed.items()},
+        "layers": {
+            readable[k]: {
+                "bits": qcfg.bits,
+                "n": p.n,
+                "k": p.k,
+                "planes_shape": list(p.planes.shape),
+                "scales_shape": list(p.scales.shape),
+                "sha256": hashlib.sha256(p.planes.tobytes() + p.scales.tobytes()).hexdigest(),
+            }
+            for k, p in packed.items()
+        },
         "rewrite": {
             "summary": record.summary(),
             "rewritten": len(record.rewritten),
-            "dense": [{**d, "weight": names.get(d["weight"], d["weight"])} for d in record.dense],
+            "dense": [
+                {**d, "weight": readable.get(d["weight"], d["weight"])} for d in record.dense
+            ],
+            "dense_fallbacks": len(fallbacks),
             "kernels": record.kernels,
         },
-        "calibration": calib_info,
+        "calibration": imp.calib_info,
         "target": tgt.to_dict(),
+        "cpu_features": required_cpu_features(tgt),
         "timings_s": {
             "quantize": round(t_quant, 2),
             "build": round(t_build, 2),
@@ -272,7 +428,35 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     log.info(
         "compiled in %.1fs (quantize %.1fs, build %.1fs)", time.time() - t_start, t_quant, t_build
     )
-    return Artifact(executable, manifest, quantized)
+    return Artifact(executable, manifest, by_name)
+
+
+# x86 features whose absence makes code built for the target fault (SIGILL) on a CPU
+_CHECKED_X86_FEATURES = (
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512vbmi",
+    "avx512vnni",
+)
+
+
+def required_cpu_features(tgt) -> list[str]:
+    """The x86 SIMD features the target's ``mcpu`` enables (checked by the runtime at load)."""
+    spec = tgt.to_dict()
+    if spec.get("kind") != "llvm" or "mcpu" not in spec:
+        return []
+    from tvm.target import codegen
+
+    try:
+        feats = codegen.llvm_get_cpu_features(tgt.tvm_target())
+    except Exception:  # non-x86 or an LLVM without the query: nothing to check
+        return []
+    names = {str(k) for k in feats}
+    return [f for f in _CHECKED_X86_FEATURES if f in names]
 
 
 def verify_against_torch(

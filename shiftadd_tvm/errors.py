@@ -23,3 +23,11 @@ class ArtifactError(ShiftAddError):
 
 class InputError(ShiftAddError, ValueError):
     """Run-time input of the wrong dtype, rank, length or range."""
+
+
+class WeightError(ShiftAddError, ValueError):
+    """A weight cannot be reparameterized (NaN/inf, wrong shape)."""
+
+
+class UnsupportedModelError(ShiftAddError):
+    """The model uses operators or shapes this compiler cannot handle."""

@@ -22,6 +22,7 @@ import itertools
 import numpy as np
 import torch
 
+from .errors import ConfigError, WeightError
 from .schedules.packing import EXP_MAX, EXP_MIN, encode_terms, pack_planes, padded_k
 
 SUPPORTED_BITS = (1, 2, 3, 4)
@@ -38,16 +39,18 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
+            raise ConfigError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
         gs = self.group_size
         if gs < 8 or gs & (gs - 1):
-            raise ValueError(
+            raise ConfigError(
                 f"group_size={gs} must be a power of two >= 8 (the kernel reads 8 columns per table)"
             )
         if not 1 <= self.terms <= 4:
-            raise ValueError(f"terms={self.terms} must be in 1..4 (signed powers of two per scale)")
+            raise ConfigError(
+                f"terms={self.terms} must be in 1..4 (signed powers of two per scale)"
+            )
         if self.iters < 0:
-            raise ValueError(f"iters={self.iters} must be >= 0")
+            raise ConfigError(f"iters={self.iters} must be >= 0")
 
     def bits_per_weight(self) -> float:
         """Storage per weight including the scale codes (one byte per power-of-two term)."""
@@ -120,16 +123,26 @@ def _nearest_codes(w: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Ten
 
 
 def bcq_quantize(
-    w: torch.Tensor, cfg: QuantConfig, col_weight: torch.Tensor | None = None
+    w: torch.Tensor, cfg: QuantConfig, col_weight: torch.Tensor | None = None, name: str = "weight"
 ) -> BCQResult:
     """Fit binary planes with power-of-two group scales to ``w[N, K]``.
 
     ``col_weight[K]`` (>= 0) weights each column's squared error (the activation energy).
     """
-    if w.ndim != 2:
-        raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
+    if w.ndim != 2 or min(w.shape) < 1:
+        raise WeightError(
+            f"{name}: expected a non-empty 2-D weight [N, K], got shape {tuple(w.shape)}"
+        )
     if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or inf; fix the checkpoint before quantizing")
+        bad = int((~torch.isfinite(w)).sum())
+        raise WeightError(
+            f"{name}: {bad} weight(s) are NaN or inf; fix or re-export the checkpoint before compiling"
+        )
+    if col_weight is not None and not torch.isfinite(col_weight).all():
+        raise WeightError(
+            f"{name}: calibration activations contain NaN or inf; the float model overflows on the "
+            "calibration text (check the model, or compile with calibration=None)"
+        )
     n, k = w.shape
     gs, bits = cfg.group_size, cfg.bits
     kp = padded_k(k, gs)

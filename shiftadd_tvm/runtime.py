@@ -32,6 +32,39 @@ _POOLED_ALLOCATOR = 2
 _tvm_ffi = None
 
 
+def host_cpu_flags() -> set[str] | None:
+    """The CPU flags of this machine from /proc/cpuinfo (None where that file does not exist)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def check_host(manifest: dict, path: Path) -> None:
+    """Refuse an artifact this machine cannot run (a clear error instead of SIGILL or a crash)."""
+    kind = manifest.get("target", {}).get("kind")
+    if kind == "cuda" and not any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/nvidiactl")):
+        raise ArtifactError(
+            f"'{path}' was compiled for CUDA but this machine has no NVIDIA GPU; run it on a GPU "
+            "machine or recompile with --target llvm"
+        )
+    need = manifest.get("cpu_features") or []
+    flags = host_cpu_flags()
+    if need and flags is not None:
+        # /proc/cpuinfo spells a few LLVM feature names differently
+        alias = {"avx512vnni": "avx512_vnni", "avx512vbmi": "avx512vbmi"}
+        missing = [f for f in need if f not in flags and alias.get(f, f) not in flags]
+        if missing:
+            raise ArtifactError(
+                f"'{path}' was compiled for CPU '{manifest['target'].get('mcpu')}' and needs "
+                f"{missing}, which this CPU lacks; recompile here with --target llvm"
+            )
+
+
 def _import_tvm_ffi():
     """Import tvm_ffi without letting it import torch (it tries to, for a DLPack fast path)."""
     global _tvm_ffi
@@ -151,6 +184,7 @@ class Runtime:
     def __init__(self, path: str | os.PathLike, verify: bool = True):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, verify=verify)
+        check_host(self.manifest, self.path)
         _load_runtime_lib(runtime_library_path(self.path))
         ffi = _import_tvm_ffi()
         try:

@@ -37,7 +37,8 @@ def test_record_lists_rewritten_and_dense(tiny_artifact):
     rw = art.manifest["rewrite"]
     assert rw["rewritten"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
     assert [d["weight"] for d in rw["dense"]] in (["lm_head.weight"], ["model.embed_tokens.weight"])
-    assert set(art.manifest["layers"]) == {f"{n}.weight" for n in art.quantized}
+    assert set(art.manifest["layers"]) == set(art.quantized)
+    assert all(name.endswith("_proj") for name in art.quantized)
     # every rewritten kernel handles the ragged K (72 = 2 x 32 + 8, 200 = 6 x 32 + 8)
     ks = {v["config"]["k"] for v in rw["kernels"].values()}
     assert ks == {72, 200}

@@ -3,6 +3,7 @@ import pytest
 import torch
 from shiftadd_tvm.schedules.packing import dequantize
 
+from shiftadd_tvm.errors import ConfigError, WeightError
 from shiftadd_tvm.quant import QuantConfig, bcq_quantize, pow2_value, round_pow2_terms
 
 
@@ -87,14 +88,14 @@ def test_column_weights_protect_heavy_columns():
     ],
 )
 def test_invalid_config(kw, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         QuantConfig(**kw)
 
 
 def test_nan_weight_rejected():
     w = torch.zeros(4, 16)
     w[1, 2] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(WeightError, match="NaN"):
         bcq_quantize(w, QuantConfig(bits=2, group_size=8))
 
 
