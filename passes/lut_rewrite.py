@@ -74,6 +74,15 @@ class RewriteRecord:
         return dataclasses.asdict(self)
 
 
+def const_key(arr: np.ndarray) -> str:
+    """Stable key of a constant weight as stored in the graph (content digest)."""
+    import hashlib
+
+    a = np.ascontiguousarray(arr)
+    h = hashlib.sha1(f"{a.dtype}{a.shape}".encode() + a.tobytes()).hexdigest()[:16]
+    return f"const:{h}"
+
+
 # quantize(key, W[N, K]) -> PackedLinear | str (reason to keep dense)
 QuantizeFn = Callable[[str, np.ndarray], "PackedLinear | str"]
 KnobsFn = Callable[[LutGemmConfig], LutGemmKnobs]
@@ -114,7 +123,7 @@ def rewrite_matmuls(
         if isinstance(expr, tvm.ir.Constant) and isinstance(expr.value, tvm.runtime.Tensor):
             if len(expr.value.shape) == 2:
                 arr = expr.value.numpy()
-                return f"const_{abs(hash(arr.tobytes())) & 0xFFFFFFFF:08x}", arr
+                return const_key(arr), arr
         return None
 
     def weight_nk(w_expr, mut):

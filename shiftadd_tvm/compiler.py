@@ -19,7 +19,7 @@ from . import __version__
 from ._files import atomic_path
 from .calibrate import activation_energy, target_linears
 from .errors import ConfigError, UnsupportedModelError
-from .passes.lut_rewrite import PackedLinear, rewrite_matmuls
+from .passes.lut_rewrite import PackedLinear, const_key, rewrite_matmuls
 from .quant import BCQResult, QuantConfig, bcq_quantize
 from .targets import resolve_target
 
@@ -195,14 +195,20 @@ def import_torch(model, tokenizer, seq_len, calibration, calib_ids, progress) ->
         "seq_len": seq_len,
     }
     return Imported(
-        mod, params, candidates, policy, energy if energy_by_name else None, info, calib_info, dict(names)
+        mod,
+        params,
+        candidates,
+        policy,
+        energy if energy_by_name else None,
+        info,
+        calib_info,
+        dict(names),
     )
 
 
 def import_onnx(
     model_proto, path, tokenizer, seq_len, calibration, calib_ids, progress
 ) -> Imported:
-    from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     from . import onnx_path
@@ -225,27 +231,23 @@ def import_onnx(
         )
         calib_info["seconds"] = round(time.time() - t0, 2)
     try:
-        mod = from_onnx(model_proto, shape_dict={input_name: shape}, keep_params_in_input=True)
+        mod = from_onnx(model_proto, shape_dict={input_name: shape}, keep_params_in_input=False)
     except Exception as e:
         raise UnsupportedModelError(f"TVM's ONNX importer failed: {str(e).splitlines()[0]}") from e
-    mod, detached = relax.frontend.detach_params(mod)
-    names = [str(p.name) for p in mod["main"].params[1:]]
-    params = {n: v.numpy() for n, v in zip(names, detached.get("main", []), strict=True)}
-    # relax parameter names are the initializer names (dots kept, or sanitized to underscores)
-    by_init = {m.weight: m for m in mats}
-    candidates, policy, energy = {}, {}, {}
-    for key in names:
-        m = by_init.get(key) or by_init.get(key.replace("_", "."))
-        if m is None:
-            continue
-        if m.head:
-            policy[key] = (
-                f"{m.weight}: output head (tied to the embedding or feeding the output), kept dense"
-            )
-        else:
-            candidates[key] = (m.weight, m.w_nk)
-            if energy_by_weight is not None:
-                energy[key] = energy_by_weight[m.weight]
+    params: dict[str, np.ndarray] = {}  # initializers are graph constants, keyed by content
+    candidates, policy, energy, readable = {}, {}, {}, {}
+    for m in mats:
+        # the importer may fold Transpose(initializer): the graph then holds the transposed copy
+        for key in {const_key(m.stored), const_key(np.ascontiguousarray(m.stored.T))}:
+            readable[key] = m.weight
+            if m.head:
+                policy[key] = (
+                    "output head (tied to the embedding or feeding the output): kept dense"
+                )
+            else:
+                candidates[key] = (m.weight, m.w_nk)
+                if energy_by_weight is not None:
+                    energy[key] = energy_by_weight[m.weight]
     from onnx import numpy_helper
 
     vocab = int(model_proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
@@ -260,10 +262,15 @@ def import_onnx(
         "float_weight_bytes": int(fbytes),
         "seq_len": seq_len,
     }
-    readable = {k: by_init.get(k, by_init.get(k.replace("_", "."))) for k in names}
-    readable = {k: m.weight for k, m in readable.items() if m is not None}
     return Imported(
-        mod, params, candidates, policy, energy if energy_by_weight else None, info, calib_info, readable
+        mod,
+        params,
+        candidates,
+        policy,
+        energy if energy_by_weight else None,
+        info,
+        calib_info,
+        readable,
     )
 
 
@@ -334,7 +341,13 @@ def build_imported(imp: Imported, qcfg, tgt, allow_dense_fallback, progress, t_s
     import tvm
 
     t0 = time.time()
-    quantized = quantize_candidates(imp.candidates, qcfg, imp.energy, progress)
+    unique: dict[str, str] = {}  # readable name -> first key
+    for key, (name, _) in imp.candidates.items():
+        unique.setdefault(name, key)
+    fitted = quantize_candidates(
+        {k: imp.candidates[k] for k in unique.values()}, qcfg, imp.energy, progress
+    )
+    quantized = {k: fitted[unique[name]] for k, (name, _) in imp.candidates.items()}
     t_quant = time.time() - t0
     packed: dict[str, PackedLinear] = {}
     for key, res in quantized.items():
@@ -342,17 +355,23 @@ def build_imported(imp: Imported, qcfg, tgt, allow_dense_fallback, progress, t_s
         n, k = res.codes.shape[1:]
         packed[key] = PackedLinear(planes, scales, int(n), int(k), qcfg.group_size)
 
-    def choose(key: str, _w: np.ndarray):
+    readable = {**imp.names, **{k: name for k, (name, _) in imp.candidates.items()}}
+
+    def choose(key: str, w_nk: np.ndarray):
         if key in packed:
+            if not np.array_equal(w_nk, imp.candidates[key][1]):
+                raise RuntimeError(
+                    f"{readable.get(key, key)}: graph weight differs from the fitted one"
+                )
             return packed[key]
         return imp.policy_dense.get(key, f"{key}: not a reparameterization candidate, kept dense")
 
     mod, record = rewrite_matmuls(imp.mod, choose, params=imp.params)
     fallbacks = [d for d in record.dense if d.get("fallback")]
-    missing = sorted(set(packed) - {r["weight"] for r in record.rewritten})
+    done = {readable.get(r["weight"], r["weight"]) for r in record.rewritten}
+    missing = sorted({name for name, _ in imp.candidates.values()} - done)
     for key in missing:  # a candidate the pass never reached: its matmul has another form
         fallbacks.append({"weight": key, "reason": "matmul form not recognised by the pass"})
-    readable = {**imp.names, **{k: name for k, (name, _) in imp.candidates.items()}}
     for d in record.dense:
         log.info(
             "  dense: %s [%d x %d]: %s",
@@ -382,8 +401,9 @@ def build_imported(imp: Imported, qcfg, tgt, allow_dense_fallback, progress, t_s
     t_build = time.time() - t0
 
     by_name = {readable[k]: r for k, r in quantized.items()}
-    qbytes = sum(p.nbytes for p in packed.values())
-    qweights = sum(p.n * p.k for p in packed.values())
+    packed_by_name = {readable[k]: p for k, p in packed.items()}
+    qbytes = sum(p.nbytes for p in packed_by_name.values())
+    qweights = sum(p.n * p.k for p in packed_by_name.values())
     seq_len = imp.info["seq_len"]
     manifest = {
         "format": ARTIFACT_FORMAT,
@@ -397,7 +417,7 @@ def build_imported(imp: Imported, qcfg, tgt, allow_dense_fallback, progress, t_s
         "quantized_weights": qweights,
         "quantized_bytes": qbytes,
         "layers": {
-            readable[k]: {
+            name: {
                 "bits": qcfg.bits,
                 "n": p.n,
                 "k": p.k,
@@ -405,7 +425,7 @@ def build_imported(imp: Imported, qcfg, tgt, allow_dense_fallback, progress, t_s
                 "scales_shape": list(p.scales.shape),
                 "sha256": hashlib.sha256(p.planes.tobytes() + p.scales.tobytes()).hexdigest(),
             }
-            for k, p in packed.items()
+            for name, p in packed_by_name.items()
         },
         "rewrite": {
             "summary": record.summary(),

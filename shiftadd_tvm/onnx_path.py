@@ -112,6 +112,7 @@ class WeightMatmul:
     w_nk: np.ndarray
     activation: str  # name of the MatMul's activation input
     head: bool  # the output head (kept dense by policy)
+    stored: np.ndarray  # the initializer as stored (what the imported graph's constant holds)
 
 
 def weight_matmuls(model) -> list[WeightMatmul]:
@@ -134,23 +135,34 @@ def weight_matmuls(model) -> list[WeightMatmul]:
             for c in consumers.get(name, [])
         )
 
+    # Transpose(initializer, perm=[1, 0]) feeding a MatMul is the exported nn.Linear form
+    transposed = {
+        n.output[0]: n.input[0]
+        for n in model.graph.node
+        if n.op_type == "Transpose"
+        and n.input[0] in inits
+        and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([[1, 0]], [])
+    }
     found = []
     for i, n in enumerate(model.graph.node):
-        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
+        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2:
             continue
-        init = inits[n.input[1]]
+        b = n.input[1]
+        via_transpose = b in transposed
+        name = transposed.get(b, b)
+        if name not in inits:
+            continue
+        init = inits[name]
         if init.data_type != 1 or len(init.dims) != 2:  # FLOAT, 2-D
             continue
         w = numpy_helper.to_array(init)
         trans_b = (
             any(a.name == "transB" and a.i for a in n.attribute) if n.op_type == "Gemm" else False
         )
-        w_nk = w if trans_b else w.T
-        head = n.input[1] in gathered or reaches_output(n.output[0])
+        w_nk = w if (trans_b != via_transpose) else w.T
+        head = name in gathered or reaches_output(n.output[0])
         found.append(
-            WeightMatmul(
-                n.name or f"#{i}", n.input[1], np.ascontiguousarray(w_nk), n.input[0], head
-            )
+            WeightMatmul(n.name or f"#{i}", name, np.ascontiguousarray(w_nk), n.input[0], head, w)
         )
     return found
 
