@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "shiftadd-tvm-artifact"
 ARTIFACT_VERSION = 1
-TRAILER_MAGIC = b"SHADDTVM"  # file = <shared library> <manifest json> <u64 json length> <magic>
+TRAILER_MAGIC = (
+    b"SHADDTVM"  # file = <library> <manifest json> <sha256(json)> <u64 json length> <magic>
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Artifact:
             with open(tmp, "wb") as f:
                 f.write(body)
                 f.write(blob)
+                f.write(hashlib.sha256(blob).digest())
                 f.write(len(blob).to_bytes(8, "little"))
                 f.write(TRAILER_MAGIC)
         dest.with_suffix(dest.suffix + ".lib.so").unlink(missing_ok=True)

@@ -60,6 +60,25 @@ def torch_logits_fn(model):
     return fn
 
 
+def onnx_logits_fn(path: str):
+    """Float logits of an ONNX model via onnxruntime (inputs padded to its static length)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    static = inp.shape[1] if isinstance(inp.shape[1], int) else None
+
+    def fn(ids: np.ndarray) -> np.ndarray:
+        seq = ids.shape[1]
+        feed = ids
+        if static is not None and seq < static:
+            feed = np.zeros((ids.shape[0], static), dtype=ids.dtype)
+            feed[:, :seq] = ids
+        return sess.run(None, {inp.name: feed.astype(np.int64)})[0][:, :seq]
+
+    return fn
+
+
 def evaluate_artifact(
     artifact: str | Path,
     text: str = "wiki",
@@ -87,7 +106,14 @@ def evaluate_artifact(
         raise ConfigError(
             "the artifact does not record its source model, so no tokenizer/float model"
         )
-    model, tok = load_model(man["model"])
+    is_onnx = str(man["model"]).lower().endswith(".onnx")
+    tok_spec = man.get("tokenizer") or (None if is_onnx else man["model"])
+    if tok_spec is None:
+        raise ConfigError("this ONNX artifact records no tokenizer; recompile with --tokenizer")
+    if is_onnx:
+        model, tok = None, load_model(tok_spec)[1]
+    else:
+        model, tok = load_model(man["model"])
     ids = token_ids(tok, text, 0, tokens)
     windows = ids[: (len(ids) // window) * window].reshape(-1, window)
     calib = man.get("calibration", {})
@@ -120,7 +146,11 @@ def evaluate_artifact(
         "rewrite": man.get("rewrite", {}).get("summary"),
     }
     if float_model:
-        fl = perplexity(torch_logits_fn(model), windows, desc="float (torch)", progress=progress)
+        if is_onnx:
+            fn, desc = onnx_logits_fn(man["model"]), "float (onnxruntime)"
+        else:
+            fn, desc = torch_logits_fn(model), "float (torch)"
+        fl = perplexity(fn, windows, desc=desc, progress=progress)
         result.update(
             float_ppl=fl["ppl"],
             ratio=art["ppl"] / fl["ppl"],

@@ -4,9 +4,10 @@ Needs only numpy, ``apache-tvm-ffi`` and ``libtvm_runtime.so`` (3 MB, from the i
 ``apache-tvm`` wheel, a deployment bundle, or ``$SHIFTADD_TVM_RUNTIME_LIB``). It never imports
 torch, transformers or the TVM compiler library.
 
-Artifact file layout (``Artifact.export``): ``<shared library> <manifest JSON> <u64 LE length of the
-JSON> <8-byte magic b"SHADDTVM">``. The manifest records the library's byte length and SHA-256; a
-file whose trailer, length or checksum does not match is refused before it is loaded.
+Artifact file layout (``Artifact.export``): ``<shared library> <manifest JSON> <32-byte SHA-256 of
+the JSON> <u64 LE length of the JSON> <8-byte magic b"SHADDTVM">``. The manifest records the
+library's byte length and SHA-256; a file whose trailer, manifest checksum, length or library
+checksum does not match is refused before anything is loaded.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from .errors import ArtifactError, InputError
 
 TRAILER_MAGIC = b"SHADDTVM"
+TRAILER_BYTES = 32 + 8 + 8  # sha256(manifest) + u64 manifest length + magic
 ARTIFACT_FORMAT = "shiftadd-tvm-artifact"
 SUPPORTED_VERSIONS = (1,)
 _KDL_CPU = 1
@@ -120,22 +122,27 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict:
         raise ArtifactError(f"artifact '{p}' does not exist; create it with `shiftadd-tvm compile`")
     size = p.stat().st_size
     with open(p, "rb") as f:
-        if size < 16:
+        if size < TRAILER_BYTES:
             raise ArtifactError(f"'{p}' is too small to be an artifact ({size} bytes): truncated?")
-        f.seek(size - 16)
-        tail = f.read(16)
-        if tail[8:] != TRAILER_MAGIC:
+        f.seek(size - TRAILER_BYTES)
+        tail = f.read(TRAILER_BYTES)
+        if tail[-8:] != TRAILER_MAGIC:
             raise ArtifactError(
                 f"'{p}' has no shiftadd-tvm manifest (truncated, or not made by `shiftadd-tvm compile`)"
             )
-        n = int.from_bytes(tail[:8], "little")
-        if n <= 0 or n > size - 16:
+        digest, n = tail[:32], int.from_bytes(tail[32:40], "little")
+        if n <= 0 or n > size - TRAILER_BYTES:
             raise ArtifactError(
                 f"'{p}' has a corrupt manifest length ({n}); re-export the artifact"
             )
-        f.seek(size - 16 - n)
+        f.seek(size - TRAILER_BYTES - n)
+        blob = f.read(n)
+        if hashlib.sha256(blob).digest() != digest:
+            raise ArtifactError(
+                f"'{p}' has a corrupt manifest (checksum mismatch); re-export the artifact"
+            )
         try:
-            manifest = json.loads(f.read(n).decode("utf-8"))
+            manifest = json.loads(blob.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ArtifactError(
                 f"'{p}' has a corrupt manifest ({e}); re-export the artifact"
@@ -150,9 +157,9 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict:
                 f"{SUPPORTED_VERSIONS}; recompile it or update shiftadd-tvm"
             )
         body_len = manifest.get("library_bytes")
-        if body_len != size - 16 - n:
+        if body_len != size - TRAILER_BYTES - n:
             raise ArtifactError(
-                f"'{p}' library length {size - 16 - n} differs from the manifest's {body_len}: the file is corrupt"
+                f"'{p}' library length {size - TRAILER_BYTES - n} differs from the manifest's {body_len}: the file is corrupt"
             )
         if verify:
             f.seek(0)

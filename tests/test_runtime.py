@@ -111,7 +111,7 @@ def test_corrupt_artifacts_refused(tiny_artifact, tmp_path, how, match):
         elif how == "truncate":
             del d[-100:]
         elif how == "bad_length":
-            d[-16:-8] = (10**6).to_bytes(8, "little")
+            d[-16:-8] = (10**9).to_bytes(8, "little")
         elif how == "tiny":
             d = d[:10]
         elif how == "not_artifact":
@@ -128,14 +128,65 @@ def test_missing_artifact(tmp_path):
         shiftadd_tvm.runtime.load(tmp_path / "nope.so")
 
 
+def _rewrite_manifest(data: bytes, edit) -> bytes:
+    import hashlib
+
+    n = int.from_bytes(data[-16:-8], "little")
+    man = json.loads(data[-48 - n : -48])
+    edit(man)
+    blob = json.dumps(man).encode()
+    return (
+        data[: -48 - n]
+        + blob
+        + hashlib.sha256(blob).digest()
+        + len(blob).to_bytes(8, "little")
+        + data[-8:]
+    )
+
+
 def test_manifest_version_mismatch(tiny_artifact, tmp_path):
     _, path = tiny_artifact
-    data = path.read_bytes()
-    n = int.from_bytes(data[-16:-8], "little")
-    man = json.loads(data[-16 - n : -16])
-    man["version"] = 99
-    blob = json.dumps(man).encode()
     bad = tmp_path / "v99.so"
-    bad.write_bytes(data[: -16 - n] + blob + len(blob).to_bytes(8, "little") + data[-8:])
+    bad.write_bytes(_rewrite_manifest(path.read_bytes(), lambda m: m.update(version=99)))
     with pytest.raises(ArtifactError, match="version 99"):
         shiftadd_tvm.runtime.load(bad)
+
+
+def test_edited_manifest_refused(tiny_artifact, tmp_path):
+    """A manifest edited in place (seq_len 16 -> 96) fails the manifest checksum."""
+    _, path = tiny_artifact
+    data = bytearray(path.read_bytes())
+    i = data.rfind(b'"seq_len": 16')
+    assert i > 0
+    data[i + 11 : i + 13] = b"96"
+    bad = tmp_path / "edited.so"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum"):
+        shiftadd_tvm.runtime.load(bad)
+
+
+def test_cuda_artifact_refused_without_gpu(tiny_artifact, tmp_path):
+    _, path = tiny_artifact
+    bad = tmp_path / "cuda.so"
+    bad.write_bytes(
+        _rewrite_manifest(path.read_bytes(), lambda m: m.update(target={"kind": "cuda"}))
+    )
+    with pytest.raises(ArtifactError, match="no NVIDIA GPU"):
+        shiftadd_tvm.runtime.load(bad)
+
+
+def test_artifact_for_missing_cpu_features_refused(tiny_artifact, tmp_path):
+    _, path = tiny_artifact
+    bad = tmp_path / "cpu.so"
+    edit = lambda m: m.update(cpu_features=["avx512f", "amx_tile_not_here"])  # noqa: E731
+    bad.write_bytes(_rewrite_manifest(path.read_bytes(), edit))
+    with pytest.raises(ArtifactError, match="amx_tile_not_here"):
+        shiftadd_tvm.runtime.load(bad)
+
+
+def test_misaligned_input_is_copied(rt):
+    buf = np.zeros(8 * 12 + 4, dtype=np.uint8)
+    view = buf[4:].view(np.int64)  # 4-byte misaligned int64 array
+    view[:] = np.arange(12) % 256
+    assert view.ctypes.data % 8 != 0
+    np.testing.assert_array_equal(rt(view[None]), rt(np.arange(12)[None] % 256))
