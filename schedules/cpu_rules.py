@@ -29,6 +29,10 @@ def schedule_matmul_block(sch, block, vector: int = 16, n_unroll: int = 4) -> bo
     if [int(iv.iter_type) for iv in kinds] != [0] * (len(kinds) - 1) + [2]:  # 0 spatial, 2 reduce
         return False
     *batch, i, j, r = loops
+    from tvm import tirx
+
+    if not all(isinstance(sch.get(lp).extent, tirx.IntImm) for lp in loops):
+        return False  # symbolic extents: left as legalized (counted by the caller's log)
     ext_i = int(sch.get(i).extent)
     ext_j = int(sch.get(j).extent)
     vj = _largest_divisor(ext_j, (vector, 8, 4, 2))

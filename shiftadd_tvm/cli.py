@@ -40,6 +40,14 @@ def _add_compile(sub) -> None:
     )
     p.add_argument("--bits", type=int, default=3, help="bit-planes per weight (1-4)")
     p.add_argument(
+        "--method",
+        choices=["gptq", "bcq"],
+        default="gptq",
+        help="fit: 'gptq' = output objective (GPTQ column loop with act-order and error feedback, "
+        "BCQ codes inside, scales refitted to the output error); 'bcq' = activation-weighted BCQ "
+        "of the weights alone",
+    )
+    p.add_argument(
         "--group-size",
         type=int,
         default=128,
@@ -70,6 +78,11 @@ def _add_compile(sub) -> None:
         help="first calibration token (keep it clear of the evaluation windows)",
     )
     p.add_argument("--calib-windows", type=int, default=8, help="calibration windows of 512 tokens")
+    p.add_argument(
+        "--calib-stats",
+        help="activation statistics file (.npz): read instead of calibrating if it exists, "
+        "written after calibrating if not (share it between the torch and ONNX paths)",
+    )
     p.add_argument(
         "--no-calib",
         action="store_true",
@@ -144,6 +157,8 @@ def cmd_compile(args) -> int:
         iters=args.iters,
         calibration=calib,
         allow_dense_fallback=args.allow_dense_fallback,
+        calib_stats=args.calib_stats,
+        method=args.method,
     )
     art.manifest["model"] = args.model
     art.manifest["tokenizer"] = args.tokenizer or (None if is_onnx else args.model)
@@ -188,8 +203,8 @@ def cmd_eval(args) -> int:
         lines += [
             f"float perplexity     {r['float_ppl']:.3f}",
             f"ratio                {r['ratio']:.3f}",
-            f"forward pass         artifact {r['artifact_forward_s']:.2f} s, torch fp32 "
-            f"{r['torch_forward_s']:.2f} s ({r['forward_speedup_vs_torch']:.2f}x)",
+            f"forward pass         artifact {r['artifact_forward_s']:.2f} s, {r['float_runner']} "
+            f"{r['float_forward_s']:.2f} s ({r['forward_speedup_vs_float']:.2f}x)",
         ]
     lines.append(
         f"size                 artifact {r['artifact_bytes'] / 1e6:.1f} MB vs float weights "

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from . import __version__
 from ._files import atomic_path
-from .calibrate import activation_energy, target_linears
+from .calibrate import activation_stats, target_linears
 from .errors import ConfigError, UnsupportedModelError
 from .passes.lut_rewrite import PackedLinear, const_key, rewrite_matmuls
 from .quant import BCQResult, QuantConfig, bcq_quantize
@@ -100,7 +100,8 @@ class Imported:
     params: dict[str, np.ndarray]  # relax parameter name -> value
     candidates: dict[str, tuple[str, np.ndarray]]  # relax key -> (readable name, W[N, K])
     policy_dense: dict[str, str]  # relax key -> why it stays dense on purpose
-    energy: dict[str, torch.Tensor] | None  # relax key -> activation energy per column
+    # relax key -> X^T X / n of the layer's input: [K, K] (method gptq) or its diagonal [K]
+    energy: dict[str, torch.Tensor] | None
     info: dict  # manifest fields from the frontend
     calib_info: dict
     names: dict[str, str] = dataclasses.field(default_factory=dict)  # relax key -> readable name
@@ -109,15 +110,22 @@ class Imported:
 def quantize_candidates(
     candidates: dict[str, tuple[str, np.ndarray]],
     qcfg: QuantConfig,
-    energy: dict[str, torch.Tensor] | None,
+    stats: dict[str, torch.Tensor] | None,
     progress: bool = True,
 ) -> dict[str, BCQResult]:
+    """Fit every candidate: the GPTQ loop where a full Hessian is known, else weighted BCQ."""
+    from .gptq import gptq_bcq
+
     out = {}
-    for key, (name, w) in tqdm(
-        candidates.items(), desc=f"BCQ {qcfg.bits}-bit", unit="layer", disable=not progress
-    ):
-        cw = energy.get(key) if energy is not None else None
-        out[key] = bcq_quantize(torch.as_tensor(np.asarray(w)), qcfg, cw, name=name)
+    desc = f"{qcfg.method.upper()} {qcfg.bits}-bit"
+    for key, (name, w) in tqdm(candidates.items(), desc=desc, unit="layer", disable=not progress):
+        st = stats.get(key) if stats is not None else None
+        wt = torch.as_tensor(np.asarray(w))
+        if st is not None and st.ndim == 2 and qcfg.method == "gptq":
+            out[key] = gptq_bcq(wt, st, qcfg, name=name)
+        else:
+            cw = torch.diagonal(st) if st is not None and st.ndim == 2 else st
+            out[key] = bcq_quantize(wt, qcfg, cw, name=name)
     return out
 
 
@@ -146,6 +154,8 @@ def _calibration_windows(tokenizer, calibration, calib_ids):
                 f"calib_ids must be a non-empty int array [windows, window], got shape {ids.shape}"
             )
         return ids, {"source": "ids", "windows": int(ids.shape[0]), "window": int(ids.shape[1])}
+    if calibration == "stats-file":  # statistics are read from a file by the caller
+        return None, {"source": "stats"}
     if calibration is None:
         log.warning(
             "no calibration data: scales fitted to plain weight error (outlier channels suffer)"
@@ -164,7 +174,9 @@ def _calibration_windows(tokenizer, calibration, calib_ids):
     return _windows(ids, calibration.window), {"source": "text", **dataclasses.asdict(calibration)}
 
 
-def import_torch(model, tokenizer, seq_len, calibration, calib_ids, progress) -> Imported:
+def import_torch(
+    model, tokenizer, seq_len, calibration, calib_ids, progress, full=True
+) -> Imported:
     from .frontend import import_causal_lm
 
     model.eval()
@@ -173,7 +185,7 @@ def import_torch(model, tokenizer, seq_len, calibration, calib_ids, progress) ->
     energy_by_name = None
     if windows is not None:
         t0 = time.time()
-        energy_by_name = activation_energy(model, windows, layers, progress)
+        energy_by_name = activation_stats(model, windows, layers, progress, full=full)
         calib_info["seconds"] = round(time.time() - t0, 2)
     mod, params, names = import_causal_lm(model, 1, seq_len)
     by_weight = {f"{name}.weight": name for name in layers}
@@ -210,7 +222,7 @@ def import_torch(model, tokenizer, seq_len, calibration, calib_ids, progress) ->
 
 
 def import_onnx(
-    model_proto, path, tokenizer, seq_len, calibration, calib_ids, progress
+    model_proto, path, tokenizer, seq_len, calibration, calib_ids, progress, full=True
 ) -> Imported:
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -230,7 +242,7 @@ def import_onnx(
                 f"ONNX calibration windows must have the compiled length {seq_len}, got {windows.shape[1]}"
             )
         energy_by_weight = onnx_path.activation_energy(
-            model_proto, input_name, windows, [m for m in mats if not m.head], progress
+            model_proto, input_name, windows, [m for m in mats if not m.head], progress, full
         )
         calib_info["seconds"] = round(time.time() - t0, 2)
     try:
@@ -290,6 +302,8 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     calibration: CalibrationSpec | None = CalibrationSpec(),
     calib_ids: np.ndarray | None = None,
     allow_dense_fallback: bool = False,
+    calib_stats: str | os.PathLike | None = None,
+    method: str = "gptq",
     progress: bool = True,
 ) -> Artifact:
     """Reparameterize ``model`` to binary planes with power-of-two scales and build it with TVM.
@@ -302,11 +316,15 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     rewritten (dynamic shapes, non-float activations) are an error unless
     ``allow_dense_fallback``, which keeps them dense and counts them in the manifest.
     The artifact takes ``int64[1, seq_len]`` ids; the runtime pads shorter inputs.
+    ``calib_stats``: a ``.npz`` of activation statistics keyed by weight content: read instead of
+    calibrating when the file exists, written after calibrating when it does not (so the torch and
+    ONNX paths of one model can share identical statistics).
     """
     from .models import load_model
 
     t_start = time.time()
-    qcfg = QuantConfig(bits=bits, group_size=group_size, terms=terms, iters=iters)
+    qcfg = QuantConfig(bits=bits, group_size=group_size, terms=terms, iters=iters, method=method)
+    full = qcfg.method == "gptq"
     if seq_len < 1:
         raise ConfigError(f"seq_len={seq_len} must be >= 1")
     tgt = resolve_target(target)
@@ -323,12 +341,15 @@ def compile(  # noqa: A001 - the public API name the issue asks for
             tokenizer = tokenizer or tok
     elif type(model).__name__ == "ModelProto":
         onnx_proto = model
+    stats_in = calib_stats is not None and Path(calib_stats).is_file()
+    if stats_in:
+        calibration, calib_ids = "stats-file", None  # statistics come from the file
     if onnx_proto is not None:
         imp = import_onnx(
-            onnx_proto, model_spec, tokenizer, seq_len, calibration, calib_ids, progress
+            onnx_proto, model_spec, tokenizer, seq_len, calibration, calib_ids, progress, full
         )
     elif isinstance(model, torch.nn.Module):
-        imp = import_torch(model, tokenizer, seq_len, calibration, calib_ids, progress)
+        imp = import_torch(model, tokenizer, seq_len, calibration, calib_ids, progress, full)
         if model_spec:
             imp.info["model"] = model_spec
     else:
@@ -336,7 +357,45 @@ def compile(  # noqa: A001 - the public API name the issue asks for
             f"model must be a torch.nn.Module, an onnx.ModelProto or a model path/alias, "
             f"got {type(model).__name__}"
         )
+    if stats_in:
+        _load_stats(imp, Path(calib_stats))
+    elif calib_stats is not None and imp.energy is not None:
+        _save_stats(imp, Path(calib_stats))
     return build_imported(imp, qcfg, tgt, allow_dense_fallback, progress, t_start)
+
+
+def _weight_digest(w_nk: np.ndarray) -> str:
+    return const_key(np.ascontiguousarray(w_nk, dtype=np.float32))
+
+
+def _save_stats(imp: Imported, path: Path) -> None:
+    arrays = {
+        _weight_digest(w): imp.energy[k].numpy().astype(np.float32)
+        for k, (_, w) in imp.candidates.items()
+    }
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    log.info("wrote calibration statistics of %d weights to %s", len(arrays), path)
+
+
+def _load_stats(imp: Imported, path: Path) -> None:
+    try:
+        with np.load(path) as z:
+            stats = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ConfigError(f"cannot read calibration statistics '{path}': {e}") from e
+    energy = {}
+    for key, (name, w) in imp.candidates.items():
+        d = stats.get(_weight_digest(w))
+        if d is None or d.shape not in ((w.shape[1],), (w.shape[1], w.shape[1])):
+            raise ConfigError(
+                f"calibration statistics '{path}' do not cover weight {name} {tuple(w.shape)}: "
+                "they belong to another model; delete the file to recalibrate"
+            )
+        energy[key] = torch.from_numpy(d.astype(np.float64))
+    imp.energy = energy
+    imp.calib_info = {"source": "stats", "file": str(path)}
 
 
 def build_imported(imp: Imported, qcfg, tgt, allow_dense_fallback, progress, t_start) -> Artifact:
@@ -372,7 +431,8 @@ def build_imported(imp: Imported, qcfg, tgt, allow_dense_fallback, progress, t_s
     mod, record = rewrite_matmuls(imp.mod, choose, params=imp.params)
     fallbacks = [d for d in record.dense if d.get("fallback")]
     done = {readable.get(r["weight"], r["weight"]) for r in record.rewritten}
-    missing = sorted({name for name, _ in imp.candidates.values()} - done)
+    seen_dense = {readable.get(d["weight"], d["weight"]) for d in record.dense}
+    missing = sorted({name for name, _ in imp.candidates.values()} - done - seen_dense)
     for key in missing:  # a candidate the pass never reached: its matmul has another form
         fallbacks.append({"weight": key, "reason": "matmul form not recognised by the pass"})
     for d in record.dense:

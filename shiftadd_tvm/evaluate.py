@@ -154,8 +154,9 @@ def evaluate_artifact(
         result.update(
             float_ppl=fl["ppl"],
             ratio=art["ppl"] / fl["ppl"],
-            torch_forward_s=fl["forward_s_median"],
-            forward_speedup_vs_torch=fl["forward_s_median"] / art["forward_s_median"],
+            float_runner="onnxruntime" if is_onnx else "torch fp32",
+            float_forward_s=fl["forward_s_median"],
+            forward_speedup_vs_float=fl["forward_s_median"] / art["forward_s_median"],
         )
     if json_path:
         write_text_atomic(json_path, json.dumps(result, indent=2, sort_keys=True) + "\n")

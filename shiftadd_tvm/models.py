@@ -65,10 +65,11 @@ def _load_pretrained(folder: Path, gguf_file: str | None):
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, attn_implementation="sdpa", **kw
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - readers raise struct.error, IndexError, ...: all mean "bad file"
         what = f"GGUF file {folder / gguf_file}" if gguf_file else f"Hugging Face folder {folder}"
         raise ModelLoadError(
-            f"could not load the {what}: {e}. Check that it is complete and uncorrupted."
+            f"could not load the {what}: {type(e).__name__}: {str(e)[:200]}. "
+            "Check that it is complete (not truncated) and uncorrupted."
         ) from e
     model.eval()
     return model, tok

@@ -168,9 +168,10 @@ def weight_matmuls(model) -> list[WeightMatmul]:
 
 
 def activation_energy(
-    model, input_name: str, windows: np.ndarray, mats: list[WeightMatmul], progress=True
+    model, input_name: str, windows: np.ndarray, mats: list[WeightMatmul], progress=True, full=False
 ):
-    """Mean squared input activation per column of each candidate MatMul, run with onnxruntime."""
+    """``X^T X / n`` (``full``) or its diagonal for the input of each candidate MatMul, recorded
+    by running the model with onnxruntime."""
     import onnx
     import onnxruntime as ort
     import torch
@@ -195,7 +196,7 @@ def activation_energy(
         vals = sess.run(wanted, {input_name: row[None].astype(dtype)})
         for name, v in zip(wanted, vals, strict=True):
             x = np.asarray(v, np.float64).reshape(-1, v.shape[-1])
-            s = (x * x).sum(0)
+            s = x.T @ x if full else (x * x).sum(0)
             sums[name] = s if sums[name] is None else sums[name] + s
         count += row.shape[0]
     return {m.weight: torch.from_numpy(sums[m.activation] / max(count, 1)) for m in mats}

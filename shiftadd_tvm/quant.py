@@ -26,6 +26,7 @@ from .errors import ConfigError, WeightError
 from .schedules.packing import EXP_MAX, EXP_MIN, encode_terms, pack_planes, padded_k
 
 SUPPORTED_BITS = (1, 2, 3, 4)
+METHODS = ("gptq", "bcq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,7 @@ class QuantConfig:
     group_size: int = 128
     terms: int = 3
     iters: int = 15
+    method: str = "gptq"  # "gptq": output objective (GPTQ loop + BCQ); "bcq": weighted BCQ only
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -49,6 +51,8 @@ class QuantConfig:
             raise ConfigError(
                 f"terms={self.terms} must be in 1..4 (signed powers of two per scale)"
             )
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is not one of {METHODS}")
         if self.iters < 0:
             raise ConfigError(f"iters={self.iters} must be >= 0")
 

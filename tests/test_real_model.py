@@ -23,6 +23,9 @@ def real(tmp_path_factory):
         tokenizer=tok,
         seq_len=SEQ,
         iters=3,
+        # a short calibration: the weighted-BCQ fit is robust to it, the GPTQ loop (the default,
+        # unit-tested in test_gptq.py) needs thousands of tokens against K = 1536
+        method="bcq",
         calibration=CalibrationSpec(text="wiki", start=200_000, windows=2, window=256),
         progress=False,
     )
