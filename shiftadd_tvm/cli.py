@@ -77,7 +77,12 @@ def _add_compile(sub) -> None:
         default=200_000,
         help="first calibration token (keep it clear of the evaluation windows)",
     )
-    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows of 512 tokens")
+    p.add_argument(
+        "--calib-windows",
+        type=int,
+        default=32,
+        help="calibration windows of 512 tokens (the GPTQ fit needs thousands of tokens)",
+    )
     p.add_argument(
         "--calib-stats",
         help="activation statistics file (.npz): read instead of calibrating if it exists, "

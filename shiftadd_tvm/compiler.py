@@ -38,7 +38,7 @@ class CalibrationSpec:
 
     text: str = "wiki"
     start: int = 200_000  # far past the evaluation windows at the head of the same text
-    windows: int = 8
+    windows: int = 32  # 16k tokens: the GPTQ loop overfits on less (2.45x at 4k vs 1.90x at 16k)
     window: int = 512
 
 
