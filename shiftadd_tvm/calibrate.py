@@ -71,8 +71,3 @@ def activation_stats(
             h.remove()
     n = max(count["n"], 1)
     return {name: sums[owner[name]] / n for name in layers}
-
-
-def activation_energy(model, windows, layers, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Mean squared input activation per input column (diag of X^T X / n) of each layer."""
-    return activation_stats(model, windows, layers, progress, full=False)

@@ -21,15 +21,12 @@ from .calibrate import activation_stats, target_linears
 from .errors import ConfigError, UnsupportedModelError
 from .passes.lut_rewrite import PackedLinear, const_key, rewrite_matmuls
 from .quant import BCQResult, QuantConfig, bcq_quantize
+from .runtime import ARTIFACT_FORMAT, SUPPORTED_VERSIONS, TRAILER_MAGIC
 from .targets import resolve_target
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_FORMAT = "shiftadd-tvm-artifact"
-ARTIFACT_VERSION = 1
-TRAILER_MAGIC = (
-    b"SHADDTVM"  # file = <library> <manifest json> <sha256(json)> <u64 json length> <magic>
-)
+ARTIFACT_VERSION = SUPPORTED_VERSIONS[-1]  # the format this version writes (runtime.py reads)
 
 
 @dataclasses.dataclass(frozen=True)
