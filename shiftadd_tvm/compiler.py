@@ -53,21 +53,21 @@ class Artifact:
         Written to a temporary name and renamed, so ``path`` is never half-written.
         """
         dest = Path(path)
-        with atomic_path(dest.with_suffix(dest.suffix + ".lib.so")) as lib_tmp:
-            self.executable.export_library(str(lib_tmp))
-            body = lib_tmp.read_bytes()
-        manifest = dict(self.manifest)
-        manifest["library_sha256"] = hashlib.sha256(body).hexdigest()
-        manifest["library_bytes"] = len(body)
-        blob = json.dumps(manifest, sort_keys=True).encode("utf-8")
-        with atomic_path(dest) as tmp:
-            with open(tmp, "wb") as f:
-                f.write(body)
+        with atomic_path(dest, suffix=".tmp.so") as tmp:  # TVM picks the format from ".so"
+            self.executable.export_library(str(tmp))
+            h = hashlib.sha256()
+            with open(tmp, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+            manifest = dict(self.manifest)
+            manifest["library_sha256"] = h.hexdigest()
+            manifest["library_bytes"] = tmp.stat().st_size
+            blob = json.dumps(manifest, sort_keys=True).encode("utf-8")
+            with open(tmp, "ab") as f:
                 f.write(blob)
                 f.write(hashlib.sha256(blob).digest())
                 f.write(len(blob).to_bytes(8, "little"))
                 f.write(TRAILER_MAGIC)
-        dest.with_suffix(dest.suffix + ".lib.so").unlink(missing_ok=True)
         log.info("exported %s (%.1f MB)", dest, dest.stat().st_size / 1e6)
         return dest
 
