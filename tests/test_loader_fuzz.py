@@ -49,7 +49,10 @@ def artifact_bytes(tiny_artifact):
 
 
 @settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(mut=mutation)
 def test_corrupted_artifact_is_refused(artifact_bytes, tmp_path_factory, mut):
