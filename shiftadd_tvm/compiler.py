@@ -373,6 +373,10 @@ def _save_stats(imp: Imported, path: Path) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+    # fit with exactly the numbers the file holds, so a later run that reads it (the ONNX path of
+    # the same model, say) produces the same artifact
+    for k, (_, w) in imp.candidates.items():
+        imp.energy[k] = torch.from_numpy(arrays[_weight_digest(w)].astype(np.float64))
     log.info("wrote calibration statistics of %d weights to %s", len(arrays), path)
 
 
