@@ -70,9 +70,6 @@ class RewriteRecord:
             f"{len(self.dense)} left dense: {why}"
         )
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def const_key(arr: np.ndarray) -> str:
     """Stable key of a constant weight as stored in the graph (content digest)."""

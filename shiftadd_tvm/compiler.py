@@ -238,7 +238,7 @@ def import_onnx(
             raise ConfigError(
                 f"ONNX calibration windows must have the compiled length {seq_len}, got {windows.shape[1]}"
             )
-        energy_by_weight = onnx_path.activation_energy(
+        energy_by_weight = onnx_path.activation_stats(
             model_proto, input_name, windows, [m for m in mats if not m.head], progress, full
         )
         calib_info["seconds"] = round(time.time() - t0, 2)
@@ -366,17 +366,15 @@ def _weight_digest(w_nk: np.ndarray) -> str:
 
 
 def _save_stats(imp: Imported, path: Path) -> None:
-    arrays = {
-        _weight_digest(w): imp.energy[k].numpy().astype(np.float32)
-        for k, (_, w) in imp.candidates.items()
-    }
+    digests = {k: _weight_digest(w) for k, (_, w) in imp.candidates.items()}
+    arrays = {d: imp.energy[k].numpy().astype(np.float32) for k, d in digests.items()}
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     # fit with exactly the numbers the file holds, so a later run that reads it (the ONNX path of
     # the same model, say) produces the same artifact
-    for k, (_, w) in imp.candidates.items():
-        imp.energy[k] = torch.from_numpy(arrays[_weight_digest(w)].astype(np.float64))
+    for k, d in digests.items():
+        imp.energy[k] = torch.from_numpy(arrays[d].astype(np.float64))
     log.info("wrote calibration statistics of %d weights to %s", len(arrays), path)
 
 

@@ -167,7 +167,7 @@ def weight_matmuls(model) -> list[WeightMatmul]:
     return found
 
 
-def activation_energy(
+def activation_stats(
     model, input_name: str, windows: np.ndarray, mats: list[WeightMatmul], progress=True, full=False
 ):
     """``X^T X / n`` (``full``) or its diagonal for the input of each candidate MatMul, recorded

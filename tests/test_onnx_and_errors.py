@@ -213,3 +213,27 @@ def test_invalid_options(kwargs, match):
 def test_module_without_tokenizer_needs_calibration_choice():
     with pytest.raises(ConfigError, match="tokenizer"):
         shiftadd_tvm.compile(tiny_llama(), calibration=CalibrationSpec(), progress=False)
+
+
+def test_shared_calibration_stats_make_paths_identical(tiny_onnx, tmp_path):
+    """The torch path writes its statistics; the ONNX path reads them: identical artifacts."""
+    model, path = tiny_onnx
+    stats = tmp_path / "stats.npz"
+    calib = np.random.default_rng(7).integers(0, 256, (3, TINY_SEQ))
+    kw = dict(bits=3, group_size=32, seq_len=TINY_SEQ, progress=False, calib_stats=stats)
+    a_torch = shiftadd_tvm.compile(model, calib_ids=calib, **kw)
+    assert stats.is_file() and a_torch.manifest["calibration"]["source"] == "ids"
+    a_onnx = shiftadd_tvm.compile(str(path), **kw)
+    assert a_onnx.manifest["calibration"]["source"] == "stats"
+    ids = np.random.default_rng(1).integers(0, 256, (1, TINY_SEQ))
+    o_t = shiftadd_tvm.runtime.load(a_torch.export(tmp_path / "t.so"))(ids)
+    o_o = shiftadd_tvm.runtime.load(a_onnx.export(tmp_path / "o.so"))(ids)
+    # the packed weights are byte-identical; the logits differ only by float rounding of the two
+    # frontends' graphs
+    sha = lambda a: sorted(v["sha256"] for v in a.manifest["layers"].values())  # noqa: E731
+    assert sha(a_torch) == sha(a_onnx)
+    assert np.linalg.norm(o_t - o_o) / np.linalg.norm(o_t) < 1e-5
+    other = tmp_path / "other.npz"
+    np.savez(other, unrelated=np.zeros(3))
+    with pytest.raises(ConfigError, match="do not cover weight"):
+        shiftadd_tvm.compile(str(path), calibration=None, **{**kw, "calib_stats": other})
