@@ -38,7 +38,13 @@ def _add_compile(sub) -> None:
         help="keep weight matmuls that cannot be rewritten (dynamic shapes, non-float "
         "activations) dense instead of failing; they are counted in the report",
     )
-    p.add_argument("--bits", type=int, default=3, help="bit-planes per weight (1-4)")
+    p.add_argument(
+        "--bits",
+        default="3",
+        help="bit-planes per weight: a width (1-4) for every layer, or an average budget such as "
+        "2.5 or 3.5: each layer is fitted at 2, 3 and 4 bits, its output error measured, and the "
+        "widths chosen to minimize the total error within the budget (the report lists them)",
+    )
     p.add_argument(
         "--method",
         choices=["gptq", "bcq"],
@@ -256,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(sub)
     _add_eval(sub)
     _add_export_onnx(sub)
+    from .report import add_parser as _add_report
+
+    _add_report(sub)
     return parser
 
 
@@ -267,7 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     t0 = time.time()
     try:
-        commands = {"compile": cmd_compile, "eval": cmd_eval, "export-onnx": cmd_export_onnx}
+        from .report import cmd_report
+
+        commands = {
+            "compile": cmd_compile,
+            "eval": cmd_eval,
+            "export-onnx": cmd_export_onnx,
+            "report": cmd_report,
+        }
         rc = commands[args.command](args)
     except ShiftAddError as e:
         log.error("%s", e)

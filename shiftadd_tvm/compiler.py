@@ -119,7 +119,7 @@ def quantize_candidates(
         st = stats.get(key) if stats is not None else None
         wt = torch.as_tensor(np.asarray(w))
         if st is not None and st.ndim == 2 and qcfg.method == "gptq":
-            out[key] = gptq_bcq(wt, st, qcfg, name=name)
+            out[key] = gptq_bcq(wt, st, qcfg, name=name, rounds=qcfg.rounds)
         else:
             cw = torch.diagonal(st) if st is not None and st.ndim == 2 else st
             out[key] = bcq_quantize(wt, qcfg, cw, name=name)
@@ -289,7 +289,7 @@ def import_onnx(
 def compile(  # noqa: A001 - the public API name the issue asks for
     model,
     target="llvm",
-    bits: int = 3,
+    bits: float = 3,
     group_size: int = 128,
     terms: int = 3,
     *,
@@ -320,7 +320,16 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     from .models import load_model
 
     t_start = time.time()
-    qcfg = QuantConfig(bits=bits, group_size=group_size, terms=terms, iters=iters, method=method)
+    from .allocate import parse_bits
+
+    width, budget = parse_bits(bits)  # 3 -> uniform width; 2.5 -> average budget
+    qcfg = QuantConfig(
+        bits=width or min(4, max(2, round(budget))),  # a budget's template: allocated later
+        group_size=group_size,
+        terms=terms,
+        iters=iters,
+        method=method,
+    )
     full = qcfg.method == "gptq"
     if seq_len < 1:
         raise ConfigError(f"seq_len={seq_len} must be >= 1")
@@ -358,7 +367,7 @@ def compile(  # noqa: A001 - the public API name the issue asks for
         _load_stats(imp, Path(calib_stats))
     elif calib_stats is not None and imp.energy is not None:
         _save_stats(imp, Path(calib_stats))
-    return build_imported(imp, qcfg, tgt, allow_dense_fallback, progress, t_start)
+    return build_imported(imp, qcfg, tgt, allow_dense_fallback, progress, t_start, budget=budget)
 
 
 def _weight_digest(w_nk: np.ndarray) -> str:
@@ -397,17 +406,38 @@ def _load_stats(imp: Imported, path: Path) -> None:
     imp.calib_info = {"source": "stats", "file": str(path)}
 
 
-def build_imported(imp: Imported, qcfg, tgt, allow_dense_fallback, progress, t_start) -> Artifact:
-    """The common back half: fit, rewrite, bind, build, describe."""
+def build_imported(
+    imp: Imported,
+    qcfg,
+    tgt,
+    allow_dense_fallback,
+    progress,
+    t_start,
+    budget: float | None = None,
+    fitted: dict[str, BCQResult] | None = None,
+    allocation: dict | None = None,
+) -> Artifact:
+    """The common back half: fit, rewrite, bind, build, describe.
+
+    ``budget``: average bit-planes per weight, allocated per layer (``allocate.py``) instead
+    of the uniform ``qcfg.bits``. ``fitted`` (relax key -> result, one per distinct weight) and
+    ``allocation`` (its report) skip the fit: the accuracy report reuses fits across rows.
+    """
     import tvm
 
     t0 = time.time()
     unique: dict[str, str] = {}  # readable name -> first key
     for key, (name, _) in imp.candidates.items():
         unique.setdefault(name, key)
-    fitted = quantize_candidates(
-        {k: imp.candidates[k] for k in unique.values()}, qcfg, imp.energy, progress
-    )
+    todo = {k: imp.candidates[k] for k in unique.values()}
+    if fitted is None and budget is None:
+        fitted = quantize_candidates(todo, qcfg, imp.energy, progress)
+    elif fitted is None:
+        from .allocate import fit_with_budget
+
+        fitted, allocation = fit_with_budget(
+            todo, qcfg, imp.energy, budget, quantize_candidates, progress
+        )
     quantized = {k: fitted[unique[name]] for k, (name, _) in imp.candidates.items()}
     t_quant = time.time() - t0
     packed: dict[str, PackedLinear] = {}
@@ -474,13 +504,19 @@ def build_imported(imp: Imported, qcfg, tgt, allow_dense_fallback, progress, t_s
         **{k: v for k, v in imp.info.items() if k != "seq_len"},
         "input": {"batch": 1, "seq_len": seq_len, "dtype": "int64"},
         "output": {"dtype": "float32", "shape": [1, seq_len, imp.info["vocab_size"]]},
-        "quant": dataclasses.asdict(qcfg),
-        "bits_per_weight": round(qcfg.bits_per_weight(), 4),
+        "quant": {**dataclasses.asdict(qcfg), **({"bits": budget} if budget else {})},
+        # incl. scale codes, averaged over the rewritten weights (per-layer widths may differ)
+        "bits_per_weight": round(
+            sum(r.cfg.bits_per_weight() * r.codes[0].numel() for r in by_name.values())
+            / max(1, sum(r.codes[0].numel() for r in by_name.values())),
+            4,
+        ),
+        **({"allocation": allocation} if allocation else {}),
         "quantized_weights": qweights,
         "quantized_bytes": qbytes,
         "layers": {
             name: {
-                "bits": qcfg.bits,
+                "bits": p.bits,
                 "n": p.n,
                 "k": p.k,
                 "planes_shape": list(p.planes.shape),

@@ -15,10 +15,11 @@ fixed, rounded again to sums of signed powers of two, and kept per row where tha
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 
-from .quant import BCQResult, QuantConfig, bcq_quantize, round_pow2_terms
+from .quant import BCQResult, QuantConfig, bcq_quantize, pow2_value, round_pow2_terms
 
 
 def _group_values(alpha: torch.Tensor, combos: torch.Tensor) -> torch.Tensor:
@@ -39,25 +40,92 @@ def _dequant(codes: torch.Tensor, alpha: torch.Tensor, gs: int) -> torch.Tensor:
     return ((codes.double() * 2 - 1) * a).sum(0)
 
 
-def _refit_alpha(w, codes, h, gs, chunk=256):
-    """Least-squares alpha [bits, N, G] minimizing the output error with the codes fixed."""
+def _refit_alpha(w, codes, h, gs, chunk=128):
+    """Least-squares alpha [bits, N, G] minimizing the output error with the codes fixed.
+
+    Per row the normal equations ``(B H B^T) a = B H w`` with ``B[(b, g), k] = s_b[k] [k in g]``;
+    ``B`` is block sparse, so ``H B^T`` costs ``bits K^2`` per row rather than ``bits G K^2``.
+    """
     bits, n, k = codes.shape
     groups = -(-k // gs)
-    s = codes.double() * 2 - 1  # [bits, N, K]
+    kp = groups * gs
+    hp = torch.zeros(kp, kp, dtype=torch.float64)
+    hp[:k, :k] = h
+    hp4 = hp.reshape(groups, gs, groups, gs)
+    wp = torch.zeros(n, kp, dtype=torch.float64)
+    wp[:, :k] = w
+    hw = (wp @ hp).reshape(n, groups, gs)  # (H w) per row, H symmetric
+    s = torch.zeros(bits, n, kp, dtype=torch.float64)
+    s[:, :, :k] = codes.double() * 2 - 1
+    s = s.reshape(bits, n, groups, gs)
     out = torch.empty(bits, n, groups, dtype=torch.float64)
-    gid = torch.arange(k) // gs
-    onehot = torch.nn.functional.one_hot(gid, groups).double()  # [K, G]
-    eye = torch.eye(bits * groups, dtype=torch.float64)
+    m = bits * groups
+    eye = torch.eye(m, dtype=torch.float64)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
-        # B[r, k, (b, g)] = s[b, r, k] * [k in g]
-        B = torch.einsum("brk,kg->rkbg", s[:, r0:r1], onehot).reshape(r1 - r0, k, bits * groups)
-        BtH = torch.einsum("rkj,kl->rjl", B, h)
-        A = BtH @ B
-        rhs = torch.einsum("rjl,rl->rj", BtH, w[r0:r1])
+        sr = s[:, r0:r1]  # [bits, r, G, gs]
+        # hs[r, g, k, b', h] = sum_l H[(g, k), (h, l)] s_b'[(h, l)]
+        hs = torch.einsum("gkhl,brhl->rgkbh", hp4, sr)
+        A = torch.einsum("brgk,rgkch->rbgch", sr, hs).reshape(r1 - r0, m, m)
+        rhs = torch.einsum("brgk,rgk->rbg", sr, hw[r0:r1]).reshape(r1 - r0, m)
         ridge = 1e-9 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
         sol = torch.linalg.solve(A + ridge[:, None, None] * eye, rhs[:, :, None])[:, :, 0]
         out[:, r0:r1] = sol.reshape(r1 - r0, bits, groups).permute(1, 0, 2)
+    return out
+
+
+def gptq_loop(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    pick: Callable[[int, torch.Tensor], torch.Tensor],
+    act_order: bool = True,
+    damp: float = 0.01,
+    block: int = 128,
+    begin_block: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The GPTQ/OPTQ column loop with a pluggable per-column quantizer.
+
+    ``pick(j, col)`` returns the quantized values ``q[N]`` of column ``j`` (original column index)
+    given its current (error-compensated) values ``col[N]``. ``begin_block(cols, W_block)`` is
+    called at the start of each block of ``block`` columns with their original indices and current
+    values (GPTQ's dynamic groups: with ``block == group_size`` and no act-order, the block is one
+    group, fully compensated). Columns with no activation energy are zeroed. The error of each
+    column is fed forward into the columns not yet quantized through the upper Cholesky factor of
+    ``(H + damp * mean(diag H) I)^-1``. Returns the quantized ``W[N, K]`` (float64, original
+    column order).
+    """
+    n, k = w.shape
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, dead] = 1.0
+    w0 = w.double().clone()
+    w0[:, dead] = 0.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k)
+    W = w0[:, perm].clone()
+    hp = h[perm][:, perm]
+    L = torch.linalg.cholesky(hp)
+    hinv = torch.cholesky_inverse(L)
+    hinv = torch.linalg.cholesky(hinv, upper=True)
+    Q = torch.zeros_like(W)
+    order = perm.tolist()
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1 = W[:, i1:i2].clone()
+        if begin_block is not None:
+            begin_block(perm[i1:i2], W1)
+        err1 = torch.zeros_like(W1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = W1[:, i]
+            q = pick(order[i1 + i], col)
+            Q[:, i1 + i] = q
+            e = (col - q) / hinv1[i, i]
+            W1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    out = torch.empty_like(Q)
+    out[:, perm] = Q
     return out
 
 
@@ -70,8 +138,13 @@ def gptq_bcq(
     block: int = 128,
     refit: bool = True,
     name: str = "weight",
+    rounds: int = 1,
 ) -> BCQResult:
-    """Quantize ``w[N, K]`` with the GPTQ loop and BCQ codes; ``hessian`` is ``X^T X / n`` [K, K]."""
+    """Quantize ``w[N, K]`` with the GPTQ loop and BCQ codes; ``hessian`` is ``X^T X / n`` [K, K].
+
+    ``rounds`` > 1 repeats the loop with the refitted scales as the static grid and refits again,
+    keeping per row the best (codes, scales) by output error.
+    """
     n, k = w.shape
     gs, bits = cfg.group_size, cfg.bits
     h0 = hessian.double().clone()
@@ -82,48 +155,41 @@ def gptq_bcq(
 
     # static group scales from the diag(H)-weighted BCQ of the original weights
     init = bcq_quantize(w0, cfg, torch.diagonal(h0).clone(), name=name)
-    alpha = init.alpha  # [bits, N, G] exact powers-of-two sums
     combos = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=bits)), dtype=torch.float64)
-    values = _group_values(alpha, combos)  # [G, N, C]
-
-    h = h0.clone()
-    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64)
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k)
-    W = w0[:, perm].clone()
-    hp = h[perm][:, perm]
-    L = torch.linalg.cholesky(hp)
-    hinv = torch.cholesky_inverse(L)
-    hinv = torch.linalg.cholesky(hinv, upper=True)
-    group_of = (perm // gs).tolist()
     code_idx = torch.empty(n, k, dtype=torch.long)
     rows = torch.arange(n)
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        W1 = W[:, i1:i2].clone()
-        err1 = torch.zeros_like(W1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = W1[:, i]
-            vals = values[group_of[i1 + i]]  # [N, C]
-            best = torch.argmin((col[:, None] - vals).abs(), dim=1)
-            q = vals[rows, best]
-            code_idx[:, i1 + i] = best
-            e = (col - q) / hinv1[i, i]
-            W1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = e
-        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    codes_perm = combos[code_idx] > 0  # [N, K(perm), bits]
-    codes = torch.empty(bits, n, k, dtype=torch.bool)
-    codes[:, :, perm] = codes_perm.permute(2, 0, 1)
+    grid = {}
 
+    def pick(j: int, col: torch.Tensor) -> torch.Tensor:
+        vals = grid["values"][j // gs]  # [N, C]
+        best = torch.argmin((col[:, None] - vals).abs(), dim=1)
+        code_idx[:, j] = best
+        return vals[rows, best]
+
+    def keep(state, codes, ts, te):
+        """Per row, the better of ``state`` and (codes, ts, te) by output error."""
+        err = _output_error(w0, _dequant(codes, pow2_value(ts, te), gs), h0)
+        if state is None:
+            return (codes, ts, te, err)
+        b = err < state[3]
+        return (
+            torch.where(b[None, :, None], codes, state[0]),
+            torch.where(b[None, :, None, None], ts, state[1]),
+            torch.where(b[None, :, None, None], te, state[2]),
+            torch.where(b, err, state[3]),
+        )
+
+    state = None
     ts, te = init.term_signs, init.term_exps
-    if refit:
-        q_static = _dequant(codes, alpha, gs)
-        err_static = _output_error(w0, q_static, h0)
-        new_alpha = _refit_alpha(w0, codes, h0, gs)
-        ns, ne = round_pow2_terms(new_alpha, cfg.terms)
-        q_new = _dequant(codes, (ns.double() * torch.exp2(ne.double())).sum(-1), gs)
-        better = _output_error(w0, q_new, h0) < err_static  # per row
-        ts = torch.where(better[None, :, None, None], ns, ts)
-        te = torch.where(better[None, :, None, None], ne, te)
+    for _ in range(max(1, rounds)):
+        grid["values"] = _group_values(pow2_value(ts, te), combos)  # [G, N, C]
+        gptq_loop(w0, hessian, pick, act_order=act_order, damp=damp, block=block)
+        codes = (combos[code_idx] > 0).permute(2, 0, 1).contiguous()  # [bits, N, K]
+        state = keep(state, codes, ts, te)
+        if not refit:
+            break
+        ts, te = round_pow2_terms(_refit_alpha(w0, codes, h0, gs), cfg.terms)
+        state = keep(state, codes, ts, te)
+        ts, te = state[1], state[2]
+    codes, ts, te, _ = state
     return BCQResult(codes=codes, term_signs=ts.contiguous(), term_exps=te.contiguous(), cfg=cfg)

@@ -38,6 +38,7 @@ class QuantConfig:
     terms: int = 3
     iters: int = 15
     method: str = "gptq"  # "gptq": output objective (GPTQ loop + BCQ); "bcq": weighted BCQ only
+    rounds: int = 1  # gptq: column loops, each on the previous round's refitted scales
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -55,6 +56,8 @@ class QuantConfig:
             raise ConfigError(f"method={self.method!r} is not one of {METHODS}")
         if self.iters < 0:
             raise ConfigError(f"iters={self.iters} must be >= 0")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds={self.rounds} must be >= 1")
 
     def bits_per_weight(self) -> float:
         """Storage per weight including the scale codes (one byte per power-of-two term)."""

@@ -1,0 +1,676 @@
+"""Accuracy report: ours (compiled ``.so`` run by the minimal runtime) against baselines, one harness.
+
+``shiftadd-tvm report`` (or ``python -m shiftadd_tvm.report``) calibrates once, fits every
+reparameterized Linear at each width, and evaluates on the same windows of every text:
+
+- ``ours``: GPTQ loop + binary coding with power-of-two scales (the compiler's default fit), at
+  uniform widths and at average budgets (per-layer widths from ``allocate.py``); every ``ours`` row
+  is compiled, exported to a ``.so`` and its perplexity measured by running that file through
+  ``shiftadd_tvm.runtime``. Its torch simulation (same dequantized weights) is reported beside it
+  as a check;
+- baselines (``baselines.py``): RTN, uniform GPTQ with and without act-order, plain binary coding:
+  fake-quantized weights evaluated in torch (they have no kernel in this project).
+
+Writes ``results.json``, ``results.md`` and ``results.png`` (perplexity ratio against effective
+bits per method and text; per-layer output error at each width and the widths each budget picked)
+into the output folder. Intermediate results (calibration statistics, fits, one JSON per row) go to
+a work folder so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+OURS = "ours"
+METHOD_LABELS = {
+    OURS: "ours: GPTQ + BCQ, power-of-two scales (.so via runtime)",
+    "rtn": "RTN uniform (torch sim)",
+    "gptq": "GPTQ uniform, act-order (torch sim)",
+    "gptq_noact": "GPTQ uniform, no act-order (torch sim)",
+    "bcq_plain": "plain BCQ, power-of-two scales (torch sim)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportSpec:
+    model: str = "smollm2"
+    texts: tuple[str, ...] = ("wiki", "lee")
+    tokens: int = 4096
+    window: int = 512
+    bits: tuple[int, ...] = (2, 3, 4)
+    budgets: tuple[float, ...] = (2.5, 3.5)
+    baselines: tuple[str, ...] = ("rtn", "gptq", "gptq_noact", "bcq_plain")
+    group_size: int = 128
+    terms: int = 3
+    iters: int = 15
+    rounds: int = 1
+    calib_text: str = "wiki"
+    calib_start: int = 200_000
+    calib_windows: int = 32
+    target: str = "llvm"
+
+    def digest(self, *fields: str) -> str:
+        d = dataclasses.asdict(self)
+        blob = json.dumps({f: d[f] for f in fields} if fields else d, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_CALIB_FIELDS = ("model", "calib_text", "calib_start", "calib_windows", "window")
+_FIT_FIELDS = (*_CALIB_FIELDS, "group_size", "terms", "iters", "rounds")
+_EVAL_FIELDS = ("model", "texts", "tokens", "window")
+
+
+def _check_disjoint(spec: ReportSpec) -> None:
+    from .errors import ConfigError
+
+    calib_end = spec.calib_start + spec.calib_windows * spec.window
+    for text in spec.texts:
+        if text == spec.calib_text and spec.calib_start < spec.tokens:
+            raise ConfigError(
+                f"calibration tokens [{spec.calib_start}, {calib_end}) of '{text}' overlap the "
+                f"evaluation tokens [0, {spec.tokens}); move --calib-start past {spec.tokens}"
+            )
+
+
+def _save_json(path: Path, obj) -> None:
+    from ._files import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _load_json(path: Path, digest: str):
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if obj.get("digest") == digest else None
+
+
+def _save_fits(path: Path, fits: dict) -> None:
+    import numpy as np
+
+    from ._files import atomic_path
+
+    arrays = {}
+    for i, (key, r) in enumerate(fits.items()):
+        arrays[f"k{i}"] = np.frombuffer(key.encode(), dtype=np.uint8)
+        arrays[f"c{i}"] = np.packbits(r.codes.numpy(), axis=-1)
+        arrays[f"s{i}"] = r.term_signs.numpy()
+        arrays[f"e{i}"] = r.term_exps.numpy()
+        arrays[f"shape{i}"] = np.asarray(r.codes.shape)
+    with atomic_path(path, suffix=".tmp.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def _load_fits(path: Path, cfg) -> dict:
+    import numpy as np
+    import torch
+
+    from .quant import BCQResult
+
+    out = {}
+    with np.load(path) as z:
+        n = len([k for k in z.files if k.startswith("k")])
+        for i in range(n):
+            shape = tuple(int(s) for s in z[f"shape{i}"])
+            codes = np.unpackbits(z[f"c{i}"], axis=-1, count=shape[-1]).astype(bool)
+            out[bytes(z[f"k{i}"]).decode()] = BCQResult(
+                codes=torch.from_numpy(codes),
+                term_signs=torch.from_numpy(z[f"s{i}"]),
+                term_exps=torch.from_numpy(z[f"e{i}"]),
+                cfg=cfg,
+            )
+    return out
+
+
+def _ppl_texts(logits_fn, windows: dict, desc: str, progress: bool) -> dict:
+    from .evaluate import perplexity
+
+    return {
+        t: perplexity(logits_fn, w, desc=f"{desc} {t}", progress=progress)["ppl"]
+        for t, w in windows.items()
+    }
+
+
+class _Harness:
+    def __init__(self, spec: ReportSpec, work: Path, progress: bool):
+        from .calibrate import target_linears
+        from .models import load_model
+        from .text import token_ids
+
+        self.spec, self.work, self.progress = spec, work, progress
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "rows").mkdir(exist_ok=True)
+        self.model, self.tok = load_model(spec.model)
+        _check_disjoint(spec)
+        self.windows = {
+            t: token_ids(self.tok, t, 0, spec.tokens).reshape(-1, spec.window) for t in spec.texts
+        }
+        self.linears = target_linears(self.model)
+        self._imp = None
+        self._fits: dict[int, dict] = {}
+
+    # -- calibration + import (once) -----------------------------------------------------
+    @property
+    def imp(self):
+        if self._imp is None:
+            from .compiler import CalibrationSpec, _load_stats, _save_stats, import_torch
+
+            s = self.spec
+            stats = self.work / f"calib-{s.digest(*_CALIB_FIELDS)}.npz"
+            calib = CalibrationSpec(s.calib_text, s.calib_start, s.calib_windows, s.window)
+            have = stats.is_file()
+            imp = import_torch(
+                self.model,
+                self.tok,
+                s.window,
+                "stats-file" if have else calib,
+                None,
+                self.progress,
+                full=True,
+            )
+            if have:
+                _load_stats(imp, stats)
+            else:
+                _save_stats(imp, stats)
+            imp.calib_info = {"source": "text", **dataclasses.asdict(calib)}
+            unique: dict[str, str] = {}
+            for key, (name, _) in imp.candidates.items():
+                unique.setdefault(name, key)
+            self.unique = {k: imp.candidates[k] for k in unique.values()}  # key -> (name, W)
+            self._imp = imp
+        return self._imp
+
+    def fits(self, bits: int) -> dict:
+        """key -> BCQResult of our fit at ``bits`` (cached on disk)."""
+        if bits not in self._fits:
+            from .compiler import quantize_candidates
+
+            imp, cfg = self.imp, self.qcfg(bits)
+            path = self.work / f"fit-b{bits}-{self.spec.digest(*_FIT_FIELDS)}.npz"
+            if path.is_file():
+                self._fits[bits] = _load_fits(path, cfg)
+            else:
+                t0 = time.time()
+                self._fits[bits] = quantize_candidates(self.unique, cfg, imp.energy, self.progress)
+                log.info(
+                    "fitted %d layers at %d bits in %.0fs", len(self.unique), bits, time.time() - t0
+                )
+                _save_fits(path, self._fits[bits])
+        return self._fits[bits]
+
+    def qcfg(self, bits: int):
+        from .quant import QuantConfig
+
+        s = self.spec
+        return QuantConfig(
+            bits=bits, group_size=s.group_size, terms=s.terms, iters=s.iters, rounds=s.rounds
+        )
+
+    def layer_errors(self) -> dict:
+        """key -> {bits: output error} for every width any ours row needs."""
+        import numpy as np
+        import torch
+
+        from .allocate import CANDIDATE_WIDTHS, output_error
+
+        imp = self.imp
+        widths = sorted(
+            set(self.spec.bits) | (set(CANDIDATE_WIDTHS) if self.spec.budgets else set())
+        )
+        return {
+            key: {
+                b: output_error(
+                    torch.as_tensor(np.asarray(w)), self.fits(b)[key].dequantize(), imp.energy[key]
+                )
+                for b in widths
+            }
+            for key, (_, w) in self.unique.items()
+        }
+
+    # -- rows --------------------------------------------------------------------------
+    def float_ppl(self) -> dict:
+        from .evaluate import torch_logits_fn
+
+        path = self.work / "float.json"
+        digest = self.spec.digest(*_EVAL_FIELDS)
+        got = _load_json(path, digest)
+        if got is None:
+            ppl = _ppl_texts(torch_logits_fn(self.model), self.windows, "float", self.progress)
+            got = {"digest": digest, "ppl": ppl}
+            _save_json(path, got)
+        return got["ppl"]
+
+    def _with_weights(self, dense: dict, fn):
+        """Run ``fn()`` with the Linears named in ``dense`` holding those weights; restore after."""
+        import torch
+
+        saved = {n: self.linears[n].weight.detach().clone() for n in dense}
+        try:
+            with torch.no_grad():
+                for n, w in dense.items():
+                    self.linears[n].weight.copy_(w.to(torch.float32))
+            return fn()
+        finally:
+            with torch.no_grad():
+                for n, w in saved.items():
+                    self.linears[n].weight.copy_(w)
+
+    def ours_row(self, bits: int | None, budget: float | None, errors: dict | None) -> dict:
+        from . import runtime
+        from .allocate import CANDIDATE_WIDTHS, allocate_for, allocation_report
+        from .compiler import build_imported
+        from .evaluate import torch_logits_fn
+        from .targets import resolve_target
+
+        s = self.spec
+        label = f"{bits}" if budget is None else f"{budget:g}"
+        digest = s.digest(*_FIT_FIELDS, *_EVAL_FIELDS, "target") + f"-{OURS}-{label}"
+        path = self.work / "rows" / f"{OURS}-{label}.json"
+        got = _load_json(path, digest)
+        if got is not None:
+            return got
+        imp = self.imp
+        t0 = time.time()
+        allocation = None
+        if budget is None:
+            fitted = self.fits(bits)
+            qcfg = self.qcfg(bits)
+        else:
+            widths = [b for b in CANDIDATE_WIDTHS]
+            alloc = allocate_for(
+                self.unique,
+                {k: {b: errors[k][b] for b in widths} for k in errors},
+                self.qcfg(1),
+                budget,
+            )
+            fitted = {k: self.fits(alloc.bits[k])[k] for k in self.unique}
+            allocation = allocation_report(self.unique, errors, alloc, self.qcfg(1))
+            qcfg = self.qcfg(min(4, max(2, round(budget))))
+        art = build_imported(
+            imp,
+            qcfg,
+            resolve_target(s.target),
+            False,
+            self.progress,
+            t0,
+            budget=budget,
+            fitted=fitted,
+            allocation=allocation,
+        )
+        art.manifest["model"] = s.model
+        art.manifest["tokenizer"] = s.model
+        so = art.export(self.work / f"{OURS}-{label}.so")
+        t_build = time.time() - t0
+        rt = runtime.load(so)
+        ppl = _ppl_texts(rt, self.windows, f"{OURS} {label} (.so)", self.progress)
+        dense = {n: r.dequantize() for n, r in art.quantized.items()}
+        sim = self._with_weights(
+            dense,
+            lambda: _ppl_texts(
+                torch_logits_fn(self.model),
+                self.windows,
+                f"{OURS} {label} (torch sim)",
+                self.progress,
+            ),
+        )
+        layer_bits = {n: int(r.cfg.bits) for n, r in art.quantized.items()}
+        row = {
+            "digest": digest,
+            "method": OURS,
+            "label": label,
+            "bits": bits if budget is None else budget,
+            "budget": budget,
+            "bits_per_weight": art.manifest["bits_per_weight"],
+            "runner": "artifact .so via shiftadd_tvm.runtime",
+            "ppl": ppl,
+            "torch_sim_ppl": sim,
+            "artifact": str(so),
+            "artifact_bytes": so.stat().st_size,
+            "build_s": round(t_build, 1),
+            "layer_bits": layer_bits,
+            "allocation": allocation,
+        }
+        _save_json(path, row)
+        return row
+
+    def baseline_row(self, method: str, bits: int) -> dict:
+        import numpy as np
+        import torch
+        from tqdm import tqdm
+
+        from .baselines import quantize_baseline
+        from .evaluate import torch_logits_fn
+
+        s = self.spec
+        digest = s.digest(*_FIT_FIELDS, *_EVAL_FIELDS) + f"-{method}-{bits}"
+        path = self.work / "rows" / f"{method}-{bits}.json"
+        got = _load_json(path, digest)
+        if got is not None:
+            return got
+        imp = self.imp
+        t0 = time.time()
+        dense, bpw, count = {}, 0.0, 0
+        for key, (name, w) in tqdm(
+            self.unique.items(),
+            desc=f"{method} {bits}-bit",
+            unit="layer",
+            disable=not self.progress,
+        ):
+            wt = torch.as_tensor(np.asarray(w))
+            q, b = quantize_baseline(
+                method, wt, imp.energy[key], bits, s.group_size, s.terms, s.iters
+            )
+            dense[name] = q
+            bpw, count = bpw + b * wt.numel(), count + wt.numel()
+        t_fit = time.time() - t0
+        ppl = self._with_weights(
+            dense,
+            lambda: _ppl_texts(
+                torch_logits_fn(self.model), self.windows, f"{method} {bits}", self.progress
+            ),
+        )
+        row = {
+            "digest": digest,
+            "method": method,
+            "label": str(bits),
+            "bits": bits,
+            "budget": None,
+            "bits_per_weight": round(bpw / count, 4),
+            "runner": "torch, fake-quantized weights",
+            "ppl": ppl,
+            "fit_s": round(t_fit, 1),
+        }
+        _save_json(path, row)
+        return row
+
+
+def run_report(spec: ReportSpec, out: str | Path, work: str | Path, progress: bool = True) -> dict:
+    """Run (or resume) every row and write ``results.json``, ``results.md`` and ``results.png``."""
+    import torch
+
+    torch.manual_seed(0)
+    out, work = Path(out), Path(work)
+    h = _Harness(spec, work, progress)
+    t0 = time.time()
+    float_ppl = h.float_ppl()
+    rows = []
+    errors = None
+    need_ours = bool(spec.bits or spec.budgets)
+    if need_ours:
+        errors = h.layer_errors() if spec.budgets else None
+        for b in spec.bits:
+            rows.append(h.ours_row(b, None, errors))
+        for budget in spec.budgets:
+            rows.append(h.ours_row(None, budget, errors))
+    for method in spec.baselines:
+        for b in spec.bits:
+            rows.append(h.baseline_row(method, b))
+    for r in rows:
+        r["ratio"] = {t: r["ppl"][t] / float_ppl[t] for t in spec.texts}
+        if "torch_sim_ppl" in r:
+            r["torch_sim_ratio"] = {t: r["torch_sim_ppl"][t] / float_ppl[t] for t in spec.texts}
+    layers = None
+    if errors is not None:
+        names = {k: n for k, (n, _) in h.unique.items()}
+        layers = {
+            names[k]: {
+                "size": int(h.unique[k][1].size),
+                "output_error": {str(b): e for b, e in errs.items()},
+                **{
+                    f"bits@{r['label']}": r["layer_bits"][names[k]]
+                    for r in rows
+                    if r["method"] == OURS and r["budget"] is not None
+                },
+            }
+            for k, errs in errors.items()
+        }
+    result = {
+        "spec": dataclasses.asdict(spec),
+        "calibration": {
+            "text": spec.calib_text,
+            "tokens": [spec.calib_start, spec.calib_start + spec.calib_windows * spec.window],
+            "windows": spec.calib_windows,
+            "window": spec.window,
+        },
+        "evaluation": {t: {"tokens": [0, spec.tokens], "window": spec.window} for t in spec.texts},
+        "float_ppl": float_ppl,
+        "rows": [{k: v for k, v in r.items() if k not in ("digest", "layer_bits")} for r in rows],
+        "layers": layers,
+        "seconds": round(time.time() - t0, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _save_json(out / "results.json", result)
+    from ._files import write_text_atomic
+
+    write_text_atomic(out / "results.md", markdown(result))
+    plot(result, out / "results.png")
+    log.info("wrote %s, %s and %s", out / "results.json", out / "results.md", out / "results.png")
+    return result
+
+
+def markdown(result: dict) -> str:
+    spec = result["spec"]
+    texts = spec["texts"]
+    cal = result["calibration"]
+    lines = [
+        f"# Accuracy: {spec['model']}, group {spec['group_size']}, {spec['terms']} power-of-two "
+        "terms per scale",
+        "",
+        f"Perplexity on the first {spec['tokens']} tokens of each text in windows of "
+        f"{spec['window']}; ratio = method / float. Calibration: tokens {cal['tokens'][0]}-"
+        f"{cal['tokens'][1]} of '{cal['text']}' ({cal['windows']} windows of {cal['window']}), "
+        "disjoint from every evaluation window. `ours` rows: the exported .so run by "
+        "shiftadd_tvm.runtime (torch simulation of the same weights in brackets); baselines: "
+        "torch with fake-quantized weights. Bits/weight include scale storage (ours: one byte per "
+        "power-of-two term; uniform: fp16 scale + fp16 offset per group).",
+        "",
+        "| method | bits | bits/weight | "
+        + " | ".join(f"{t} ppl | {t} ratio" for t in texts)
+        + " |",
+        "|---|---|---|" + "---|---|" * len(texts),
+        "| float | 32 | 32 | "
+        + " | ".join(f"{result['float_ppl'][t]:.3f} | 1.000" for t in texts)
+        + " |",
+    ]
+    for r in result["rows"]:
+        cells = []
+        for t in texts:
+            sim = f" ({r['torch_sim_ratio'][t]:.3f})" if "torch_sim_ratio" in r else ""
+            cells.append(f"{r['ppl'][t]:.3f} | {r['ratio'][t]:.3f}{sim}")
+        bits = f"{r['bits']:g}" + (" (budget)" if r.get("budget") else "")
+        lines.append(
+            f"| {r['method']} | {bits} | {r['bits_per_weight']:.4g} | " + " | ".join(cells) + " |"
+        )
+    lines += ["", "Methods:", ""]
+    lines += [f"- `{m}`: {d}" for m, d in METHOD_LABELS.items()]
+    allocs = [r for r in result["rows"] if r.get("allocation")]
+    if allocs:
+        lines += [
+            "",
+            "Bit allocation (widths per layer by measured output error, exact knapsack):",
+            "",
+        ]
+        for r in allocs:
+            a = r["allocation"]
+            lines.append(
+                f"- budget {r['budget']:g}: average {a['average_bits']:.4f} bit-planes, "
+                f"{a['bits_per_weight']:.4f} bits/weight; layers per width {a['histogram']} "
+                f"(solver {a['solver']})"
+            )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ._files import atomic_path
+
+    texts = result["spec"]["texts"]
+    layers = result.get("layers")
+    ncols = len(texts) + (1 if layers else 0)
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.8))
+    axes = list(axes) if ncols > 1 else [axes]
+    methods = []
+    for r in result["rows"]:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    for ax, t in zip(axes, texts, strict=False):
+        for m in methods:
+            rs = sorted(
+                (r for r in result["rows"] if r["method"] == m), key=lambda r: r["bits_per_weight"]
+            )
+            ax.plot(
+                [r["bits_per_weight"] for r in rs],
+                [r["ratio"][t] for r in rs],
+                marker="o" if m == OURS else ".",
+                lw=2.5 if m == OURS else 1.2,
+                label=m,
+            )
+            for r in rs:
+                if m == OURS and r.get("budget"):
+                    ax.annotate(
+                        f"budget {r['budget']:g}", (r["bits_per_weight"], r["ratio"][t]), fontsize=7
+                    )
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per weight (incl. scales)")
+        ax.set_ylabel("perplexity / float")
+        ax.set_title(f"{t}: float ppl {result['float_ppl'][t]:.2f}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    if layers:
+        ax = axes[-1]
+        names = list(layers)
+        x = range(len(names))
+        widths = sorted({int(b) for v in layers.values() for b in v["output_error"]})
+        for b in widths:
+            ax.plot(
+                x,
+                [max(layers[n]["output_error"][str(b)], 1e-12) for n in names],
+                lw=0.8,
+                label=f"error @ {b} bits",
+            )
+        ax.set_yscale("log")
+        ax.set_xlabel("layer (model order)")
+        ax.set_ylabel("output error tr((W-Q) H (W-Q)^T)")
+        ax2 = ax.twinx()
+        keys = sorted({k for v in layers.values() for k in v if k.startswith("bits@")})
+        for i, k in enumerate(keys):
+            ax2.step(
+                x,
+                [layers[n][k] + 0.08 * i for n in names],
+                where="mid",
+                lw=1.2,
+                ls="--",
+                label=k.replace("bits@", "bits, budget "),
+            )
+        ax2.set_ylabel("allocated bits")
+        ax2.set_ylim(1.5, 4.5)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
+        ax.set_title("per layer: output error at each width, allocated widths")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in s.split(",") if x.strip())
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split(",") if x.strip())
+
+
+def _strs(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def add_parser(sub) -> None:
+    d = ReportSpec()
+    p = sub.add_parser(
+        "report",
+        help="accuracy table: ours (.so via the runtime) vs RTN / GPTQ / plain BCQ, JSON + MD + PNG",
+        description="Calibrates once, fits every Linear at each width, and evaluates on the same "
+        "windows of each text: ours (compiled .so run by the runtime; uniform widths and average "
+        "budgets) and baselines (RTN, uniform GPTQ with/without act-order, plain BCQ; torch with "
+        "fake-quantized weights). Writes results.json, results.md and results.png; intermediate "
+        "results in --work let an interrupted run resume.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=d.model, help="'smollm2', a Hugging Face folder or a .gguf")
+    p.add_argument("--texts", type=_strs, default=d.texts, help="evaluation texts, comma separated")
+    p.add_argument("--tokens", type=int, default=d.tokens, help="first N tokens of each text")
+    p.add_argument("--window", type=int, default=d.window, help="tokens per window (and seq-len)")
+    p.add_argument("--bits", type=_ints, default=d.bits, help="uniform widths, comma separated")
+    p.add_argument(
+        "--budgets", type=_floats, default=d.budgets, help="average bit budgets for ours"
+    )
+    p.add_argument(
+        "--baselines", type=_strs, default=d.baselines, help="baseline methods ('' = none)"
+    )
+    p.add_argument("--group-size", type=int, default=d.group_size)
+    p.add_argument("--terms", type=int, default=d.terms)
+    p.add_argument("--iters", type=int, default=d.iters)
+    p.add_argument(
+        "--rounds", type=int, default=d.rounds, help="GPTQ loops on refitted scales (ours)"
+    )
+    p.add_argument("--calib-text", default=d.calib_text)
+    p.add_argument("--calib-start", type=int, default=d.calib_start)
+    p.add_argument("--calib-windows", type=int, default=d.calib_windows)
+    p.add_argument("--target", default=d.target)
+    p.add_argument("--out", default="reports/smollm2", help="folder for results.{json,md,png}")
+    p.add_argument(
+        "--work", default="out/report-work", help="folder for resumable intermediate results"
+    )
+
+
+def cmd_report(args) -> int:
+    spec = ReportSpec(
+        model=args.model,
+        texts=tuple(args.texts),
+        tokens=args.tokens,
+        window=args.window,
+        bits=tuple(args.bits),
+        budgets=tuple(args.budgets),
+        baselines=tuple(args.baselines),
+        group_size=args.group_size,
+        terms=args.terms,
+        iters=args.iters,
+        rounds=args.rounds,
+        calib_text=args.calib_text,
+        calib_start=args.calib_start,
+        calib_windows=args.calib_windows,
+        target=args.target,
+    )
+    res = run_report(spec, args.out, args.work)
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .cli import main
+
+    sys.exit(main(["report", *sys.argv[1:]]))

@@ -1,0 +1,73 @@
+"""A bit budget: per-layer widths chosen by measured output error, compiled into one artifact."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_SEQ
+
+import shiftadd_tvm
+from shiftadd_tvm.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_model, tmp_path_factory):
+    calib = np.random.default_rng(0).integers(0, 256, (4, TINY_SEQ))
+    art = shiftadd_tvm.compile(
+        tiny_model,
+        target="llvm",
+        bits=2.5,
+        group_size=32,
+        seq_len=TINY_SEQ,
+        calib_ids=calib,
+        progress=False,
+    )
+    return art, art.export(tmp_path_factory.mktemp("mixed") / "tiny-b2.5.so")
+
+
+def test_budget_allocation_in_manifest(mixed):
+    art, _ = mixed
+    man = art.manifest
+    alloc = man["allocation"]
+    layers = man["layers"]
+    sizes = {n: v["n"] * v["k"] for n, v in layers.items()}
+    avg = sum(sizes[n] * v["bits"] for n, v in layers.items()) / sum(sizes.values())
+    assert avg <= 2.5 + 1e-9 and avg == pytest.approx(alloc["average_bits"])
+    assert len({v["bits"] for v in layers.values()}) >= 2  # really mixed
+    assert {n: v["bits"] for n, v in layers.items()} == {
+        n: v["bits"] for n, v in alloc["layers"].items()
+    }
+    assert man["quant"]["bits"] == 2.5
+    # effective bits incl. scale codes: 3 one-byte terms per group of 32
+    assert man["bits_per_weight"] == pytest.approx(avg * (1 + 24 / 32), abs=1e-4)
+    for v in alloc["layers"].values():  # the measured error falls with width
+        e = v["output_error"]
+        assert e["2"] >= e["3"] >= e["4"]
+    # one kernel per distinct (shape, bits, group) configuration
+    cfgs = {
+        (c["config"]["n"], c["config"]["k"], c["config"]["bits"])
+        for c in man["rewrite"]["kernels"].values()
+        if "bits" in c["config"]  # LUT kernels (the dense head has its own)
+    }
+    assert {(v["n"], v["k"], v["bits"]) for v in layers.values()} == cfgs
+
+
+def test_mixed_artifact_matches_dequantized_torch(tiny_model, mixed):
+    art, path = mixed
+    rt = shiftadd_tvm.runtime.load(path)
+    ids = np.random.default_rng(1).integers(0, 256, (1, TINY_SEQ))
+    got = rt(ids)
+    with torch.no_grad():
+        ref = art.apply_to(tiny_model)(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+
+
+def test_budget_below_narrowest_width_refused(tiny_model):
+    with pytest.raises(ConfigError, match="below the smallest"):
+        shiftadd_tvm.compile(
+            tiny_model,
+            bits=1.5,
+            group_size=32,
+            seq_len=TINY_SEQ,
+            calib_ids=np.zeros((1, TINY_SEQ), dtype=np.int64),
+            progress=False,
+        )

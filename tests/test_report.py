@@ -1,0 +1,82 @@
+"""The accuracy report's outputs (table, plot) and its calibration/evaluation overlap check."""
+
+import dataclasses
+import json
+
+import pytest
+
+from shiftadd_tvm.errors import ConfigError
+from shiftadd_tvm.report import ReportSpec, _check_disjoint, markdown, plot
+
+
+def _result():
+    spec = ReportSpec(texts=("wiki", "lee"), bits=(3,), budgets=(2.5,), baselines=("rtn",))
+    rows = [
+        {
+            "method": "ours",
+            "label": "3",
+            "bits": 3,
+            "budget": None,
+            "bits_per_weight": 3.5625,
+            "ppl": {"wiki": 40.0, "lee": 50.0},
+            "ratio": {"wiki": 2.0, "lee": 1.6667},
+            "torch_sim_ratio": {"wiki": 2.0001, "lee": 1.6668},
+        },
+        {
+            "method": "ours",
+            "label": "2.5",
+            "bits": 2.5,
+            "budget": 2.5,
+            "bits_per_weight": 2.96875,
+            "ppl": {"wiki": 80.0, "lee": 90.0},
+            "ratio": {"wiki": 4.0, "lee": 3.0},
+            "allocation": {
+                "average_bits": 2.5,
+                "bits_per_weight": 2.96875,
+                "histogram": {"2": 1, "3": 1},
+                "solver": "dp",
+            },
+        },
+        {
+            "method": "rtn",
+            "label": "3",
+            "bits": 3,
+            "budget": None,
+            "bits_per_weight": 3.25,
+            "ppl": {"wiki": 100.0, "lee": 120.0},
+            "ratio": {"wiki": 5.0, "lee": 4.0},
+        },
+    ]
+    return {
+        "spec": dataclasses.asdict(spec),
+        "calibration": {"text": "wiki", "tokens": [200000, 216384], "windows": 32, "window": 512},
+        "float_ppl": {"wiki": 20.0, "lee": 30.0},
+        "rows": rows,
+        "layers": {
+            "a": {"size": 10, "output_error": {"2": 4.0, "3": 1.0, "4": 0.25}, "bits@2.5": 3},
+            "b": {"size": 10, "output_error": {"2": 0.4, "3": 0.1, "4": 0.02}, "bits@2.5": 2},
+        },
+    }
+
+
+def test_markdown_table_lists_every_row():
+    md = markdown(_result())
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert len(lines) == 1 + 1 + 3  # header, float, three rows
+    assert "| ours | 3 | 3.562 | 40.000 | 2.000 (2.000) | 50.000 | 1.667 (1.667) |" in md
+    assert "| ours | 2.5 (budget) | 2.969 |" in md
+    assert "tokens 200000-216384 of 'wiki'" in md
+    assert "budget 2.5: average 2.5000 bit-planes" in md
+
+
+def test_plot_writes_a_png(tmp_path):
+    path = tmp_path / "r.png"
+    plot(_result(), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json.dumps(_result())  # the result is JSON-serializable as written
+
+
+def test_overlapping_calibration_refused():
+    with pytest.raises(ConfigError, match="overlap"):
+        _check_disjoint(ReportSpec(texts=("wiki",), tokens=4096, calib_start=1000))
+    _check_disjoint(ReportSpec(texts=("wiki", "lee"), tokens=4096, calib_start=4096))
