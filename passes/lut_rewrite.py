@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..schedules import dense_gemm
+from ..schedules import dense_gemm, lut_gemm_cuda
 from ..schedules.cpu_rules import KERNEL_ATTR
 from ..schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs, make_primfunc
 
@@ -92,14 +92,22 @@ def rewrite_matmuls(
     knobs: KnobsFn = default_knobs,
     func_name: str = "main",
     dense_kernel: bool = True,
+    target_kind: str = "llvm",
+    cuda_knobs=None,
 ):
     """Rewrite the matmuls of ``mod[func_name]``; returns ``(new_mod, RewriteRecord)``.
 
     ``params`` maps function-parameter names to their numpy values (weights kept as parameters by
     the frontend); constants in the graph are read directly. Weight matmuls the quantizer keeps
     dense run on the scheduled dense kernel (``dense_kernel=True``) instead of Relax's unscheduled
-    legalization.
+    legalization. ``target_kind="cuda"`` emits the CUDA kernel with its coalesced weight layouts
+    (``schedules/lut_gemm_cuda.py``; ``knobs`` is then ignored) and leaves dense matmuls to the
+    CUDA pipeline's dlight schedules; ``cuda_knobs(cfg) -> (CudaKnobs, source)`` picks its
+    schedule (default: the rule in ``lut_gemm_cuda.default_cuda_knobs``).
     """
+    cuda = target_kind == "cuda"
+    if cuda:
+        dense_kernel = False
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -158,6 +166,16 @@ def rewrite_matmuls(
             return self.gvars[cfg]
 
         def kernel(self, cfg: LutGemmConfig):
+            if cfg not in self.gvars and cuda:
+                if cuda_knobs is None:
+                    kn, source = lut_gemm_cuda.default_cuda_knobs(cfg), "default rule"
+                else:
+                    kn, source = cuda_knobs(cfg)
+                return self.add_kernel(
+                    cfg,
+                    lut_gemm_cuda.make_cuda_primfunc(cfg, kn),
+                    {"knobs": dataclasses.asdict(kn), "kind": "lut-cuda", "schedule": source},
+                )
             if cfg not in self.gvars:
                 kn = knobs(cfg)
                 return self.add_kernel(
@@ -221,9 +239,11 @@ def rewrite_matmuls(
             cfg = LutGemmConfig(m, n, k, packed.bits, packed.group_size, packed.terms)
             gv = self.kernel(cfg)
             record.rewritten.append({**entry, "m": m, "bits": packed.bits, "kernel": cfg.name})
-            return self.call(
-                gv, x, dims, m, k, n, [relax.const(packed.planes), relax.const(packed.scales)]
-            )
+            planes, scales = packed.planes, packed.scales
+            if cuda:
+                planes = lut_gemm_cuda.planes_to_cuda(planes)
+                scales = lut_gemm_cuda.scales_to_cuda(scales)
+            return self.call(gv, x, dims, m, k, n, [relax.const(planes), relax.const(scales)])
 
         def run(self, name):
             func = self.mod_[name]

@@ -16,6 +16,9 @@ two arrays:
     ``sign(c) * 2 ** (abs(c) - EXP_BIAS)`` with ``EXP_BIAS = 65``, so exponents ``-64 ... 62``.
     Applying a term is an exponent add (shift), never a multiply.
 
+The CUDA kernel reads the same data transposed for coalescing: ``planes_to_cuda`` and
+``scales_to_cuda`` below.
+
 Storage per weight: ``bits + bits * terms * 8 / group_size`` bits.
 """
 
@@ -74,3 +77,19 @@ def dequantize(planes: np.ndarray, scales: np.ndarray, k: int, group_size: int) 
     alpha = decode_scales(scales)  # [bits, N, G]
     per_col = np.repeat(alpha, group_size, axis=-1)[..., :k]
     return (signs * per_col).sum(0)
+
+
+# CUDA layouts: the same bits and codes, arranged so that a warp's 32 output rows read 32
+# consecutive words (schedules/lut_gemm_cuda.py)
+def planes_to_cuda(planes: np.ndarray) -> np.ndarray:
+    """uint8 planes [bits, N, Kp/8] (packing.py) -> uint32 [bits, Kp/32, N] (coalesced words)."""
+    bits, n, kb = planes.shape
+    if kb % 4:
+        raise ValueError(f"Kp/8 = {kb} is not a multiple of 4: group_size must be a multiple of 32")
+    words = np.ascontiguousarray(planes).view("<u4").reshape(bits, n, kb // 4)
+    return np.ascontiguousarray(words.transpose(0, 2, 1)).astype(np.uint32, copy=False)
+
+
+def scales_to_cuda(scales: np.ndarray) -> np.ndarray:
+    """int8 scales [bits, N, G, terms] -> int8 [bits, G, terms, N]."""
+    return np.ascontiguousarray(np.asarray(scales).transpose(0, 2, 3, 1))

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from .errors import ShiftAddError
 
@@ -66,7 +67,9 @@ def _add_compile(sub) -> None:
     p.add_argument(
         "--target",
         default="llvm",
-        help='\'llvm\' (this CPU) or a TVM target JSON dict, e.g. \'{"kind": "llvm", "mcpu": "znver4"}\'',
+        help="'llvm' (this CPU), 'cuda' (NVIDIA sm_90; kernels compiled here with nvcc) or a TVM "
+        'target JSON dict, e.g. \'{"kind": "llvm", "mcpu": "znver4"}\' or '
+        '\'{"kind": "cuda", "arch": "sm_80"}\'',
     )
     p.add_argument(
         "--seq-len",
@@ -175,7 +178,13 @@ def cmd_compile(args) -> int:
     art.manifest["tokenizer"] = args.tokenizer or (None if is_onnx else args.model)
     path = art.export(args.output)
     report = dict(art.manifest)
-    if not args.no_verify and not is_onnx:
+    on_gpu_target = art.manifest["target"]["kind"] == "cuda"
+    if on_gpu_target and not args.no_verify and not Path("/dev/nvidiactl").exists():
+        log.warning(
+            "not verifying: the artifact targets CUDA and this machine has no GPU; run "
+            "`bash scripts/gpu_check.sh` on a GPU machine (it checks and times the CUDA kernels)"
+        )
+    elif not args.no_verify and not is_onnx:
         ids = token_ids(tok, "wiki", 0, args.seq_len)[None]
         err = verify_against_torch(path, art, model, np.asarray(ids))
         report["verify"] = {
@@ -252,6 +261,42 @@ def cmd_export_onnx(args) -> int:
     return 0
 
 
+def _add_bundle(sub) -> None:
+    p = sub.add_parser(
+        "bundle",
+        help="folder with artifacts + the TVM runtime libraries, to run without the compiler",
+        description="Copy artifacts into a folder together with what running them needs and "
+        "nothing else: libtvm_runtime.so (+ libtvm_runtime_cuda.so and libcudart.so.13 for CUDA "
+        "artifacts), tvm_ffi built for the target machine's Python and this package's runtime "
+        "(shiftadd_tvm.runtime). Run with PYTHONPATH=<folder>/python; the target needs numpy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("artifacts", nargs="+", help="artifact files (.so) from `shiftadd-tvm compile`")
+    p.add_argument("--out", required=True, help="bundle folder to create or update")
+    p.add_argument(
+        "--python",
+        help="Python version of the machine that runs the bundle, e.g. 3.12 (default: this one; "
+        "another version downloads its tvm_ffi wheel from PyPI)",
+    )
+
+
+def cmd_bundle(args) -> int:
+    from .gpu_check import make_bundle
+
+    out = make_bundle(Path(args.out), [Path(a) for a in args.artifacts], args.python)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out}: {size / 2**20:.1f} MiB; run with PYTHONPATH={out}/python")
+    return 0
+
+
+def _add_gpu_check(sub) -> None:
+    sub.add_parser(
+        "gpu-check",
+        help="build/run the CUDA kernel check (see scripts/gpu_check.sh)",
+        add_help=False,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shiftadd-tvm",
@@ -262,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(sub)
     _add_eval(sub)
     _add_export_onnx(sub)
+    _add_bundle(sub)
+    _add_gpu_check(sub)
     from .report import add_parser as _add_report
 
     _add_report(sub)
@@ -269,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gpu-check"]:  # its own parser: build | run (see shiftadd_tvm/gpu_check.py)
+        from .gpu_check import main as gpu_check_main
+
+        return gpu_check_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -282,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             "compile": cmd_compile,
             "eval": cmd_eval,
             "export-onnx": cmd_export_onnx,
+            "bundle": cmd_bundle,
             "report": cmd_report,
         }
         rc = commands[args.command](args)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import time
@@ -21,7 +20,7 @@ from .calibrate import activation_stats, target_linears
 from .errors import ConfigError, UnsupportedModelError
 from .passes.lut_rewrite import PackedLinear, const_key, rewrite_matmuls
 from .quant import BCQResult, QuantConfig, bcq_quantize
-from .runtime import ARTIFACT_FORMAT, SUPPORTED_VERSIONS, TRAILER_MAGIC
+from .runtime import ARTIFACT_FORMAT, SUPPORTED_VERSIONS
 from .targets import resolve_target
 
 log = logging.getLogger(__name__)
@@ -52,22 +51,9 @@ class Artifact:
 
         Written to a temporary name and renamed, so ``path`` is never half-written.
         """
-        dest = Path(path)
-        with atomic_path(dest, suffix=".tmp.so") as tmp:  # TVM picks the format from ".so"
-            self.executable.export_library(str(tmp))
-            h = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-            manifest = dict(self.manifest)
-            manifest["library_sha256"] = h.hexdigest()
-            manifest["library_bytes"] = tmp.stat().st_size
-            blob = json.dumps(manifest, sort_keys=True).encode("utf-8")
-            with open(tmp, "ab") as f:
-                f.write(blob)
-                f.write(hashlib.sha256(blob).digest())
-                f.write(len(blob).to_bytes(8, "little"))
-                f.write(TRAILER_MAGIC)
+        from ._files import export_with_manifest
+
+        dest = export_with_manifest(self.executable, self.manifest, path)
         log.info("exported %s (%.1f MB)", dest, dest.stat().st_size / 1e6)
         return dest
 
@@ -334,6 +320,11 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     if seq_len < 1:
         raise ConfigError(f"seq_len={seq_len} must be >= 1")
     tgt = resolve_target(target)
+    if tgt.kind == "cuda" and group_size % 32:
+        raise ConfigError(
+            f"group_size={group_size}: the CUDA kernel reads whole 32-bit words per group; use a "
+            "multiple of 32 (e.g. 128)"
+        )
     model_spec = None
     onnx_proto = None
     if isinstance(model, (str, os.PathLike)):
@@ -457,7 +448,26 @@ def build_imported(
             return packed[key]
         return imp.policy_dense.get(key, f"{key}: not a reparameterization candidate, kept dense")
 
-    mod, record = rewrite_matmuls(imp.mod, choose, params=imp.params)
+    cuda = tgt.kind == "cuda"
+    cuda_knobs = None
+    if cuda:
+        from .schedules import lut_gemm_cuda
+
+        records, source = lut_gemm_cuda.load_cuda_records(tgt.to_dict()["arch"])
+        log.info(
+            "CUDA schedules: %s",
+            f"{len(records)} tuning records from {source}" if records else "no tuning log for "
+            f"{tgt.to_dict()['arch']}: default rule for every kernel",
+        )
+
+        def cuda_knobs(cfg):
+            kn, how = lut_gemm_cuda.tuned_cuda_knobs(cfg, records)
+            log.info("  %s: k_slices=%d (%s)", cfg.name, kn.k_slices, how)
+            return kn, how if source is None or how.startswith("default") else f"{how}, {source}"
+
+    mod, record = rewrite_matmuls(
+        imp.mod, choose, params=imp.params, target_kind=tgt.kind, cuda_knobs=cuda_knobs
+    )
     fallbacks = [d for d in record.dense if d.get("fallback")]
     done = {readable.get(r["weight"], r["weight"]) for r in record.rewritten}
     seen_dense = {readable.get(d["weight"], d["weight"]) for d in record.dense}
@@ -489,7 +499,17 @@ def build_imported(
     t0 = time.time()
     target_obj = tgt.tvm_target()
     with tvm.transform.PassContext(opt_level=3):
-        executable = tvm.compile(mod, target=target_obj, relax_pipeline=cpu_pipeline(target_obj))
+        if cuda:  # Relax's CUDA pipeline: legalize, then dlight schedules all but our kernels
+            executable = tvm.compile(mod, target=target_obj)
+        else:
+            executable = tvm.compile(
+                mod, target=target_obj, relax_pipeline=cpu_pipeline(target_obj)
+            )
+    images = []
+    if cuda:
+        from .cuda_build import cuda_images
+
+        images = cuda_images(executable, tgt.to_dict()["arch"])
     t_build = time.time() - t0
 
     by_name = {readable[k]: r for k, r in quantized.items()}
@@ -537,6 +557,7 @@ def build_imported(
         "calibration": imp.calib_info,
         "target": tgt.to_dict(),
         "cpu_features": required_cpu_features(tgt),
+        **({"cuda_images": images} if images else {}),
         "timings_s": {
             "quantize": round(t_quant, 2),
             "build": round(t_build, 2),

@@ -27,8 +27,10 @@ from .errors import ArtifactError, InputError
 TRAILER_MAGIC = b"SHADDTVM"
 TRAILER_BYTES = 32 + 8 + 8  # sha256(manifest) + u64 manifest length + magic
 ARTIFACT_FORMAT = "shiftadd-tvm-artifact"
+KERNELS_FORMAT = "shiftadd-tvm-kernels"  # a library of kernels without a model (gpu_check)
 SUPPORTED_VERSIONS = (1,)
 _KDL_CPU = 1
+_KDL_CUDA = 2
 _POOLED_ALLOCATOR = 2
 
 _tvm_ffi = None
@@ -106,6 +108,7 @@ def runtime_library_path(artifact: Path | None = None) -> Path:
 
 
 _loaded_runtime: dict[str, ctypes.CDLL] = {}
+_cuda_images: dict[str, bytes] = {}  # sha256 of CUDA source -> fatbin compiled ahead of time
 
 
 def _load_runtime_lib(path: Path) -> None:
@@ -115,7 +118,81 @@ def _load_runtime_lib(path: Path) -> None:
         _loaded_runtime[key] = ctypes.CDLL(key, mode=ctypes.RTLD_GLOBAL)
 
 
-def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict:
+def _load_cuda_runtime(runtime_lib: Path) -> None:
+    """libtvm_runtime_cuda.so (beside libtvm_runtime.so) and the CUDA runtime it links against
+    (``libcudart.so.13``: from the bundle if it has one, else the system's)."""
+    cuda_lib = runtime_lib.parent / "libtvm_runtime_cuda.so"
+    if str(cuda_lib.resolve()) in _loaded_runtime:
+        return
+    if not cuda_lib.is_file():
+        raise ArtifactError(
+            f"{cuda_lib} not found: a CUDA artifact needs libtvm_runtime_cuda.so beside "
+            "libtvm_runtime.so (use a bundle from `shiftadd-tvm bundle`)"
+        )
+    cudart = runtime_lib.parent / "libcudart.so.13"
+    candidates = [str(cudart)] if cudart.is_file() else []
+    candidates += ["libcudart.so.13", "/usr/local/cuda/lib64/libcudart.so.13"]
+    errors = []
+    for cand in candidates:
+        try:
+            _loaded_runtime[cand] = ctypes.CDLL(cand, mode=ctypes.RTLD_GLOBAL)
+            break
+        except OSError as e:
+            errors.append(str(e))
+    else:
+        raise ArtifactError(
+            "the CUDA runtime libcudart.so.13 was not found (" + "; ".join(errors) + "): use a "
+            "bundle from `shiftadd-tvm bundle`, which carries it"
+        )
+    try:
+        _loaded_runtime[str(cuda_lib.resolve())] = ctypes.CDLL(
+            str(cuda_lib), mode=ctypes.RTLD_GLOBAL
+        )
+    except OSError as e:
+        raise ArtifactError(f"cannot load {cuda_lib} (NVIDIA driver missing?): {e}") from e
+    ffi = _import_tvm_ffi()
+
+    def serve_fatbin(code, *_args):
+        digest = hashlib.sha256(str(code).encode("utf-8")).hexdigest()
+        fat = _cuda_images.get(digest)
+        if fat is None:
+            raise RuntimeError(
+                f"no precompiled fatbin for CUDA source {digest[:12]}: the artifact is not from "
+                "`shiftadd-tvm compile --target cuda`, or it is corrupt; recompile it"
+            )
+        return fat
+
+    # TVM compiles a module's CUDA source when the module is loaded, through this callback; ours
+    # answers with the fatbin nvcc built at compile time (no compiler on the GPU machine)
+    ffi.register_global_func("tvm_callback_cuda_compile", serve_fatbin, override=True)
+
+
+def _register_cuda_images(manifest: dict, path: Path) -> None:
+    import base64
+
+    images = manifest.get("cuda_images") or []
+    if not images:
+        raise ArtifactError(f"'{path}' targets CUDA but carries no compiled device code")
+    for img in images:
+        fat = base64.b64decode(img["fatbin_b64"])
+        if hashlib.sha256(fat).hexdigest() != img["fatbin_sha256"]:
+            raise ArtifactError(f"'{path}' has a corrupt CUDA fatbin; re-export the artifact")
+        _cuda_images[img["source_sha256"]] = fat
+
+
+def load_libraries(manifest: dict, path: Path):
+    """Load what running ``path`` needs (TVM runtime, CUDA parts for a CUDA artifact); returns
+    the device (type, id) its code runs on."""
+    lib = runtime_library_path(path)
+    _load_runtime_lib(lib)
+    if manifest.get("target", {}).get("kind") == "cuda":
+        _load_cuda_runtime(lib)
+        _register_cuda_images(manifest, path)
+        return (_KDL_CUDA, 0)
+    return (_KDL_CPU, 0)
+
+
+def read_manifest(path: str | os.PathLike, verify: bool = True, fmt: str = ARTIFACT_FORMAT) -> dict:
     """The manifest of an artifact file; with ``verify`` also checks the library checksum."""
     p = Path(path)
     if not p.is_file():
@@ -147,9 +224,11 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict:
             raise ArtifactError(
                 f"'{p}' has a corrupt manifest ({e}); re-export the artifact"
             ) from e
-        if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+        formats = (fmt,) if isinstance(fmt, str) else fmt
+        if not isinstance(manifest, dict) or manifest.get("format") not in formats:
             raise ArtifactError(
-                f"'{p}' is not a shiftadd-tvm artifact (format {manifest.get('format')!r})"
+                f"'{p}' is not a shiftadd-tvm {' or '.join(formats)} file "
+                f"(format {manifest.get('format')!r})"
             )
         if manifest.get("version") not in SUPPORTED_VERSIONS:
             raise ArtifactError(
@@ -192,12 +271,15 @@ class Runtime:
         self.path = Path(path)
         self.manifest = read_manifest(self.path, verify=verify)
         check_host(self.manifest, self.path)
-        _load_runtime_lib(runtime_library_path(self.path))
+        self._device = load_libraries(self.manifest, self.path)
         ffi = _import_tvm_ffi()
         try:
-            lib = ffi.load_module(str(self.path))
+            lib = ffi.load_module(str(self.path.resolve()))
             self._vm = lib["vm_load_executable"]()
-            self._vm["vm_initialization"](_KDL_CPU, 0, _POOLED_ALLOCATOR)
+            init = [*self._device, _POOLED_ALLOCATOR]
+            if self._device[0] != _KDL_CPU:
+                init += [_KDL_CPU, 0, _POOLED_ALLOCATOR]  # the host device comes last
+            self._vm["vm_initialization"](*init)
             self._main = self._vm["main"]
         except Exception as e:
             raise ArtifactError(f"TVM could not load '{self.path}': {e}") from e
@@ -206,6 +288,13 @@ class Runtime:
         self.vocab_size = int(self.manifest["vocab_size"])
         self._ids = _aligned((1, self.seq_len), np.int64)
         self._ffi = ffi
+        self._gpu_ids = self._gpu_logits = None
+        if self._device[0] != _KDL_CPU:
+            alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+            dev = ffi.device("cuda", self._device[1])
+            self._copy = ffi.get_global_func("runtime.TVMTensorCopyFromTo")
+            self._gpu_ids = alloc(ffi.Shape((1, self.seq_len)), ffi.dtype("int64"), dev, None)
+            self._logits = _aligned((1, self.seq_len, self.vocab_size), np.float32)
 
     def _check(self, input_ids) -> np.ndarray:
         ids = np.asarray(input_ids)
@@ -237,10 +326,38 @@ class Runtime:
         for b in range(batch):
             self._ids[...] = 0
             self._ids[0, :seq] = ids[b]
-            res = self._main(self._ffi.from_dlpack(self._ids))
-            logits = res[0] if not hasattr(res, "__dlpack__") else res
-            out[b] = np.from_dlpack(logits)[0, :seq]
+            out[b] = self._forward()[0, :seq]
         return out
+
+    def _forward(self) -> np.ndarray:
+        """One call of the compiled ``main`` on ``self._ids``; logits as a host array."""
+        ids = self._ffi.from_dlpack(self._ids)
+        if self._gpu_ids is not None:
+            self._copy(ids, self._gpu_ids)
+            ids = self._gpu_ids
+        res = self._main(ids)
+        logits = res[0] if not hasattr(res, "__dlpack__") else res
+        if self._gpu_ids is not None:
+            self._copy(logits, self._ffi.from_dlpack(self._logits))
+            return self._logits
+        return np.from_dlpack(logits)
+
+
+class KernelLibrary:
+    """A library of standalone kernels (``shiftadd_tvm.gpu_check``): ``lib[name](*tensors)``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, fmt=KERNELS_FORMAT)
+        check_host(self.manifest, self.path)
+        load_libraries(self.manifest, self.path)
+        try:
+            self._lib = _import_tvm_ffi().load_module(str(self.path.resolve()))
+        except Exception as e:
+            raise ArtifactError(f"TVM could not load '{self.path}': {e}") from e
+
+    def __getitem__(self, name: str):
+        return self._lib[name]
 
 
 def load(path: str | os.PathLike, verify: bool = True) -> Runtime:

@@ -1,4 +1,5 @@
-"""Targets: ``"llvm"`` (this CPU), ``"cuda"``, or a TVM target as a JSON dict / JSON string."""
+"""Targets: ``"llvm"`` (this CPU), ``"cuda"`` (NVIDIA, ``sm_90`` unless the JSON names an ``arch``),
+or a TVM target as a JSON dict / JSON string."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import os
 
 from .errors import ConfigError
 
-SUPPORTED_KINDS = ("llvm",)
+SUPPORTED_KINDS = ("llvm", "cuda")
+DEFAULT_CUDA_ARCH = "sm_90"
+CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a", "sm_100", "sm_120")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +49,7 @@ def resolve_target(target) -> TargetSpec:
             spec = {"kind": "llvm", "mcpu": host_cpu(), "num-cores": os.cpu_count() or 1}
             return TargetSpec(json.dumps(spec, sort_keys=True))
         if text == "cuda":
-            raise ConfigError(
-                "target 'cuda' is not supported by this version yet; compile with target='llvm'"
-            )
+            return resolve_target({"kind": "cuda", "arch": DEFAULT_CUDA_ARCH})
         try:
             target = json.loads(text)
         except json.JSONDecodeError as e:
@@ -63,6 +64,15 @@ def resolve_target(target) -> TargetSpec:
             f"target kind '{target['kind']}' is not supported; supported kinds: {SUPPORTED_KINDS}"
         )
     spec = dict(target)
+    if spec["kind"] == "cuda":
+        arch = spec.setdefault("arch", DEFAULT_CUDA_ARCH)
+        if arch not in CUDA_ARCHS:
+            raise ConfigError(
+                f"unsupported CUDA arch '{arch}'; use one of {CUDA_ARCHS} (sm_90 for H100/H200, "
+                "sm_80 for A100)"
+            )
+        # host code runs on the GPU machine's CPU: a generic x86-64 host, not this CPU's features
+        spec.setdefault("host", {"kind": "llvm"})
     if "mcpu" in spec:
         from tvm.target import codegen
 

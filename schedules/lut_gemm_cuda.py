@@ -1,0 +1,271 @@
+"""LUT GEMM for NVIDIA GPUs (CUDA), same packed weights as the CPU kernel in a coalesced layout.
+
+``y[m, n] = sum_b sum_g alpha[b, n, g] * sum_{k in group g} B_b[n, k] * x[m, k]``
+
+Mapping (one thread block per 32 output rows and one activation row ``m``):
+
+* ``threadIdx.x`` (32 lanes, one warp) walks 32 consecutive output rows ``n``; ``threadIdx.y``
+  (``k_slices`` warps) splits the scale groups along K (group ``g`` goes to warp ``g % k_slices``),
+  and the warps' partial sums are added through shared memory at the end.
+* Tables: for every 4 consecutive activations ``x[m, 4j .. 4j+3]`` a 16-entry table of all signed
+  sums ``lut[j, c] = sum_t (bit t of c ? +x : -x)[4j + t]`` (sign patterns are compile-time
+  constants, so each entry is 3 adds). Each lane builds whole tables in registers and stores them to
+  shared memory with a row pitch of 17 words: the stores of 32 lanes (tables ``j .. j+31``, same
+  entry) fall into 32 different banks, and the lookups of a warp (one table, entries 0..15) into 16
+  different banks, so neither has bank conflicts.
+* Weights: bit-planes as ``uint32[bits, Kp/32, N]`` (word ``w`` of row ``n`` holds columns
+  ``32w .. 32w+31``, bit ``i`` = column ``32w + i``): the 32 lanes of a warp read 32 consecutive
+  words, one 128-byte transaction. Each nibble of a word indexes one table (lookup + add).
+* Scales: ``int8[bits, G, terms, N]`` (coalesced the same way); each power-of-two term is applied to
+  the group's partial sum by adding to its float exponent (``lut_gemm._shift``), never a multiply.
+
+Any M, N, K: rows past N and groups past G read clamped addresses and contribute nothing; columns
+``K <= k < Kp`` read zero activations. ``group_size`` must be a multiple of 32 (whole words).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .lut_gemm import LutGemmConfig, _shift
+from .packing import planes_to_cuda, scales_to_cuda  # noqa: F401 - the layouts this kernel reads
+
+log = logging.getLogger(__name__)
+
+WARP = 32
+NIBBLE = 4
+ENTRIES = 1 << NIBBLE
+PITCH = ENTRIES + 1  # padded table row: conflict-free stores and lookups
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaKnobs:
+    """Schedule knobs of the CUDA template (data, so a tuner can search them)."""
+
+    k_slices: int = 8  # warps per block splitting the scale groups along K
+
+    def validate(self, cfg: LutGemmConfig) -> None:
+        if self.k_slices < 1 or self.k_slices > 32:
+            raise ValueError(f"k_slices must be in 1..32, got {self.k_slices}")
+        smem = self.k_slices * (cfg.group_size // NIBBLE) * PITCH * 4
+        if smem > 48 * 1024:
+            raise ValueError(
+                f"k_slices={self.k_slices} at group_size {cfg.group_size} needs {smem} bytes of "
+                "shared memory for tables (at most 48 KiB)"
+            )
+
+
+def default_cuda_knobs(cfg: LutGemmConfig) -> CudaKnobs:
+    """Rule: enough warps per block to hide latency, never more than there are scale groups."""
+    return CudaKnobs(k_slices=max(1, min(8, cfg.groups)))
+
+
+def tuning_log_dir() -> Path:
+    """``$SHIFTADD_TVM_TUNING_LOGS`` or the repository's ``tuning_logs/``."""
+    env = os.environ.get("SHIFTADD_TVM_TUNING_LOGS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "tuning_logs"
+
+
+def load_cuda_records(arch: str) -> tuple[dict, str | None]:
+    """Tuned knobs per configuration from ``tuning_logs/cuda_<arch>.json`` (written from a GPU run
+    of ``scripts/gpu_check.sh``): ({config JSON: knobs}, description) or ({}, None)."""
+    path = tuning_log_dir() / f"cuda_{arch}.json"
+    if not path.is_file():
+        return {}, None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        records = {
+            json.dumps(r["config"], sort_keys=True): CudaKnobs(**r["knobs"])
+            for r in data["records"]
+        }
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring unreadable tuning log %s (%s); using default schedules", path, e)
+        return {}, None
+    return records, f"{path.name} (measured on {data.get('measured_on', 'unknown GPU')})"
+
+
+def tuned_cuda_knobs(cfg: LutGemmConfig, records: dict) -> tuple[CudaKnobs, str]:
+    """Knobs for ``cfg``: the record of the same configuration, else the record of the same weight
+    shape at the nearest M, else the default rule; with where they came from."""
+    exact = records.get(cfg.to_json())
+    if exact is not None:
+        return exact, "tuned"
+    same_shape = []
+    for key, kn in records.items():
+        c = json.loads(key)
+        if (c["n"], c["k"], c["bits"], c["group_size"], c["terms"]) == (
+            cfg.n, cfg.k, cfg.bits, cfg.group_size, cfg.terms,
+        ):  # fmt: skip
+            same_shape.append((abs(c["m"] - cfg.m), c["m"], kn))
+    if same_shape:
+        _, m, kn = min(same_shape, key=lambda t: t[:2])
+        try:
+            kn.validate(cfg)
+            return kn, f"tuned at M={m}"
+        except ValueError:
+            pass
+    return default_cuda_knobs(cfg), "default rule (no tuning record)"
+
+
+def candidate_cuda_knobs(cfg: LutGemmConfig) -> list[CudaKnobs]:
+    """The search space a GPU tuning run measures (the default first). Up to 16 warps: the tables
+    of 16 warps at group size 128 take 34 KiB of the 48 KiB of static shared memory."""
+    default = default_cuda_knobs(cfg)
+    out = [default]
+    for ks in (2, 4, 8, 16):
+        kn = CudaKnobs(k_slices=min(ks, cfg.groups))
+        if kn not in out and kn.k_slices * (cfg.group_size // NIBBLE) * PITCH * 4 <= 48 * 1024:
+            out.append(kn)
+    return out
+
+
+def check_cuda_config(cfg: LutGemmConfig) -> None:
+    if cfg.group_size % WARP:
+        raise ValueError(
+            f"the CUDA kernel needs group_size to be a multiple of {WARP}, got {cfg.group_size}; "
+            "quantize with --group-size 32, 64, 128 or 256"
+        )
+
+
+# ----------------------------------------------------------------------------- TensorIR kernel
+def make_cuda_primfunc(cfg: LutGemmConfig, knobs: CudaKnobs | None = None):
+    """TensorIR PrimFunc ``(x f32[M,K], planes u32[bits,Kp/32,N], scales i8[bits,G,T,N]) -> y
+    f32[M,N]``, already bound to CUDA threads (marked scheduled so dlight leaves it alone)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    check_cuda_config(cfg)
+    knobs = knobs or default_cuda_knobs(cfg)
+    knobs.validate(cfg)
+    M, N, K, BITS, TERMS = cfg.m, cfg.n, cfg.k, cfg.bits, cfg.terms
+    GS, G = cfg.group_size, cfg.groups
+    KW = cfg.kp // WARP  # words per row and plane
+    WG = GS // WARP  # words per group
+    J = GS // NIBBLE  # tables per group
+    JT = -(-J // WARP)  # table-building rounds per lane
+    KS = knobs.k_slices
+    GI = -(-G // KS)  # group rounds per warp
+    NB = -(-N // WARP)
+    ragged_k = K % GS != 0
+    shift = _shift
+    zero = tirx.const(0.0, "float32")
+
+    def xv(xbuf, m, kk):
+        if not ragged_k:
+            return xbuf[m, tirx.min(kk, K - 1)]
+        return tirx.if_then_else(kk < K, xbuf[m, tirx.min(kk, K - 1)], zero)
+
+    def entry(xs, c):
+        """Table entry c: sum_t (bit t of c ? +x_t : -x_t); c is an unrolled loop variable, so the
+        selects fold to fixed signs."""
+        e = tirx.Select(tirx.bitwise_and(c, 1) != 0, xs[0], zero - xs[0])
+        for t in range(1, NIBBLE):
+            e = e + tirx.Select(tirx.bitwise_and(c, 1 << t) != 0, xs[t], zero - xs[t])
+        return e
+
+    def word_sum(lutbuf, s, w, word):
+        """Sum of the 8 table lookups one 32-bit weight word selects, as a balanced tree (short
+        dependency chains)."""
+        vals = [
+            lutbuf[s, w * 8 + q, tirx.Cast("int32", (word >> tirx.const(4 * q, "uint32")) & 15)]
+            for q in range(8)
+        ]
+        while len(vals) > 1:
+            vals = [vals[i] + vals[i + 1] for i in range(0, len(vals), 2)]
+        return vals[0]
+
+    @T.prim_func(s_tir=True)
+    def lut_gemm_cuda(
+        x: T.Buffer((M, K), "float32"),
+        planes: T.Buffer((BITS, KW, N), "uint32"),
+        scales: T.Buffer((BITS, G, TERMS, N), "int8"),
+        y: T.Buffer((M, N), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            lut = T.sblock_alloc_buffer((KS, J, PITCH), "float32", scope="shared")
+            red = T.sblock_alloc_buffer((KS, WARP), "float32", scope="shared")
+            xs = T.sblock_alloc_buffer((NIBBLE,), "float32", scope="local")
+            acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            part = T.sblock_alloc_buffer((BITS,), "float32", scope="local")
+            wv = T.sblock_alloc_buffer((BITS * WG,), "uint32", scope="local")
+            sv = T.sblock_alloc_buffer((BITS * TERMS,), "int8", scope="local")
+            for m in T.thread_binding(M, thread="blockIdx.y"):
+                for nb in T.thread_binding(NB, thread="blockIdx.x"):
+                    for s in T.thread_binding(KS, thread="threadIdx.y"):
+                        for lane in T.thread_binding(WARP, thread="threadIdx.x"):
+                            acc[0] = T.float32(0)
+                            for gi in range(GI):
+                                # prefetch the group's weight words and scale codes: their
+                                # latency overlaps the table build below
+                                for b in T.unroll(BITS):
+                                    for w in T.unroll(WG):
+                                        wv[b * WG + w] = planes[
+                                            b,
+                                            T.min(gi * KS + s, G - 1) * WG + w,
+                                            T.min(nb * WARP + lane, N - 1),
+                                        ]
+                                    for t in T.unroll(TERMS):
+                                        sv[b * TERMS + t] = T.if_then_else(
+                                            gi * KS + s < G,
+                                            scales[
+                                                b,
+                                                T.min(gi * KS + s, G - 1),
+                                                t,
+                                                T.min(nb * WARP + lane, N - 1),
+                                            ],
+                                            T.int8(0),
+                                        )
+                                # this warp's group g = gi * KS + s: its tables, one per lane
+                                for jt in range(JT):
+                                    if jt * WARP + lane < J:
+                                        for t in T.unroll(NIBBLE):
+                                            xs[t] = xv(
+                                                x,
+                                                m,
+                                                (gi * KS + s) * GS
+                                                + (jt * WARP + lane) * NIBBLE
+                                                + t,
+                                            )
+                                        for c in T.unroll(ENTRIES):
+                                            lut[s, jt * WARP + lane, c] = entry(xs, c)
+                                # lookups + adds: independent chains per bit-plane
+                                for b in T.unroll(BITS):
+                                    part[b] = T.float32(0)
+                                    for w in T.unroll(WG):
+                                        part[b] = part[b] + word_sum(lut, s, w, wv[b * WG + w])
+                                # the power-of-two scale terms, as exponent adds
+                                for b in T.unroll(BITS):
+                                    for t in T.unroll(TERMS):
+                                        acc[0] = acc[0] + shift(part[b], sv[b * TERMS + t])
+                            red[s, lane] = acc[0]
+                            if s == 0:
+                                if nb * WARP + lane < N:
+                                    acc[0] = red[0, lane]
+                                    for s2 in range(1, KS):
+                                        acc[0] = acc[0] + red[s2, lane]
+                                    y[m, nb * WARP + lane] = acc[0]
+
+    return lut_gemm_cuda.with_attr("global_symbol", cfg.name + "_cuda")
+
+
+def reference_cuda(
+    x: np.ndarray, planes_cuda: np.ndarray, scales_cuda: np.ndarray, cfg: LutGemmConfig
+) -> np.ndarray:
+    """float64 reference on the CUDA layouts (undoes the layout, then the dense product)."""
+    from .lut_gemm import reference
+
+    bits, kw, n = planes_cuda.shape
+    planes = (
+        np.ascontiguousarray(planes_cuda.transpose(0, 2, 1)).astype("<u4").view(np.uint8)
+    ).reshape(bits, n, kw * 4)
+    scales = np.ascontiguousarray(scales_cuda.transpose(0, 3, 1, 2))
+    return reference(x, planes, scales, cfg)
