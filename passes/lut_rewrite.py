@@ -155,6 +155,7 @@ def rewrite_matmuls(
             super().__init__(mod)
             self.mod_ = mod
             self.gvars: dict[object, object] = {}
+            self.cuda_knobs: dict[LutGemmConfig, tuple] = {}
 
         def add_kernel(self, cfg, func, info: dict):
             if cfg not in self.gvars:
@@ -166,22 +167,27 @@ def rewrite_matmuls(
             return self.gvars[cfg]
 
         def kernel(self, cfg: LutGemmConfig):
-            if cfg not in self.gvars and cuda:
-                if cuda_knobs is None:
-                    kn, source = lut_gemm_cuda.default_cuda_knobs(cfg), "default rule"
-                else:
-                    kn, source = cuda_knobs(cfg)
-                return self.add_kernel(
-                    cfg,
-                    lut_gemm_cuda.make_cuda_primfunc(cfg, kn),
-                    {"knobs": dataclasses.asdict(kn), "kind": "lut-cuda", "schedule": source},
-                )
+            """The global var of cfg's kernel, and its CUDA knobs (None on the CPU)."""
+            if cuda:
+                if cfg not in self.cuda_knobs:
+                    self.cuda_knobs[cfg] = (
+                        (lut_gemm_cuda.default_cuda_knobs(cfg), "default rule")
+                        if cuda_knobs is None
+                        else cuda_knobs(cfg)
+                    )
+                kn, source = self.cuda_knobs[cfg]
+                info = {"knobs": dataclasses.asdict(kn), "schedule": source}
+                if kn.dense:  # large M: multiplication-free dequantize, then a dense GEMM
+                    func = lut_gemm_cuda.make_dequant_primfunc(cfg, kn.dense)
+                    return self.add_kernel(cfg, func, {**info, "kind": "dequant+gemm"}), kn
+                func = lut_gemm_cuda.make_cuda_primfunc(cfg, kn)
+                return self.add_kernel(cfg, func, {**info, "kind": "lut-cuda"}), kn
             if cfg not in self.gvars:
                 kn = knobs(cfg)
                 return self.add_kernel(
                     cfg, make_primfunc(cfg, kn), {"knobs": dataclasses.asdict(kn)}
-                )
-            return self.gvars[cfg]
+                ), None
+            return self.gvars[cfg], None
 
         def call(self, gv, x, dims, m, k, n, weights):
             x2 = x if len(dims) == 2 else self.builder_.emit(relax.op.reshape(x, (m, k)))
@@ -237,13 +243,29 @@ def rewrite_matmuls(
                     f"quantizer returned shape {(packed.n, packed.k)} for {key} {(n, k)}"
                 )
             cfg = LutGemmConfig(m, n, k, packed.bits, packed.group_size, packed.terms)
-            gv = self.kernel(cfg)
+            gv, kn = self.kernel(cfg)
             record.rewritten.append({**entry, "m": m, "bits": packed.bits, "kernel": cfg.name})
             planes, scales = packed.planes, packed.scales
             if cuda:
                 planes = lut_gemm_cuda.planes_to_cuda(planes)
                 scales = lut_gemm_cuda.scales_to_cuda(scales)
-            return self.call(gv, x, dims, m, k, n, [relax.const(planes), relax.const(scales)])
+            weights = [relax.const(planes), relax.const(scales)]
+            if kn is not None and kn.dense:
+                return self.dense_call(gv, kn.dense, x, dims, m, k, n, weights)
+            return self.call(gv, x, dims, m, k, n, weights)
+
+        def dense_call(self, gv, dtype, x, dims, m, k, n, weights):
+            """wt = dequantize(planes, scales) [K, N]; y = x @ wt (dense GEMM, f32 accumulate)."""
+            wt = self.builder_.emit(
+                relax.call_tir(gv, weights, out_ty=relax.TensorType((k, n), dtype))
+            )
+            x2 = x if len(dims) == 2 else self.builder_.emit(relax.op.reshape(x, (m, k)))
+            if dtype != "float32":
+                x2 = self.builder_.emit(relax.op.astype(x2, dtype))
+            y = relax.op.matmul(x2, wt, out_dtype="float32")
+            if len(dims) == 2:
+                return y
+            return relax.op.reshape(self.builder_.emit(y), dims[:-1] + [n])
 
         def run(self, name):
             func = self.mod_[name]

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .lut_gemm import LutGemmConfig, _shift
-from .packing import planes_to_cuda, scales_to_cuda  # noqa: F401 - the layouts this kernel reads
+from .packing import EXP_BIAS, planes_to_cuda, scales_to_cuda  # noqa: F401 - layouts read here
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,13 @@ class CudaKnobs:
     """Schedule knobs of the CUDA template (data, so a tuner can search them)."""
 
     k_slices: int = 8  # warps per block splitting the scale groups along K
+    # "" = the LUT kernel; "float16"/"float32" = dequantize (multiplication-free) to dense weights
+    # of that dtype, then a dense GEMM scheduled by dlight (tensor cores for float16): for large M
+    dense: str = ""
 
     def validate(self, cfg: LutGemmConfig) -> None:
+        if self.dense not in ("", "float16", "float32"):
+            raise ValueError(f"dense must be '', 'float16' or 'float32', got {self.dense!r}")
         if self.k_slices < 1 or self.k_slices > 32:
             raise ValueError(f"k_slices must be in 1..32, got {self.k_slices}")
         smem = self.k_slices * (cfg.group_size // NIBBLE) * PITCH * 4
@@ -61,9 +66,20 @@ class CudaKnobs:
             )
 
 
+# default rule: from this M on, dequantize + dense float16 GEMM. H200 (reports/gpu/): 4096x4096
+# 3 bits, LUT vs dequantize + fp16 GEMM: M=8 43 vs 206 us, M=32 154 vs 219, M=128 579 vs 228
+DENSE_FROM_M = 64
+
+
 def default_cuda_knobs(cfg: LutGemmConfig) -> CudaKnobs:
-    """Rule: enough warps per block to hide latency, never more than there are scale groups."""
-    return CudaKnobs(k_slices=max(1, min(8, cfg.groups)))
+    """Rule (from the H200 measurements in tuning_logs/): at M=1 the most warps per block that the
+    scale groups and shared memory allow; from ``DENSE_FROM_M`` rows on, dequantize + dense GEMM."""
+    if cfg.m >= DENSE_FROM_M:
+        return CudaKnobs(dense="float16")
+    ks = max(1, min(16, cfg.groups))
+    while ks > 1 and ks * (cfg.group_size // NIBBLE) * PITCH * 4 > 48 * 1024:
+        ks //= 2
+    return CudaKnobs(k_slices=ks)
 
 
 def tuning_log_dir() -> Path:
@@ -122,6 +138,10 @@ def candidate_cuda_knobs(cfg: LutGemmConfig) -> list[CudaKnobs]:
         kn = CudaKnobs(k_slices=min(ks, cfg.groups))
         if kn not in out and kn.k_slices * (cfg.group_size // NIBBLE) * PITCH * 4 <= 48 * 1024:
             out.append(kn)
+    if cfg.m > 1:
+        out += [
+            kn for kn in (CudaKnobs(dense="float16"), CudaKnobs(dense="float32")) if kn not in out
+        ]
     return out
 
 
@@ -143,6 +163,8 @@ def make_cuda_primfunc(cfg: LutGemmConfig, knobs: CudaKnobs | None = None):
     check_cuda_config(cfg)
     knobs = knobs or default_cuda_knobs(cfg)
     knobs.validate(cfg)
+    if knobs.dense:
+        raise ValueError("dense knobs select make_dequant_primfunc + a GEMM, not the LUT kernel")
     M, N, K, BITS, TERMS = cfg.m, cfg.n, cfg.k, cfg.bits, cfg.terms
     GS, G = cfg.group_size, cfg.groups
     KW = cfg.kp // WARP  # words per row and plane
@@ -269,3 +291,91 @@ def reference_cuda(
     ).reshape(bits, n, kw * 4)
     scales = np.ascontiguousarray(scales_cuda.transpose(0, 3, 1, 2))
     return reference(x, planes, scales, cfg)
+
+
+# ----------------------------------------------------------------------------- M > 1: dequantize
+def make_dequant_primfunc(cfg: LutGemmConfig, dtype: str = "float16", threads: int = 128):
+    """TensorIR PrimFunc ``(planes u32[bits,Kp/32,N], scales i8[bits,G,T,N]) -> wt[K, N]``: the dense
+    transposed weights the packed format means, for a dense GEMM when M is large.
+
+    Multiplication-free: each power-of-two term is built from its exponent bits (``(e + 127) <<
+    23`` reinterpreted as float32), the terms are added into ``alpha``, and each bit selects
+    ``+alpha`` or ``-alpha`` (adds only). One thread per (32-column word, output row): the plane
+    words are read and ``wt`` is written coalesced along N.
+    """
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    check_cuda_config(cfg)
+    N, K, BITS, TERMS, GS, G = cfg.n, cfg.k, cfg.bits, cfg.terms, cfg.group_size, cfg.groups
+    KW = cfg.kp // WARP
+    NB = -(-N // threads)
+    zero = tirx.const(0.0, "float32")
+
+    def term(code):
+        c = tirx.Cast("int32", code)
+        mag = tirx.Select(c < 0, 0 - c, c)  # |code| = exponent + EXP_BIAS
+        v = tirx.reinterpret("float32", tirx.shift_left(mag - EXP_BIAS + 127, 23))
+        return tirx.Select(c == 0, zero, tirx.Select(c < 0, zero - v, v))
+
+    def bit_sum(words, alpha, i):
+        acc = None
+        for b in range(BITS):
+            bit = tirx.bitwise_and(tirx.shift_right(words[b], tirx.Cast("uint32", i)), 1)
+            v = tirx.Select(bit != 0, alpha[b], zero - alpha[b])
+            acc = v if acc is None else acc + v
+        return acc
+
+    @T.prim_func(s_tir=True)
+    def dequant(
+        planes: T.Buffer((BITS, KW, N), "uint32"),
+        scales: T.Buffer((BITS, G, TERMS, N), "int8"),
+        wt: T.Buffer((K, N), dtype),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            alpha = T.sblock_alloc_buffer((BITS,), "float32", scope="local")
+            words = T.sblock_alloc_buffer((BITS,), "uint32", scope="local")
+            for wb in T.thread_binding(KW, thread="blockIdx.y"):
+                for nb in T.thread_binding(NB, thread="blockIdx.x"):
+                    for t in T.thread_binding(threads, thread="threadIdx.x"):
+                        if nb * threads + t < N:
+                            for b in T.unroll(BITS):
+                                words[b] = planes[b, wb, nb * threads + t]
+                                alpha[b] = T.float32(0)
+                                for tt in T.unroll(TERMS):
+                                    alpha[b] = alpha[b] + term(
+                                        scales[b, wb * WARP // GS, tt, nb * threads + t]
+                                    )
+                            for i in T.unroll(WARP):
+                                if wb * WARP + i < K:
+                                    wt[wb * WARP + i, nb * threads + t] = T.Cast(
+                                        dtype, bit_sum(words, alpha, i)
+                                    )
+
+    return dequant.with_attr("global_symbol", f"dequant_{cfg.name}_{dtype}")
+
+
+def make_dense_gemm_primfunc(m: int, n: int, k: int, dtype: str, target):
+    """``y f32[M,N] = x[M,K] @ wt[K,N]`` in ``dtype`` with float32 accumulation, scheduled by dlight
+    (the same schedule Relax's CUDA pipeline gives the matmul the pass emits)."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import dlight as dl
+
+    x = te.placeholder((m, k), dtype, name="x")
+    w = te.placeholder((k, n), dtype, name="wt")
+    r = te.reduce_axis((0, k), "r")
+    y = te.compute(
+        (m, n),
+        lambda i, j: te.sum(x[i, r].astype("float32") * w[r, j].astype("float32"), axis=r),
+        name="y",
+    )
+    func = te.create_prim_func([x, w, y])
+    with tvm.target.Target(target):
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.Fallback())(
+            tvm.IRModule({"main": func})
+        )
+    return mod["main"]

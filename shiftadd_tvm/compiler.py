@@ -462,7 +462,8 @@ def build_imported(
 
         def cuda_knobs(cfg):
             kn, how = lut_gemm_cuda.tuned_cuda_knobs(cfg, records)
-            log.info("  %s: k_slices=%d (%s)", cfg.name, kn.k_slices, how)
+            what = f"dequantize + {kn.dense} GEMM" if kn.dense else f"LUT, k_slices={kn.k_slices}"
+            log.info("  %s: %s (%s)", cfg.name, what, how)
             return kn, how if source is None or how.startswith("default") else f"{how}, {source}"
 
     mod, record = rewrite_matmuls(

@@ -71,7 +71,10 @@ def test_cuda_knobs_validated_and_searched():
     with pytest.raises(ValueError, match="shared memory"):
         CudaKnobs(k_slices=32).validate(cfg)
     cands = candidate_cuda_knobs(cfg)
-    assert [c.k_slices for c in cands] == [8, 2, 4, 16]
+    assert [c.k_slices for c in cands] == [16, 2, 4, 8]  # default first: most warps that fit
+    batched = candidate_cuda_knobs(LutGemmConfig(128, 4096, 4096, 3, 128, 3))
+    assert batched[0] == CudaKnobs(dense="float16")  # default rule from M=64 on
+    assert {c.dense for c in batched} == {"", "float16", "float32"}
     small = LutGemmConfig(1, 64, 200, 2, 64, 3)  # 4 groups: never more warps than groups
     assert max(c.k_slices for c in candidate_cuda_knobs(small)) == 4
 
@@ -198,3 +201,49 @@ def test_bundle_runs_without_the_compiler(tiny_artifact, tmp_path):
     assert info["libs"] and all(lib.startswith(str(bundle)) for lib in info["libs"]), info
     ref = shiftadd_tvm.runtime.load(path)(np.arange(12, dtype=np.int64)[None] % 256)
     np.testing.assert_array_equal(np.load(out), ref)
+
+
+@pytest.mark.parametrize("dense", ["float16", "float32"])
+def test_pass_emits_dequantize_and_gemm_for_large_m(dense):
+    """With dense knobs the CUDA rewrite emits dequantize (call_tir) + a dense matmul per weight."""
+    from shiftadd_tvm.passes.lut_rewrite import PackedLinear, rewrite_matmuls
+
+    from shiftadd_tvm.compiler import import_torch
+
+    imp = import_torch(tiny_llama(), None, TINY_SEQ, None, None, False, False)
+
+    def quantize(key, w):
+        if key not in imp.candidates:
+            return "head"
+        cfg = LutGemmConfig(1, w.shape[0], w.shape[1], 2, 32, 3)
+        _, planes, scales = _random(cfg, seed=1)
+        return PackedLinear(planes, scales, cfg.n, cfg.k, 32)
+
+    mod, rec = rewrite_matmuls(
+        imp.mod, quantize, params=imp.params, target_kind="cuda",
+        cuda_knobs=lambda cfg: (CudaKnobs(dense=dense), "test"),
+    )  # fmt: skip
+    assert len(rec.rewritten) == 14
+    assert {k["kind"] for k in rec.kernels.values()} == {"dequant+gemm"}
+    text = mod.script(show_meta=False)
+    assert text.count("R.call_tir(") == 14
+    assert text.count('out_dtype="float32"') >= 14
+    # float16: activations cast once per rewritten matmul; float32: no half-precision anywhere
+    f16 = text.count('dtype="float16"')
+    assert f16 >= 14 if dense == "float16" else f16 == 0
+
+
+@needs_nvcc
+def test_dequantize_kernel_builds():
+    import tvm
+    from shiftadd_tvm.schedules.lut_gemm_cuda import make_dequant_primfunc
+
+    from shiftadd_tvm.cuda_build import cuda_sources
+
+    cfg = LutGemmConfig(64, 70, 200, 3, 64, 3)
+    f = make_dequant_primfunc(cfg, "float16")
+    ex = tvm.compile(
+        tvm.IRModule({"dq": f}), target=tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    )
+    src = cuda_sources(ex.mod)[0]
+    assert "half* __restrict__ wt_ptr" in src and "<< 23" in src  # exponent bits, no multiply
