@@ -236,15 +236,26 @@ def parse_bits(value) -> tuple[int | None, float | None]:
 CANDIDATE_WIDTHS = (2, 3, 4)
 
 
-def output_error(w: torch.Tensor, q: torch.Tensor, stat: torch.Tensor | None) -> float:
-    """``tr((W - Q) H (W - Q)^T)`` with ``stat`` the layer's ``X^T X / n`` ([K, K]); with only
-    its diagonal ([K]) the diagonal approximation; without statistics the squared weight error."""
+def output_error(
+    w: torch.Tensor,
+    q: torch.Tensor,
+    stat: torch.Tensor | None,
+    row_weight: torch.Tensor | None = None,
+) -> float:
+    """``sum_i r_i [(W - Q) H (W - Q)^T]_ii`` with ``stat`` the layer's ``X^T X / n`` ([K, K]);
+    with only its diagonal ([K]) the diagonal approximation; without statistics the squared weight
+    error. ``row_weight`` ``r`` ([N], default 1): the loss sensitivity of each output channel
+    (``calibrate.output_fisher``), which makes errors of different layers comparable."""
     e = w.double() - q.double()
     if stat is None:
-        return float((e * e).sum())
-    if stat.ndim == 1:
-        return float((e * e * stat.double()[None, :]).sum())
-    return float(((e @ stat.double()) * e).sum())
+        rows = (e * e).sum(1)
+    elif stat.ndim == 1:
+        rows = (e * e * stat.double()[None, :]).sum(1)
+    else:
+        rows = ((e @ stat.double()) * e).sum(1)
+    if row_weight is not None:
+        rows = rows * row_weight.double()
+    return float(rows.sum())
 
 
 def fit_with_budget(
@@ -255,6 +266,7 @@ def fit_with_budget(
     fit: Callable,
     progress: bool = True,
     widths: tuple[int, ...] = CANDIDATE_WIDTHS,
+    row_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict, dict]:
     """Fit every candidate at every width, measure each layer's output error at each, and keep
     per layer the width the budgeted allocation picks.
@@ -262,7 +274,9 @@ def fit_with_budget(
     ``candidates``: key -> (readable name, W[N, K]); ``fit(candidates, qcfg, stats, progress)``
     returns key -> ``BCQResult`` (``compiler.quantize_candidates``). ``budget`` is in bit-planes per
     weight (the unit of an integer ``--bits``); the allocation charges each width its storage
-    including the scale codes. Returns ``(key -> BCQResult, allocation report)``.
+    including the scale codes. ``row_weights``: key -> loss sensitivity per output channel
+    (``calibrate.output_fisher``) weighting the errors. Returns ``(key -> BCQResult, allocation
+    report)``.
     """
     per_width = {
         b: fit(candidates, dataclasses.replace(qcfg, bits=b), stats, progress) for b in widths
@@ -273,6 +287,7 @@ def fit_with_budget(
                 torch.as_tensor(np.asarray(w)),
                 per_width[b][key].dequantize(),
                 stats.get(key) if stats is not None else None,
+                row_weights.get(key) if row_weights is not None else None,
             )
             for b in widths
         }
@@ -280,7 +295,9 @@ def fit_with_budget(
     }
     alloc = allocate_for(candidates, errors, qcfg, budget)
     fitted = {key: per_width[alloc.bits[key]][key] for key in candidates}
-    return fitted, allocation_report(candidates, errors, alloc, qcfg)
+    report = allocation_report(candidates, errors, alloc, qcfg)
+    report["error_weighting"] = "loss gradient (Fisher)" if row_weights else "none"
+    return fitted, report
 
 
 def allocate_for(candidates, errors, qcfg, budget) -> Allocation:
@@ -316,3 +333,16 @@ def allocation_report(candidates, errors, alloc: Allocation, qcfg) -> dict:
             for k in candidates
         },
     }
+
+
+def loss_sensitivity(model, windows, candidates, progress: bool = True) -> dict:
+    """key -> loss sensitivity per output channel of each candidate (``output_fisher`` on the
+    calibration windows); ``candidates``: key -> (Linear name, W)."""
+    from .calibrate import output_fisher, target_linears
+
+    layers = target_linears(model)
+    names = {name for name, _ in candidates.values()}
+    fisher = output_fisher(
+        model, windows, {n: m for n, m in layers.items() if n in names}, progress
+    )
+    return {key: fisher[name] for key, (name, _) in candidates.items()}

@@ -89,9 +89,7 @@ class _Recorder:
                 f"calibration never reached layer(s) {missing[:5]}: they are not called in the "
                 "model's forward pass"
             )
-        return {
-            n: self.sums[self.owner[n]] / max(self.rows[self.owner[n]], 1) for n in self.layers
-        }
+        return {n: self.sums[self.owner[n]] / max(self.rows[self.owner[n]], 1) for n in self.layers}
 
 
 @torch.no_grad()
@@ -113,6 +111,54 @@ def activation_stats(
             rec.new_pass()
             model(input_ids=torch.from_numpy(row[None]), use_cache=False)
     return rec.result()
+
+
+def output_fisher(
+    model, windows: np.ndarray, layers: dict[str, torch.nn.Linear], progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """Per layer and output channel ``i``: ``E_t[(d loss / d y_{t,i})^2]`` over the calibration
+    tokens, ``loss`` the summed next-token negative log-likelihood of each window.
+
+    With it, ``sum_i F_i [(W - Q) H (W - Q)^T]_ii`` estimates (twice) the loss increase a weight
+    error causes (diagonal empirical-Fisher approximation), comparable across layers; the raw
+    output error is not (the residual stream grows with depth, so deep layers' raw errors dwarf
+    those of early layers whose errors propagate through the whole model).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    count = {"n": 0}
+    hooks = []
+
+    def make_hook(name):
+        def hook(_mod, _grad_in, grad_out):
+            g = grad_out[0].detach().reshape(-1, grad_out[0].shape[-1]).double()
+            acc = (g * g).sum(0)
+            sums[name] = acc if name not in sums else sums[name] + acc
+
+        return hook
+
+    for name, mod in layers.items():
+        hooks.append(mod.register_full_backward_hook(make_hook(name)))
+    needs = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        emb = model.get_input_embeddings()
+        for row in tqdm(windows, desc="loss gradients", unit="window", disable=not progress):
+            ids = torch.from_numpy(row[None])
+            x = emb(ids).detach().requires_grad_(True)
+            logits = model(inputs_embeds=x, use_cache=False).logits[0, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+            loss.backward()
+            count["n"] += row.shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, r in zip(model.parameters(), needs, strict=True):
+            p.requires_grad_(r)
+    missing = [n for n in layers if n not in sums]
+    if missing:
+        raise UnsupportedModelError(f"no loss gradient reached layer(s) {missing[:5]}")
+    return {n: sums[n] / max(count["n"], 1) for n in layers}
 
 
 def decoder_blocks(model) -> torch.nn.ModuleList:

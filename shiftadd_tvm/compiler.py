@@ -88,6 +88,7 @@ class Imported:
     info: dict  # manifest fields from the frontend
     calib_info: dict
     names: dict[str, str] = dataclasses.field(default_factory=dict)  # relax key -> readable name
+    fisher: dict[str, torch.Tensor] | None = None  # relax key -> loss sensitivity per output
 
 
 def quantize_candidates(
@@ -358,6 +359,11 @@ def compile(  # noqa: A001 - the public API name the issue asks for
         _load_stats(imp, Path(calib_stats))
     elif calib_stats is not None and imp.energy is not None:
         _save_stats(imp, Path(calib_stats))
+    if budget is not None and onnx_proto is None and imp.energy is not None and not stats_in:
+        from .allocate import loss_sensitivity  # weighs the errors the allocation compares
+
+        windows, _ = _calibration_windows(tokenizer, calibration, calib_ids)
+        imp.fisher = loss_sensitivity(model, windows, imp.candidates, progress)
     return build_imported(imp, qcfg, tgt, allow_dense_fallback, progress, t_start, budget=budget)
 
 
@@ -427,7 +433,7 @@ def build_imported(
         from .allocate import fit_with_budget
 
         fitted, allocation = fit_with_budget(
-            todo, qcfg, imp.energy, budget, quantize_candidates, progress
+            todo, qcfg, imp.energy, budget, quantize_candidates, progress, row_weights=imp.fisher
         )
     quantized = {k: fitted[unique[name]] for k, (name, _) in imp.candidates.items()}
     t_quant = time.time() - t0

@@ -30,12 +30,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 OURS = "ours"
+SEQUENTIAL = "ours_sequential"
 METHOD_LABELS = {
     OURS: "ours: GPTQ + BCQ, power-of-two scales (.so via runtime)",
     "rtn": "RTN uniform (torch sim)",
     "gptq": "GPTQ uniform, act-order (torch sim)",
     "gptq_noact": "GPTQ uniform, no act-order (torch sim)",
     "bcq_plain": "plain BCQ, power-of-two scales (torch sim)",
+    SEQUENTIAL: "ours fitted block by block on quantized-prefix inputs (torch sim; ablation)",
 }
 
 
@@ -52,6 +54,7 @@ class ReportSpec:
     terms: int = 3
     iters: int = 15
     rounds: int = 1
+    allocation_weight: str = "fisher"  # "fisher": errors weighted by loss gradients; "none"
     calib_text: str = "wiki"
     calib_start: int = 200_000
     calib_windows: int = 32
@@ -226,18 +229,45 @@ class _Harness:
         from .allocate import CANDIDATE_WIDTHS, output_error
 
         imp = self.imp
+        weights = self.fisher() if self.spec.allocation_weight == "fisher" else {}
         widths = sorted(
             set(self.spec.bits) | (set(CANDIDATE_WIDTHS) if self.spec.budgets else set())
         )
         return {
             key: {
                 b: output_error(
-                    torch.as_tensor(np.asarray(w)), self.fits(b)[key].dequantize(), imp.energy[key]
+                    torch.as_tensor(np.asarray(w)),
+                    self.fits(b)[key].dequantize(),
+                    imp.energy[key],
+                    weights.get(key),
                 )
                 for b in widths
             }
             for key, (_, w) in self.unique.items()
         }
+
+    def fisher(self) -> dict:
+        """key -> loss sensitivity per output channel on the calibration windows (cached)."""
+        import numpy as np
+        import torch
+
+        from .allocate import loss_sensitivity
+        from .text import token_ids
+
+        s = self.spec
+        path = self.work / f"fisher-{s.digest(*_CALIB_FIELDS)}.npz"
+        names = {k: n for k, (n, _) in self.unique.items()}
+        if path.is_file():
+            with np.load(path) as z:
+                return {k: torch.from_numpy(z[n]) for k, n in names.items()}
+        ids = token_ids(self.tok, s.calib_text, s.calib_start, s.calib_windows * s.window)
+        f = loss_sensitivity(self.model, ids.reshape(-1, s.window), self.unique, self.progress)
+        from ._files import atomic_path
+
+        with atomic_path(path, suffix=".tmp.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **{names[k]: v.numpy() for k, v in f.items()})
+        return f
 
     # -- rows --------------------------------------------------------------------------
     def float_ppl(self) -> dict:
@@ -276,7 +306,10 @@ class _Harness:
 
         s = self.spec
         label = f"{bits}" if budget is None else f"{budget:g}"
-        digest = s.digest(*_FIT_FIELDS, *_EVAL_FIELDS, "target") + f"-{OURS}-{label}"
+        fields = (*_FIT_FIELDS, *_EVAL_FIELDS, "target")
+        if budget is not None:
+            fields += ("allocation_weight",)
+        digest = s.digest(*fields) + f"-{OURS}-{label}"
         path = self.work / "rows" / f"{OURS}-{label}.json"
         got = _load_json(path, digest)
         if got is not None:
@@ -297,6 +330,7 @@ class _Harness:
             )
             fitted = {k: self.fits(alloc.bits[k])[k] for k in self.unique}
             allocation = allocation_report(self.unique, errors, alloc, self.qcfg(1))
+            allocation["error_weighting"] = s.allocation_weight
             qcfg = self.qcfg(min(4, max(2, round(budget))))
         art = build_imported(
             imp,
@@ -359,6 +393,8 @@ class _Harness:
         got = _load_json(path, digest)
         if got is not None:
             return got
+        if method == SEQUENTIAL:
+            return self._sequential_row(bits, digest, path)
         imp = self.imp
         t0 = time.time()
         dense, bpw, count = {}, 0.0, 0
@@ -388,6 +424,47 @@ class _Harness:
             "bits": bits,
             "budget": None,
             "bits_per_weight": round(bpw / count, 4),
+            "runner": "torch, fake-quantized weights",
+            "ppl": ppl,
+            "fit_s": round(t_fit, 1),
+        }
+        _save_json(path, row)
+        return row
+
+    def _sequential_row(self, bits: int, digest: str, path: Path) -> dict:
+        """Ours, fitted block by block on the outputs of the already-quantized blocks
+        (``calibrate.sequential_fit``); evaluated in torch (an ablation of the calibration)."""
+        from .calibrate import sequential_fit
+        from .evaluate import torch_logits_fn
+        from .gptq import gptq_bcq
+        from .text import token_ids
+
+        s, cfg = self.spec, self.qcfg(bits)
+        ids = token_ids(self.tok, s.calib_text, s.calib_start, s.calib_windows * s.window)
+        t0 = time.time()
+
+        def fit(name, w, h):
+            r = gptq_bcq(w, h, cfg, name=name, rounds=cfg.rounds)
+            return r, r.dequantize()
+
+        res, _ = sequential_fit(
+            self.model, ids.reshape(-1, s.window), self.linears, fit, self.progress
+        )
+        t_fit = time.time() - t0
+        dense = {n: r.dequantize() for n, r in res.items()}
+        ppl = self._with_weights(
+            dense,
+            lambda: _ppl_texts(
+                torch_logits_fn(self.model), self.windows, f"{SEQUENTIAL} {bits}", self.progress
+            ),
+        )
+        row = {
+            "digest": digest,
+            "method": SEQUENTIAL,
+            "label": str(bits),
+            "bits": bits,
+            "budget": None,
+            "bits_per_weight": round(cfg.bits_per_weight(), 4),
             "runner": "torch, fake-quantized weights",
             "ppl": ppl,
             "fit_s": round(t_fit, 1),
@@ -567,7 +644,10 @@ def plot(result: dict, path: Path) -> None:
             )
         ax.set_yscale("log")
         ax.set_xlabel("layer (model order)")
-        ax.set_ylabel("output error tr((W-Q) H (W-Q)^T)")
+        weighted = result["spec"].get("allocation_weight") == "fisher"
+        ax.set_ylabel(
+            "loss-weighted output error" if weighted else "output error tr((W-Q) H (W-Q)^T)"
+        )
         ax2 = ax.twinx()
         keys = sorted({k for v in layers.values() for k in v if k.startswith("bits@")})
         for i, k in enumerate(keys):
@@ -627,13 +707,23 @@ def add_parser(sub) -> None:
         "--budgets", type=_floats, default=d.budgets, help="average bit budgets for ours"
     )
     p.add_argument(
-        "--baselines", type=_strs, default=d.baselines, help="baseline methods ('' = none)"
+        "--baselines",
+        type=_strs,
+        default=d.baselines,
+        help=f"baseline methods ('' = none): {', '.join(METHOD_LABELS)} minus {OURS}",
     )
     p.add_argument("--group-size", type=int, default=d.group_size)
     p.add_argument("--terms", type=int, default=d.terms)
     p.add_argument("--iters", type=int, default=d.iters)
     p.add_argument(
         "--rounds", type=int, default=d.rounds, help="GPTQ loops on refitted scales (ours)"
+    )
+    p.add_argument(
+        "--allocation-weight",
+        choices=["fisher", "none"],
+        default=d.allocation_weight,
+        help="weigh each layer's output error by the loss gradient of each output channel "
+        "(fisher) or not (none) when allocating bits to a budget",
     )
     p.add_argument("--calib-text", default=d.calib_text)
     p.add_argument("--calib-start", type=int, default=d.calib_start)
@@ -658,6 +748,7 @@ def cmd_report(args) -> int:
         terms=args.terms,
         iters=args.iters,
         rounds=args.rounds,
+        allocation_weight=args.allocation_weight,
         calib_text=args.calib_text,
         calib_start=args.calib_start,
         calib_windows=args.calib_windows,

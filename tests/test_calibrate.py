@@ -71,3 +71,35 @@ def test_quantized_prefix_changes_later_inputs_and_weights_are_restored(tiny):
 def test_model_without_blocks_is_refused():
     with pytest.raises(UnsupportedModelError, match="sequential"):
         decoder_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_output_fisher_matches_autograd(tiny):
+    from shiftadd_tvm.calibrate import output_fisher
+
+    model, windows = tiny
+    layers = target_linears(model)
+    name = "model.layers.1.mlp.down_proj"
+    fisher = output_fisher(model, windows, layers, progress=False)
+    assert fisher[name].shape == (32,) and (fisher[name] >= 0).all()
+    # direct: gradient of the summed next-token NLL with respect to the layer's output
+    outs = []
+
+    def keep(_mod, _inp, out):
+        out.retain_grad()
+        outs.append(out)
+
+    h = layers[name].register_forward_hook(keep)
+    total = torch.zeros(32, dtype=torch.float64)
+    try:
+        for row in windows:
+            outs.clear()
+            ids = torch.from_numpy(row[None])
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+            torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").backward()
+            total += (outs[0].grad[0].double() ** 2).sum(0)
+    finally:
+        h.remove()
+        model.zero_grad(set_to_none=True)
+    assert torch.allclose(fisher[name], total / windows.size, rtol=1e-4, atol=1e-12)
+    # a layer late in the model is not the same as one early: the statistic is per layer
+    assert not torch.allclose(fisher["model.layers.0.mlp.down_proj"], fisher[name])

@@ -37,6 +37,7 @@ def test_budget_allocation_in_manifest(mixed):
         n: v["bits"] for n, v in alloc["layers"].items()
     }
     assert man["quant"]["bits"] == 2.5
+    assert alloc["error_weighting"] == "loss gradient (Fisher)"
     # effective bits incl. scale codes: 3 one-byte terms per group of 32
     assert man["bits_per_weight"] == pytest.approx(avg * (1 + 24 / 32), abs=1e-4)
     for v in alloc["layers"].values():  # the measured error falls with width
