@@ -184,8 +184,9 @@ def rewrite_matmuls(
                 return self.add_kernel(cfg, func, {**info, "kind": "lut-cuda"}), kn
             if cfg not in self.gvars:
                 kn = knobs(cfg)
+                kn, how = kn if isinstance(kn, tuple) else (kn, "default rule")
                 return self.add_kernel(
-                    cfg, make_primfunc(cfg, kn), {"knobs": dataclasses.asdict(kn)}
+                    cfg, make_primfunc(cfg, kn), {"knobs": dataclasses.asdict(kn), "schedule": how}
                 ), None
             return self.gvars[cfg], None
 

@@ -289,6 +289,57 @@ def cmd_bundle(args) -> int:
     return 0
 
 
+def _add_tune(sub) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="tune the CPU LUT kernels of a model; records go to tuning_logs/ for compile()",
+        description="Collect the distinct LUT kernel configurations of a model (shape, bits, "
+        "group size, terms, M = --seq-len), search each one's schedule knobs (the default first, "
+        "then a seeded sample of the knob grid), build candidates in parallel processes, time "
+        "them here or through TVM RPC, and write the best records to "
+        "tuning_logs/llvm_<cpu>_<cores>c.json (atomically, after every kernel: an interrupted run "
+        "resumes where it stopped). compile() reads them.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2", help="'smollm2', a HF folder or a .gguf file")
+    p.add_argument("--target", default="llvm", help="'llvm' (this CPU) or an llvm target JSON dict")
+    p.add_argument("--bits", type=int, nargs="+", default=[3], help="bit widths to tune for")
+    p.add_argument("--group-size", type=int, default=128, help="columns per scale group")
+    p.add_argument("--terms", type=int, default=3, help="power-of-two terms per scale")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per call (the kernels' M)")
+    p.add_argument("--trials", type=int, default=16, help="candidates measured per kernel")
+    p.add_argument("--workers", type=int, default=2, help="parallel build processes")
+    p.add_argument("--rpc", help="measure on an RPC server HOST:PORT (tvm.exec.rpc_server)")
+    p.add_argument("--rpc-tracker", help="measure on a device from an RPC tracker HOST:PORT")
+    p.add_argument("--rpc-key", help="device key to request from the tracker")
+    p.add_argument("--retune", action="store_true", help="re-measure kernels that have records")
+    p.add_argument("--json", help="also write the summary (default vs tuned per kernel) here")
+
+
+def cmd_tune(args) -> int:
+    from . import tuning
+    from .models import load_model
+    from .targets import resolve_target
+
+    spec = resolve_target(args.target).to_dict()
+    model, _ = load_model(args.model)
+    cfgs = tuning.model_configs(model, args.bits, args.group_size, args.terms, args.seq_len)
+    runner = tuning.Runner(args.rpc, args.rpc_tracker, args.rpc_key)
+    summary = tuning.tune(cfgs, spec, args.trials, runner, args.workers, args.retune)
+    print(f"{'kernel':45s} {'default us':>11s} {'tuned us':>10s} {'speedup':>8s}  knobs")
+    for k in summary["kernels"]:
+        print(
+            f"{k['name']:45s} {k['default_us']:11.0f} {k['us']:10.0f} "
+            f"{k['default_us'] / k['us']:7.2f}x  {k['knobs']}"
+        )
+    print(f"tuned {len(summary['kernels'])} kernels in {summary['tuning_s']} s -> {summary['log']}")
+    if args.json:
+        from ._files import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
 def _add_gpu_check(sub) -> None:
     sub.add_parser(
         "gpu-check",
@@ -308,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_export_onnx(sub)
     _add_bundle(sub)
+    _add_tune(sub)
     _add_gpu_check(sub)
     from .report import add_parser as _add_report
 
@@ -335,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": cmd_eval,
             "export-onnx": cmd_export_onnx,
             "bundle": cmd_bundle,
+            "tune": cmd_tune,
             "report": cmd_report,
         }
         rc = commands[args.command](args)

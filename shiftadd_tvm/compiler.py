@@ -21,6 +21,7 @@ from .errors import ConfigError, UnsupportedModelError
 from .passes.lut_rewrite import PackedLinear, const_key, rewrite_matmuls
 from .quant import BCQResult, QuantConfig, bcq_quantize
 from .runtime import ARTIFACT_FORMAT, SUPPORTED_VERSIONS
+from .schedules.lut_gemm import default_knobs
 from .targets import resolve_target
 
 log = logging.getLogger(__name__)
@@ -462,8 +463,9 @@ def build_imported(
         records, source = lut_gemm_cuda.load_cuda_records(tgt.to_dict()["arch"])
         log.info(
             "CUDA schedules: %s",
-            f"{len(records)} tuning records from {source}" if records else "no tuning log for "
-            f"{tgt.to_dict()['arch']}: default rule for every kernel",
+            f"{len(records)} tuning records from {source}"
+            if records
+            else f"no tuning log for {tgt.to_dict()['arch']}: default rule for every kernel",
         )
 
         def cuda_knobs(cfg):
@@ -472,8 +474,33 @@ def build_imported(
             log.info("  %s: %s (%s)", cfg.name, what, how)
             return kn, how if source is None or how.startswith("default") else f"{how}, {source}"
 
+    cpu_knobs = default_knobs
+    if not cuda:
+        from . import tuning
+
+        spec = tgt.to_dict()
+        db_path = tuning.tuning_log_dir() / f"{tuning.target_key(spec)}.json"
+        db = tuning.Database(db_path) if db_path.is_file() else None
+        log.info(
+            "CPU schedules: %s",
+            f"{len(db.records)} tuning records from {db_path.name}"
+            if db
+            else f"no tuning log "
+            f"{db_path.name}: default rule for every kernel (`shiftadd-tvm tune` writes one)",
+        )
+
+        def cpu_knobs(cfg):
+            kn, how = tuning.lookup_knobs(cfg, db, tuning.threads_of(spec))
+            log.info("  %s: %s (%s)", cfg.name, kn, how)
+            return kn, how
+
     mod, record = rewrite_matmuls(
-        imp.mod, choose, params=imp.params, target_kind=tgt.kind, cuda_knobs=cuda_knobs
+        imp.mod,
+        choose,
+        params=imp.params,
+        knobs=cpu_knobs,
+        target_kind=tgt.kind,
+        cuda_knobs=cuda_knobs,
     )
     fallbacks = [d for d in record.dense if d.get("fallback")]
     done = {readable.get(r["weight"], r["weight"]) for r in record.rewritten}

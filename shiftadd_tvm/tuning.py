@@ -1,0 +1,287 @@
+"""Auto-tuning of the CPU LUT kernels: a search over the schedule template's knobs, measured
+locally or on a remote device through TVM's RPC, with records in ``tuning_logs/`` that ``compile()``
+reuses.
+
+Why not MetaSchedule: our kernels are TVMScript templates whose schedule is fixed by a few knobs
+(``schedules/lut_gemm.py: LutGemmKnobs``: rows per table vector, interleaved output rows, parallel
+chunks), not a generic loop nest for MetaSchedule's schedule rules to transform; its generic design
+space gave no speedup on this kernel in 64 trials (``../shared/TVM_NOTES.md`` section 4). So the
+search enumerates the knob grid, keeps the default schedule as the first candidate, measures a
+seeded random sample of the rest (``trials`` per kernel), and keeps the fastest only when it beats
+the default by more than the noise margin (so tuned is never slower than the default).
+
+Builds run in parallel worker processes; measurement runs in this process (``runner=None``) or on
+an RPC server (``host:port``) or a tracker (``tracker=host:port`` + ``key``). Records are written
+atomically after every kernel, so an interrupted run loses at most the kernel in progress and a rerun
+skips what is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+import random
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ._files import write_text_atomic
+from .errors import ConfigError
+from .schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs
+
+log = logging.getLogger(__name__)
+
+NOISE_MARGIN = 0.03  # a candidate must beat the default by 3% to replace it
+
+
+def tuning_log_dir() -> Path:
+    env = os.environ.get("SHIFTADD_TVM_TUNING_LOGS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "tuning_logs"
+
+
+def target_key(spec: dict) -> str:
+    """File-name key of a target: kind, CPU and core count (e.g. ``llvm_znver4_2c``)."""
+    if spec.get("kind") != "llvm":
+        raise ConfigError(
+            f"tuning covers the CPU (llvm) kernels; got target kind {spec.get('kind')}"
+        )
+    return f"llvm_{spec.get('mcpu', 'generic')}_{spec.get('num-cores', 1)}c"
+
+
+def threads_of(spec: dict) -> int:
+    return int(spec.get("num-cores", 2))  # the default rule assumed 2 threads before tuning existed
+
+
+# ----------------------------------------------------------------------------- database
+class Database:
+    """Tuning records of one target: ``{config JSON: record}``, saved atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: dict[str, dict] = {}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                self.records = {json.dumps(r["config"], sort_keys=True): r for r in data["records"]}
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(
+                    f"tuning log {path} is unreadable ({e}); delete it or restore it from git"
+                ) from e
+
+    def get(self, cfg: LutGemmConfig) -> dict | None:
+        return self.records.get(cfg.to_json())
+
+    def put(self, cfg: LutGemmConfig, record: dict, meta: dict) -> None:
+        self.records[cfg.to_json()] = record
+        body = {
+            **meta,
+            "records": sorted(self.records.values(), key=lambda r: json.dumps(r["config"])),
+        }
+        write_text_atomic(self.path, json.dumps(body, indent=1) + "\n")
+
+
+def lookup_knobs(cfg: LutGemmConfig, db: Database | None, threads: int):
+    """(knobs, how) for ``cfg``: the tuned record, else the default rule with the reason."""
+    default = default_knobs(cfg, threads)
+    if db is None:
+        return default, "default rule (no tuning log for this target)"
+    rec = db.get(cfg)
+    if rec is None:
+        return default, "default rule (no record for this kernel)"
+    try:
+        kn = LutGemmKnobs(**rec["knobs"])
+        kn.validate(cfg)
+    except (TypeError, ValueError) as e:
+        return default, f"default rule (record in {db.path.name} is incompatible: {e})"
+    return kn, f"tuned ({db.path.name}: {rec['us']:.0f} us vs default {rec['default_us']:.0f} us)"
+
+
+# ----------------------------------------------------------------------------- search space
+def candidates(cfg: LutGemmConfig, threads: int, trials: int, seed: int = 0) -> list[LutGemmKnobs]:
+    """The default knobs first, then a seeded sample of the rest of the grid."""
+    default = default_knobs(cfg, threads)
+    grid = []
+    for mi in (v for v in (1, 2, 4, 8, 16) if cfg.m % v == 0):
+        for u in (2, 4, 8, 16):
+            n_tiles = -(-cfg.n // u)
+            for c in sorted({threads, 2 * threads, 4 * threads, 8 * threads, 16 * threads}):
+                kn = LutGemmKnobs(m_inner=mi, n_unroll=u, n_chunks=min(c, n_tiles))
+                if kn != default and kn not in grid:
+                    grid.append(kn)
+    random.Random(seed).shuffle(grid)
+    return [default] + grid[: max(0, trials - 1)]
+
+
+# ----------------------------------------------------------------------------- build + measure
+def _build(cfg_json: str, knobs_json: str, target_json: str, out: str) -> str:
+    """Worker: build one candidate to a shared library (runs in a separate process)."""
+    import tvm
+
+    from .schedules.lut_gemm import make_primfunc
+
+    cfg = LutGemmConfig(**json.loads(cfg_json))
+    kn = LutGemmKnobs(**json.loads(knobs_json))
+    func = make_primfunc(cfg, kn)
+    lib = tvm.compile(
+        tvm.IRModule({cfg.name: func}), target=tvm.target.Target(json.loads(target_json))
+    )
+    lib.export_library(out)
+    return out
+
+
+class Runner:
+    """Times a built kernel here or on an RPC server / tracker (TVM's device-farm engine)."""
+
+    def __init__(self, rpc: str | None = None, tracker: str | None = None, key: str | None = None):
+        self.remote = None
+        self.where = "local"
+        if rpc or tracker:
+            from tvm import rpc as tvm_rpc
+
+            if tracker:
+                host, port = tracker.rsplit(":", 1)
+                if not key:
+                    raise ConfigError("--rpc-tracker needs --rpc-key (the device key to request)")
+                self.remote = tvm_rpc.connect_tracker(host, int(port)).request(key)
+                self.where = f"tracker {tracker} key {key}"
+            else:
+                host, port = rpc.rsplit(":", 1)
+                self.remote = tvm_rpc.connect(host, int(port))
+                self.where = f"rpc {rpc}"
+
+    def time_us(self, so_path: str, cfg: LutGemmConfig, number: int, repeat: int) -> float:
+        import tvm
+
+        rng = np.random.default_rng(0)
+        g = cfg.groups
+        arrays = [
+            rng.standard_normal((cfg.m, cfg.k)).astype(np.float32),
+            rng.integers(0, 256, (cfg.bits, cfg.n, cfg.kp // 8), dtype=np.uint8),
+            rng.integers(-70, 70, (cfg.bits, cfg.n, g, cfg.terms), dtype=np.int8),
+            np.zeros((cfg.m, cfg.n), np.float32),
+        ]
+        if self.remote is not None:
+            self.remote.upload(so_path)
+            lib = self.remote.load_module(Path(so_path).name)
+            dev = self.remote.cpu()
+        else:
+            lib = tvm.runtime.load_module(so_path)
+            dev = tvm.cpu()
+        args = [tvm.runtime.tensor(a, dev) for a in arrays]
+        timer = lib.time_evaluator(cfg.name, dev, number=number, repeat=repeat, min_repeat_ms=50)
+        return float(np.median(timer(*args).results)) * 1e6
+
+
+def tune(
+    configs: list[LutGemmConfig],
+    target: dict,
+    trials: int = 16,
+    runner: Runner | None = None,
+    workers: int = 2,
+    retune: bool = False,
+    max_tasks: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Tune each distinct configuration; returns a summary (per kernel: default vs tuned time)."""
+    key = target_key(target)
+    db = Database(tuning_log_dir() / f"{key}.json")
+    threads = threads_of(target)
+    runner = runner or Runner()
+    meta = {
+        "target": target,
+        "key": key,
+        "cpu": _cpu_name(),
+        "measured_with": runner.where,
+        "source": "shiftadd-tvm tune (random search over schedules/lut_gemm.py knobs)",
+    }
+    todo = []
+    for cfg in dict.fromkeys(configs):  # distinct, in order
+        if db.get(cfg) is not None and not retune:
+            log.info("skip %s: already tuned (%s)", cfg.name, db.path.name)
+            continue
+        todo.append(cfg)
+    if max_tasks is not None:
+        todo = todo[:max_tasks]
+    summary = {"target_key": key, "log": str(db.path), "runner": runner.where, "kernels": []}
+    t_start = time.time()
+    spec_json = json.dumps(target, sort_keys=True)
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding TVM's threads
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool,
+    ):
+        bar = tqdm(total=len(todo) * trials, desc="tuning", unit="trial", disable=not progress)
+        for ti, cfg in enumerate(todo):
+            cands = candidates(cfg, threads, trials)
+            futures = [
+                pool.submit(
+                    _build,
+                    cfg.to_json(),
+                    json.dumps(dataclasses.asdict(kn)),
+                    spec_json,
+                    str(Path(tmp) / f"t{ti}_c{ci}.so"),
+                )  # fmt: skip
+                for ci, kn in enumerate(cands)
+            ]
+            times = []
+            for kn, fut in zip(cands, futures, strict=True):
+                try:
+                    so = fut.result()
+                    us = runner.time_us(so, cfg, number=5, repeat=5)
+                except Exception as e:  # noqa: BLE001 - a failed candidate is skipped, and logged
+                    log.warning("%s %s failed: %s", cfg.name, kn, e)
+                    us = float("inf")
+                times.append(us)
+                bar.update(1)
+            bar.update(trials - len(cands))
+            default_us = times[0]
+            best = min(range(len(cands)), key=lambda i: times[i])
+            if not times[best] < default_us * (1 - NOISE_MARGIN):
+                best = 0  # within noise of the default: keep the default
+            rec = {
+                "config": dataclasses.asdict(cfg),
+                "knobs": dataclasses.asdict(cands[best]),
+                "us": times[best],
+                "default_us": default_us,
+                "trials": len(cands),
+            }
+            db.put(cfg, rec, meta)
+            summary["kernels"].append({**rec, "name": cfg.name})
+            log.info(
+                "%s: default %.0f us -> tuned %.0f us (%s)",
+                cfg.name, default_us, times[best], cands[best],
+            )  # fmt: skip
+        bar.close()
+    summary["tuning_s"] = round(time.time() - t_start, 1)
+    return summary
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def model_configs(
+    model, bits: list[int], group_size: int, terms: int, seq_len: int
+) -> list[LutGemmConfig]:
+    """The distinct LUT kernel configurations ``compile()`` builds for ``model`` (a HF causal LM)
+    at these bit widths: one per distinct Linear shape of the transformer blocks, M = ``seq_len``."""
+    from .calibrate import target_linears
+
+    shapes = {(lin.out_features, lin.in_features) for lin in target_linears(model).values()}
+    return [
+        LutGemmConfig(seq_len, n, k, b, group_size, terms) for b in bits for n, k in sorted(shapes)
+    ]
