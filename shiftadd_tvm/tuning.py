@@ -230,17 +230,29 @@ def tune(
                 )  # fmt: skip
                 for ci, kn in enumerate(cands)
             ]
-            times = []
+            built: list[str | None] = []
+            # every build finishes first: no build process competes with the measurements
             for kn, fut in zip(cands, futures, strict=True):
                 try:
-                    so = fut.result()
-                    us = runner.time_us(so, cfg, number=5, repeat=5)
+                    built.append(fut.result())
                 except Exception as e:  # noqa: BLE001 - a failed candidate is skipped, and logged
-                    log.warning("%s %s failed: %s", cfg.name, kn, e)
-                    us = float("inf")
-                times.append(us)
-                bar.update(1)
-            bar.update(trials - len(cands))
+                    log.warning("%s %s failed to build: %s", cfg.name, kn, e)
+                    built.append(None)
+            times = [float("inf")] * len(cands)
+            for _round in range(2):  # two rounds in alternating order: no order bias
+                order = range(len(cands)) if _round == 0 else reversed(range(len(cands)))
+                for i in order:
+                    if built[i] is None:
+                        continue
+                    try:
+                        us = runner.time_us(built[i], cfg, number=5, repeat=5)
+                    except Exception as e:  # noqa: BLE001
+                        log.warning("%s %s failed to run: %s", cfg.name, cands[i], e)
+                        built[i] = None
+                        continue
+                    times[i] = min(times[i], us)
+                    if _round == 0:
+                        bar.update(1)
             default_us = times[0]
             best = min(range(len(cands)), key=lambda i: times[i])
             if not times[best] < default_us * (1 - NOISE_MARGIN):
