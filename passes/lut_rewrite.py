@@ -106,8 +106,6 @@ def rewrite_matmuls(
     schedule (default: the rule in ``lut_gemm_cuda.default_cuda_knobs``).
     """
     cuda = target_kind == "cuda"
-    if cuda:
-        dense_kernel = False
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -231,11 +229,15 @@ def rewrite_matmuls(
             m = int(np.prod(dims[:-1]))
             packed = quantize(key, wnk)
             if isinstance(packed, str):
-                if not dense_kernel:
+                if not dense_kernel and not cuda:
                     record.dense.append({**entry, "reason": packed, "kernel": "relax-legalized"})
                     return call
                 cfg = dense_gemm.DenseGemmConfig(m, n, k)
-                gv = self.add_kernel(cfg, dense_gemm.make_primfunc(cfg), {"kind": "dense"})
+                if cuda:  # dlight schedules it; W[N, K] read in place (no transposed copy)
+                    func = dense_gemm.make_nt_primfunc(cfg)
+                    gv = self.add_kernel(cfg, func, {"kind": "dense", "schedule": "dlight"})
+                else:
+                    gv = self.add_kernel(cfg, dense_gemm.make_primfunc(cfg), {"kind": "dense"})
                 w_arg = nk_expr if nk_expr is not None else relax.const(np.ascontiguousarray(wnk))
                 record.dense.append({**entry, "reason": packed, "kernel": cfg.name})
                 return self.call(gv, x, dims, m, k, n, [w_arg])

@@ -74,3 +74,16 @@ def make_primfunc(cfg: DenseGemmConfig, m_inner: int | None = None, n_unroll: in
                                 y[mo * MI + mi, nt * U + u] = acc[u, mi]
 
     return dense_gemm.with_attr("global_symbol", cfg.name)
+
+
+def make_nt_primfunc(cfg: DenseGemmConfig):
+    """Unscheduled ``(x f32[M, K], w f32[N, K]) -> y f32[M, N]`` for GPU targets, where Relax's dlight
+    rules schedule it: reading ``W[N, K]`` in place keeps constant folding from storing a transposed
+    copy of the weight (113 MB for SmolLM2's head, which is also its embedding table)."""
+    from tvm import te
+
+    x = te.placeholder((cfg.m, cfg.k), "float32", name="x")
+    w = te.placeholder((cfg.n, cfg.k), "float32", name="w")
+    r = te.reduce_axis((0, cfg.k), "r")
+    y = te.compute((cfg.m, cfg.n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="y")
+    return te.create_prim_func([x, w, y]).with_attr("global_symbol", cfg.name)

@@ -108,16 +108,18 @@ def load_cuda_records(arch: str) -> tuple[dict, str | None]:
 
 def tuned_cuda_knobs(cfg: LutGemmConfig, records: dict) -> tuple[CudaKnobs, str]:
     """Knobs for ``cfg``: the record of the same configuration, else the record of the same weight
-    shape at the nearest M, else the default rule; with where they came from."""
+    shape at the nearest M on the same side of ``DENSE_FROM_M``, else the default rule; with where
+    they came from."""
     exact = records.get(cfg.to_json())
     if exact is not None:
         return exact, "tuned"
     same_shape = []
+    regime = cfg.m >= DENSE_FROM_M  # a record at M=1 says nothing about LUT vs GEMM at M=512
     for key, kn in records.items():
         c = json.loads(key)
         if (c["n"], c["k"], c["bits"], c["group_size"], c["terms"]) == (
             cfg.n, cfg.k, cfg.bits, cfg.group_size, cfg.terms,
-        ):  # fmt: skip
+        ) and (c["m"] >= DENSE_FROM_M) == regime:  # fmt: skip
             same_shape.append((abs(c["m"] - cfg.m), c["m"], kn))
     if same_shape:
         _, m, kn = min(same_shape, key=lambda t: t[:2])

@@ -82,11 +82,18 @@ def test_cuda_knobs_validated_and_searched():
 def test_tuning_records_exact_nearest_and_default():
     rec = {
         LutGemmConfig(1, 576, 1536, 3, 128, 3).to_json(): CudaKnobs(12),
-        LutGemmConfig(8, 576, 1536, 3, 128, 3).to_json(): CudaKnobs(4),
+        LutGemmConfig(128, 576, 1536, 3, 128, 3).to_json(): CudaKnobs(dense="float32"),
     }
     assert tuned_cuda_knobs(LutGemmConfig(1, 576, 1536, 3, 128, 3), rec) == (CudaKnobs(12), "tuned")
     kn, how = tuned_cuda_knobs(LutGemmConfig(512, 576, 1536, 3, 128, 3), rec)
-    assert kn == CudaKnobs(4) and how == "tuned at M=8"
+    assert kn == CudaKnobs(dense="float32") and how == "tuned at M=128"
+    kn, how = tuned_cuda_knobs(LutGemmConfig(4, 576, 1536, 3, 128, 3), rec)
+    assert kn == CudaKnobs(12) and how == "tuned at M=1"
+    # only M=1 measured: M=512 is another regime (LUT vs dequantize + GEMM), so the default rule
+    kn, how = tuned_cuda_knobs(
+        LutGemmConfig(512, 576, 1536, 3, 128, 3), dict(list(rec.items())[:1])
+    )
+    assert how.startswith("default") and kn.dense == "float16"
     kn, how = tuned_cuda_knobs(LutGemmConfig(1, 64, 64, 3, 32, 3), rec)
     assert how.startswith("default") and kn.k_slices == 2
 
@@ -121,7 +128,8 @@ def test_compile_tiny_model_for_cuda(tmp_path):
     m = art.manifest
     assert m["target"] == {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}}
     assert m["rewrite"]["rewritten"] == 14 and m["rewrite"]["dense_fallbacks"] == 0
-    assert all(k["kind"] == "lut-cuda" for k in m["rewrite"]["kernels"].values())
+    kinds = [k["kind"] for k in m["rewrite"]["kernels"].values()]
+    assert kinds.count("lut-cuda") == 4 and kinds.count("dense") == 1  # dense: the head
     (img,) = m["cuda_images"]
     path = art.export(tmp_path / "tiny_cuda.so")
     manifest = shiftadd_tvm.runtime.read_manifest(path)
@@ -135,8 +143,8 @@ def test_compile_tiny_model_for_cuda(tmp_path):
     n = int.from_bytes(blob[start - 9 : start - 1], "little")  # u64 length before "\n#ifdef"
     src = blob[start - 1 : start - 1 + n]
     assert hashlib.sha256(src).hexdigest() == img["source_sha256"]
-    for name in m["rewrite"]["kernels"]:
-        assert f"{name}_cuda_kernel".encode() in src
+    for name, k in m["rewrite"]["kernels"].items():
+        assert (f"{name}_cuda_kernel" if k["kind"] == "lut-cuda" else name).encode() in src
     if not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0")):
         with pytest.raises(ArtifactError, match="no NVIDIA GPU"):
             shiftadd_tvm.runtime.load(path)
@@ -224,9 +232,9 @@ def test_pass_emits_dequantize_and_gemm_for_large_m(dense):
         cuda_knobs=lambda cfg: (CudaKnobs(dense=dense), "test"),
     )  # fmt: skip
     assert len(rec.rewritten) == 14
-    assert {k["kind"] for k in rec.kernels.values()} == {"dequant+gemm"}
+    assert {k["kind"] for k in rec.kernels.values()} == {"dequant+gemm", "dense"}  # dense: head
     text = mod.script(show_meta=False)
-    assert text.count("R.call_tir(") == 14
+    assert text.count("R.call_tir(") == 15  # 14 dequantize + the head's dense kernel
     assert text.count('out_dtype="float32"') >= 14
     # float16: activations cast once per rewritten matmul; float32: no half-precision anywhere
     f16 = text.count('dtype="float16"')
