@@ -221,9 +221,9 @@ def parse_bits(value) -> tuple[int | None, float | None]:
         v = float(value)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bits={value!r} is neither a width (2, 3, 4) nor a budget (2.5)") from e
-    if not math.isfinite(v) or v <= 0:
-        raise ConfigError(f"bits={value!r} must be a positive number")
-    if v == int(v):
+    if not math.isfinite(v):
+        raise ConfigError(f"bits={value!r} must be a finite number")
+    if v == int(v):  # a width: QuantConfig says which widths exist
         return int(v), None
     if v < min(CANDIDATE_WIDTHS):
         raise ConfigError(

@@ -312,7 +312,7 @@ def compile(  # noqa: A001 - the public API name the issue asks for
 
     width, budget = parse_bits(bits)  # 3 -> uniform width; 2.5 -> average budget
     qcfg = QuantConfig(
-        bits=width or min(4, max(2, round(budget))),  # a budget's template: allocated later
+        bits=width if width is not None else min(4, max(2, round(budget))),  # budget: template
         group_size=group_size,
         terms=terms,
         iters=iters,

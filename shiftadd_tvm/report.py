@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 OURS = "ours"
 SEQUENTIAL = "ours_sequential"
 METHOD_LABELS = {
-    OURS: "ours: GPTQ + BCQ, power-of-two scales (.so via runtime)",
+    OURS: "GPTQ loop + binary coding, power-of-two scales, output-error refit (.so via runtime)",
     "rtn": "RTN uniform (torch sim)",
     "gptq": "GPTQ uniform, act-order (torch sim)",
     "gptq_noact": "GPTQ uniform, no act-order (torch sim)",
@@ -48,7 +48,7 @@ class ReportSpec:
     tokens: int = 4096
     window: int = 512
     bits: tuple[int, ...] = (2, 3, 4)
-    budgets: tuple[float, ...] = (2.5, 3.5)
+    budgets: tuple[float, ...] = (2.5, 3.0, 3.5)
     baselines: tuple[str, ...] = ("rtn", "gptq", "gptq_noact", "bcq_plain")
     group_size: int = 128
     terms: int = 3
@@ -305,7 +305,8 @@ class _Harness:
         from .targets import resolve_target
 
         s = self.spec
-        label = f"{bits}" if budget is None else f"{budget:g}"
+        # a budget row never shares its label (file name) with a uniform row: 3.0 is not 3
+        label = f"{bits}" if budget is None else f"{budget:g}" if budget % 1 else f"{budget:.1f}"
         fields = (*_FIT_FIELDS, *_EVAL_FIELDS, "target")
         if budget is not None:
             fields += ("allocation_weight",)
@@ -570,13 +571,16 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['method']} | {bits} | {r['bits_per_weight']:.4g} | " + " | ".join(cells) + " |"
         )
+    present = {r["method"] for r in result["rows"]}
     lines += ["", "Methods:", ""]
-    lines += [f"- `{m}`: {d}" for m, d in METHOD_LABELS.items()]
+    lines += [f"- `{m}`: {d}" for m, d in METHOD_LABELS.items() if m in present]
     allocs = [r for r in result["rows"] if r.get("allocation")]
     if allocs:
         lines += [
             "",
-            "Bit allocation (widths per layer by measured output error, exact knapsack):",
+            "Bit allocation: each layer fitted at 2, 3 and 4 bits, its output error "
+            "sum_i F_i [(W-Q) H (W-Q)^T]_ii measured (F: loss-gradient Fisher of each output "
+            "channel, or 1 when the weighting is 'none'), widths chosen by an exact knapsack:",
             "",
         ]
         for r in allocs:
@@ -584,13 +588,16 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"- budget {r['budget']:g}: average {a['average_bits']:.4f} bit-planes, "
                 f"{a['bits_per_weight']:.4f} bits/weight; layers per width {a['histogram']} "
-                f"(solver {a['solver']})"
+                f"(solver {a['solver']}, error weighting {a.get('error_weighting', 'none')})"
             )
     lines.append("")
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, ymax: float = 30.0) -> None:
+    """Top: perplexity ratio against effective bits per method, one panel per text (ratios above
+    ``ymax`` drawn at the top edge as open markers). Below, when the report has budget rows: each
+    layer's (loss-weighted) output error at each width, and the widths each budget gave it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -600,74 +607,95 @@ def plot(result: dict, path: Path) -> None:
 
     texts = result["spec"]["texts"]
     layers = result.get("layers")
-    ncols = len(texts) + (1 if layers else 0)
-    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.8))
-    axes = list(axes) if ncols > 1 else [axes]
+    nrows = 3 if layers else 1
+    fig = plt.figure(figsize=(6.5 * len(texts), 4.6 * nrows))
+    grid = fig.add_gridspec(nrows, len(texts))
     methods = []
     for r in result["rows"]:
         if r["method"] not in methods:
             methods.append(r["method"])
-    for ax, t in zip(axes, texts, strict=False):
+    for i, t in enumerate(texts):
+        ax = fig.add_subplot(grid[0, i])
         for m in methods:
             rs = sorted(
                 (r for r in result["rows"] if r["method"] == m), key=lambda r: r["bits_per_weight"]
             )
-            ax.plot(
-                [r["bits_per_weight"] for r in rs],
-                [r["ratio"][t] for r in rs],
+            xs = [r["bits_per_weight"] for r in rs]
+            ys = [r["ratio"][t] for r in rs]
+            (line,) = ax.plot(
+                xs,
+                [min(y, ymax) for y in ys],
                 marker="o" if m == OURS else ".",
                 lw=2.5 if m == OURS else 1.2,
                 label=m,
             )
+            off = [(x, ymax) for x, y in zip(xs, ys, strict=True) if y > ymax]
+            if off:
+                ax.scatter(
+                    *zip(*off, strict=True), s=60, facecolors="none", edgecolors=line.get_color()
+                )
             for r in rs:
                 if m == OURS and r.get("budget"):
                     ax.annotate(
-                        f"budget {r['budget']:g}", (r["bits_per_weight"], r["ratio"][t]), fontsize=7
+                        f"budget {r['budget']:g}",
+                        (r["bits_per_weight"], r["ratio"][t]),
+                        textcoords="offset points",
+                        xytext=(4, 6),
+                        fontsize=7,
                     )
         ax.set_yscale("log")
+        ax.set_ylim(0.95, ymax * 1.05)
         ax.set_xlabel("bits per weight (incl. scales)")
         ax.set_ylabel("perplexity / float")
-        ax.set_title(f"{t}: float ppl {result['float_ppl'][t]:.2f}")
+        ax.set_title(
+            f"{t}: float ppl {result['float_ppl'][t]:.2f} (open markers: ratio > {ymax:g})"
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     if layers:
-        ax = axes[-1]
-        names = list(layers)
-        x = range(len(names))
+        import re
+
+        # by block, then name (the same order whether the dict came from memory or sorted JSON)
+        def order(n):
+            return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)]
+
+        names = sorted(layers, key=order)
+        x = list(range(len(names)))
+        ax = fig.add_subplot(grid[1, :])
         widths = sorted({int(b) for v in layers.values() for b in v["output_error"]})
         for b in widths:
             ax.plot(
                 x,
                 [max(layers[n]["output_error"][str(b)], 1e-12) for n in names],
-                lw=0.8,
-                label=f"error @ {b} bits",
+                lw=0.9,
+                marker=".",
+                ms=3,
+                label=f"{b} bits",
             )
         ax.set_yscale("log")
-        ax.set_xlabel("layer (model order)")
         weighted = result["spec"].get("allocation_weight") == "fisher"
         ax.set_ylabel(
             "loss-weighted output error" if weighted else "output error tr((W-Q) H (W-Q)^T)"
         )
-        ax2 = ax.twinx()
+        ax.set_title("per layer (by block; within a block by name): error at each width")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, ncol=len(widths))
+        ax = fig.add_subplot(grid[2, :], sharex=ax)
         keys = sorted({k for v in layers.values() for k in v if k.startswith("bits@")})
-        for i, k in enumerate(keys):
-            ax2.step(
-                x,
-                [layers[n][k] + 0.08 * i for n in names],
-                where="mid",
-                lw=1.2,
-                ls="--",
-                label=k.replace("bits@", "bits, budget "),
+        for j, k in enumerate(keys):
+            off = (j - (len(keys) - 1) / 2) * 0.12
+            ax.scatter(
+                x, [layers[n][k] + off for n in names], s=8, label=k.replace("bits@", "budget ")
             )
-        ax2.set_ylabel("allocated bits")
-        ax2.set_ylim(1.5, 4.5)
-        h1, l1 = ax.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
-        ax.set_title("per layer: output error at each width, allocated widths")
+        ax.set_yticks(widths)
+        ax.set_ylabel("allocated bits")
+        ax.set_xlabel("layer: block 0..29, within each block down, gate, k, o, q, up, v")
+        ax.set_title("per layer: widths chosen by each budget")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8, ncol=len(keys))
     fig.tight_layout()
     with atomic_path(path, suffix=".tmp.png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 

@@ -111,13 +111,20 @@ def test_infeasible_budget_and_bad_input():
 
 @pytest.mark.parametrize(
     "value,expected",
-    [(3, (3, None)), ("3", (3, None)), (3.0, (3, None)), ("2.5", (None, 2.5)), (3.5, (None, 3.5))],
+    [
+        (3, (3, None)),
+        ("3", (3, None)),
+        (3.0, (3, None)),
+        ("0", (0, None)),  # a width: QuantConfig rejects it with the supported list
+        ("2.5", (None, 2.5)),
+        (3.5, (None, 3.5)),
+    ],
 )
 def test_parse_bits(value, expected):
     assert parse_bits(value) == expected
 
 
-@pytest.mark.parametrize("value", ["x", "-1", "0", "nan", None])
+@pytest.mark.parametrize("value", ["x", "nan", "inf", None, "1.5", "-0.5"])
 def test_parse_bits_rejects(value):
     with pytest.raises(ConfigError):
         parse_bits(value)
