@@ -153,7 +153,7 @@ def rewrite_matmuls(
             super().__init__(mod)
             self.mod_ = mod
             self.gvars: dict[object, object] = {}
-            self.cuda_knobs: dict[LutGemmConfig, tuple] = {}
+            self.cuda_knobs: dict[LutGemmConfig, object] = {}  # cfg -> CudaKnobs
 
         def add_kernel(self, cfg, func, info: dict):
             if cfg not in self.gvars:
@@ -165,28 +165,27 @@ def rewrite_matmuls(
             return self.gvars[cfg]
 
         def kernel(self, cfg: LutGemmConfig):
-            """The global var of cfg's kernel, and its CUDA knobs (None on the CPU)."""
+            """The global var of cfg's kernel (built once per configuration), and its CUDA knobs
+            (None on the CPU)."""
+            if cfg in self.gvars:
+                return self.gvars[cfg], self.cuda_knobs.get(cfg)
             if cuda:
-                if cfg not in self.cuda_knobs:
-                    self.cuda_knobs[cfg] = (
-                        (lut_gemm_cuda.default_cuda_knobs(cfg), "default rule")
-                        if cuda_knobs is None
-                        else cuda_knobs(cfg)
-                    )
-                kn, source = self.cuda_knobs[cfg]
+                kn, source = (
+                    (lut_gemm_cuda.default_cuda_knobs(cfg), "default rule")
+                    if cuda_knobs is None
+                    else cuda_knobs(cfg)
+                )
+                self.cuda_knobs[cfg] = kn
                 info = {"knobs": dataclasses.asdict(kn), "schedule": source}
                 if kn.dense:  # large M: multiplication-free dequantize, then a dense GEMM
                     func = lut_gemm_cuda.make_dequant_primfunc(cfg, kn.dense)
                     return self.add_kernel(cfg, func, {**info, "kind": "dequant+gemm"}), kn
                 func = lut_gemm_cuda.make_cuda_primfunc(cfg, kn)
                 return self.add_kernel(cfg, func, {**info, "kind": "lut-cuda"}), kn
-            if cfg not in self.gvars:
-                kn = knobs(cfg)
-                kn, how = kn if isinstance(kn, tuple) else (kn, "default rule")
-                return self.add_kernel(
-                    cfg, make_primfunc(cfg, kn), {"knobs": dataclasses.asdict(kn), "schedule": how}
-                ), None
-            return self.gvars[cfg], None
+            kn = knobs(cfg)
+            kn, how = kn if isinstance(kn, tuple) else (kn, "default rule")
+            info = {"knobs": dataclasses.asdict(kn), "schedule": how}
+            return self.add_kernel(cfg, make_primfunc(cfg, kn), info), None
 
         def call(self, gv, x, dims, m, k, n, weights):
             x2 = x if len(dims) == 2 else self.builder_.emit(relax.op.reshape(x, (m, k)))

@@ -26,22 +26,22 @@ Any M, N, K: rows past N and groups past G read clamped addresses and contribute
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-import os
-from pathlib import Path
 
 import numpy as np
 
 from .lut_gemm import LutGemmConfig, _shift
 from .packing import EXP_BIAS, planes_to_cuda, scales_to_cuda  # noqa: F401 - layouts read here
 
-log = logging.getLogger(__name__)
-
 WARP = 32
 NIBBLE = 4
 ENTRIES = 1 << NIBBLE
 PITCH = ENTRIES + 1  # padded table row: conflict-free stores and lookups
+SMEM_LIMIT = 48 * 1024  # static shared memory per block
+
+
+def table_bytes(k_slices: int, group_size: int) -> int:
+    """Shared memory for the tables of ``k_slices`` warps (one scale group each)."""
+    return k_slices * (group_size // NIBBLE) * PITCH * 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +58,8 @@ class CudaKnobs:
             raise ValueError(f"dense must be '', 'float16' or 'float32', got {self.dense!r}")
         if self.k_slices < 1 or self.k_slices > 32:
             raise ValueError(f"k_slices must be in 1..32, got {self.k_slices}")
-        smem = self.k_slices * (cfg.group_size // NIBBLE) * PITCH * 4
-        if smem > 48 * 1024:
+        smem = table_bytes(self.k_slices, cfg.group_size)
+        if smem > SMEM_LIMIT:
             raise ValueError(
                 f"k_slices={self.k_slices} at group_size {cfg.group_size} needs {smem} bytes of "
                 "shared memory for tables (at most 48 KiB)"
@@ -77,58 +77,9 @@ def default_cuda_knobs(cfg: LutGemmConfig) -> CudaKnobs:
     if cfg.m >= DENSE_FROM_M:
         return CudaKnobs(dense="float16")
     ks = max(1, min(16, cfg.groups))
-    while ks > 1 and ks * (cfg.group_size // NIBBLE) * PITCH * 4 > 48 * 1024:
+    while ks > 1 and table_bytes(ks, cfg.group_size) > SMEM_LIMIT:
         ks //= 2
     return CudaKnobs(k_slices=ks)
-
-
-def tuning_log_dir() -> Path:
-    """``$SHIFTADD_TVM_TUNING_LOGS`` or the repository's ``tuning_logs/``."""
-    env = os.environ.get("SHIFTADD_TVM_TUNING_LOGS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "tuning_logs"
-
-
-def load_cuda_records(arch: str) -> tuple[dict, str | None]:
-    """Tuned knobs per configuration from ``tuning_logs/cuda_<arch>.json`` (written from a GPU run
-    of ``scripts/gpu_check.sh``): ({config JSON: knobs}, description) or ({}, None)."""
-    path = tuning_log_dir() / f"cuda_{arch}.json"
-    if not path.is_file():
-        return {}, None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        records = {
-            json.dumps(r["config"], sort_keys=True): CudaKnobs(**r["knobs"])
-            for r in data["records"]
-        }
-    except (ValueError, KeyError, TypeError) as e:
-        log.warning("ignoring unreadable tuning log %s (%s); using default schedules", path, e)
-        return {}, None
-    return records, f"{path.name} (measured on {data.get('measured_on', 'unknown GPU')})"
-
-
-def tuned_cuda_knobs(cfg: LutGemmConfig, records: dict) -> tuple[CudaKnobs, str]:
-    """Knobs for ``cfg``: the record of the same configuration, else the record of the same weight
-    shape at the nearest M on the same side of ``DENSE_FROM_M``, else the default rule; with where
-    they came from."""
-    exact = records.get(cfg.to_json())
-    if exact is not None:
-        return exact, "tuned"
-    same_shape = []
-    regime = cfg.m >= DENSE_FROM_M  # a record at M=1 says nothing about LUT vs GEMM at M=512
-    for key, kn in records.items():
-        c = json.loads(key)
-        if (c["n"], c["k"], c["bits"], c["group_size"], c["terms"]) == (
-            cfg.n, cfg.k, cfg.bits, cfg.group_size, cfg.terms,
-        ) and (c["m"] >= DENSE_FROM_M) == regime:  # fmt: skip
-            same_shape.append((abs(c["m"] - cfg.m), c["m"], kn))
-    if same_shape:
-        _, m, kn = min(same_shape, key=lambda t: t[:2])
-        try:
-            kn.validate(cfg)
-            return kn, f"tuned at M={m}"
-        except ValueError:
-            pass
-    return default_cuda_knobs(cfg), "default rule (no tuning record)"
 
 
 def candidate_cuda_knobs(cfg: LutGemmConfig) -> list[CudaKnobs]:
@@ -138,7 +89,7 @@ def candidate_cuda_knobs(cfg: LutGemmConfig) -> list[CudaKnobs]:
     out = [default]
     for ks in (2, 4, 8, 16):
         kn = CudaKnobs(k_slices=min(ks, cfg.groups))
-        if kn not in out and kn.k_slices * (cfg.group_size // NIBBLE) * PITCH * 4 <= 48 * 1024:
+        if kn not in out and table_bytes(kn.k_slices, cfg.group_size) <= SMEM_LIMIT:
             out.append(kn)
     if cfg.m > 1:
         out += [

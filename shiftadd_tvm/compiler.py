@@ -458,9 +458,9 @@ def build_imported(
     cuda = tgt.kind == "cuda"
     cuda_knobs = None
     if cuda:
-        from .schedules import lut_gemm_cuda
+        from . import tuning
 
-        records, source = lut_gemm_cuda.load_cuda_records(tgt.to_dict()["arch"])
+        records, source = tuning.load_cuda_records(tgt.to_dict()["arch"])
         log.info(
             "CUDA schedules: %s",
             f"{len(records)} tuning records from {source}"
@@ -469,7 +469,7 @@ def build_imported(
         )
 
         def cuda_knobs(cfg):
-            kn, how = lut_gemm_cuda.tuned_cuda_knobs(cfg, records)
+            kn, how = tuning.tuned_cuda_knobs(cfg, records)
             what = f"dequantize + {kn.dense} GEMM" if kn.dense else f"LUT, k_slices={kn.k_slices}"
             log.info("  %s: %s (%s)", cfg.name, what, how)
             return kn, how if source is None or how.startswith("default") else f"{how}, {source}"

@@ -1,6 +1,7 @@
 """Auto-tuning of the CPU LUT kernels: a search over the schedule template's knobs, measured
 locally or on a remote device through TVM's RPC, with records in ``tuning_logs/`` that ``compile()``
-reuses.
+reuses. The CUDA kernels' records (measured on a GPU by ``scripts/gpu_check.sh``) are looked up here
+too (``load_cuda_records``, ``tuned_cuda_knobs``).
 
 Why not MetaSchedule: our kernels are TVMScript templates whose schedule is fixed by a few knobs
 (``schedules/lut_gemm.py: LutGemmKnobs``: rows per table vector, interleaved output rows, parallel
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from ._files import write_text_atomic
 from .errors import ConfigError
+from .schedules import lut_gemm_cuda
 from .schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ NOISE_MARGIN = 0.03  # a candidate must beat the default by 3% to replace it
 
 
 def tuning_log_dir() -> Path:
+    """``$SHIFTADD_TVM_TUNING_LOGS`` or the repository's ``tuning_logs/``."""
     env = os.environ.get("SHIFTADD_TVM_TUNING_LOGS")
     return Path(env) if env else Path(__file__).resolve().parents[1] / "tuning_logs"
 
@@ -101,6 +104,52 @@ def lookup_knobs(cfg: LutGemmConfig, db: Database | None, threads: int):
     except (TypeError, ValueError) as e:
         return default, f"default rule (record in {db.path.name} is incompatible: {e})"
     return kn, f"tuned ({db.path.name}: {rec['us']:.0f} us vs default {rec['default_us']:.0f} us)"
+
+
+# ----------------------------------------------------------------------------- CUDA records
+def load_cuda_records(arch: str) -> tuple[dict, str | None]:
+    """Tuned knobs per configuration from ``tuning_logs/cuda_<arch>.json`` (written from a GPU run
+    of ``scripts/gpu_check.sh``): ({config JSON: knobs}, description) or ({}, None)."""
+    path = tuning_log_dir() / f"cuda_{arch}.json"
+    if not path.is_file():
+        return {}, None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        records = {
+            json.dumps(r["config"], sort_keys=True): lut_gemm_cuda.CudaKnobs(**r["knobs"])
+            for r in data["records"]
+        }
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring unreadable tuning log %s (%s); using default schedules", path, e)
+        return {}, None
+    return records, f"{path.name} (measured on {data.get('measured_on', 'unknown GPU')})"
+
+
+def tuned_cuda_knobs(cfg: LutGemmConfig, records: dict) -> tuple:
+    """Knobs for ``cfg``: the record of the same configuration, else the record of the same weight
+    shape at the nearest M on the same side of ``lut_gemm_cuda.DENSE_FROM_M``, else the default rule; with where
+    they came from."""
+    exact = records.get(cfg.to_json())
+    if exact is not None:
+        return exact, "tuned"
+    same_shape = []
+    regime = (
+        cfg.m >= lut_gemm_cuda.DENSE_FROM_M
+    )  # a record at M=1 says nothing about LUT vs GEMM at M=512
+    for key, kn in records.items():
+        c = json.loads(key)
+        if (c["n"], c["k"], c["bits"], c["group_size"], c["terms"]) == (
+            cfg.n, cfg.k, cfg.bits, cfg.group_size, cfg.terms,
+        ) and (c["m"] >= lut_gemm_cuda.DENSE_FROM_M) == regime:  # fmt: skip
+            same_shape.append((abs(c["m"] - cfg.m), c["m"], kn))
+    if same_shape:
+        _, m, kn = min(same_shape, key=lambda t: t[:2])
+        try:
+            kn.validate(cfg)
+            return kn, f"tuned at M={m}"
+        except ValueError:
+            pass
+    return lut_gemm_cuda.default_cuda_knobs(cfg), "default rule (no tuning record)"
 
 
 # ----------------------------------------------------------------------------- search space

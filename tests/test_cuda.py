@@ -19,7 +19,6 @@ from shiftadd_tvm.schedules.lut_gemm_cuda import (
     candidate_cuda_knobs,
     make_cuda_primfunc,
     reference_cuda,
-    tuned_cuda_knobs,
 )
 from shiftadd_tvm.schedules.packing import (
     encode_terms,
@@ -30,6 +29,7 @@ from shiftadd_tvm.schedules.packing import (
 
 import shiftadd_tvm
 from shiftadd_tvm.errors import ArtifactError, ConfigError
+from shiftadd_tvm.tuning import tuned_cuda_knobs
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 
