@@ -386,7 +386,6 @@ class _Harness:
         from tqdm import tqdm
 
         from .baselines import quantize_baseline
-        from .evaluate import torch_logits_fn
 
         s = self.spec
         digest = s.digest(*_FIT_FIELDS, *_EVAL_FIELDS) + f"-{method}-{bits}"
@@ -412,31 +411,12 @@ class _Harness:
             dense[name] = q
             bpw, count = bpw + b * wt.numel(), count + wt.numel()
         t_fit = time.time() - t0
-        ppl = self._with_weights(
-            dense,
-            lambda: _ppl_texts(
-                torch_logits_fn(self.model), self.windows, f"{method} {bits}", self.progress
-            ),
-        )
-        row = {
-            "digest": digest,
-            "method": method,
-            "label": str(bits),
-            "bits": bits,
-            "budget": None,
-            "bits_per_weight": round(bpw / count, 4),
-            "runner": "torch, fake-quantized weights",
-            "ppl": ppl,
-            "fit_s": round(t_fit, 1),
-        }
-        _save_json(path, row)
-        return row
+        return self._torch_row(method, bits, dense, bpw / count, t_fit, digest, path)
 
     def _sequential_row(self, bits: int, digest: str, path: Path) -> dict:
         """Ours, fitted block by block on the outputs of the already-quantized blocks
         (``calibrate.sequential_fit``); evaluated in torch (an ablation of the calibration)."""
         from .calibrate import sequential_fit
-        from .evaluate import torch_logits_fn
         from .gptq import gptq_bcq
         from .text import token_ids
 
@@ -453,19 +433,25 @@ class _Harness:
         )
         t_fit = time.time() - t0
         dense = {n: r.dequantize() for n, r in res.items()}
+        return self._torch_row(SEQUENTIAL, bits, dense, cfg.bits_per_weight(), t_fit, digest, path)
+
+    def _torch_row(self, method, bits, dense, bpw, t_fit, digest, path) -> dict:
+        """Perplexity in torch with ``dense`` weights swapped in; the row, saved to ``path``."""
+        from .evaluate import torch_logits_fn
+
         ppl = self._with_weights(
             dense,
             lambda: _ppl_texts(
-                torch_logits_fn(self.model), self.windows, f"{SEQUENTIAL} {bits}", self.progress
+                torch_logits_fn(self.model), self.windows, f"{method} {bits}", self.progress
             ),
         )
         row = {
             "digest": digest,
-            "method": SEQUENTIAL,
+            "method": method,
             "label": str(bits),
             "bits": bits,
             "budget": None,
-            "bits_per_weight": round(cfg.bits_per_weight(), 4),
+            "bits_per_weight": round(bpw, 4),
             "runner": "torch, fake-quantized weights",
             "ppl": ppl,
             "fit_s": round(t_fit, 1),
