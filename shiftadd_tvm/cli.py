@@ -348,6 +348,19 @@ def _add_gpu_check(sub) -> None:
     )
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: 'bench kernel' (LUT kernel vs competitors), 'bench model' (decode)",
+        description="Speed benchmarks that print a table and write JSON; competitors are timed "
+        "in the same run (ratios are what to read on shared machines).",
+    )
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    from .bench_kernel import add_parser as _add_bench_kernel
+
+    _add_bench_kernel(bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shiftadd-tvm",
@@ -361,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bundle(sub)
     _add_tune(sub)
     _add_gpu_check(sub)
+    _add_bench(sub)
     from .report import add_parser as _add_report
 
     _add_report(sub)
@@ -374,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return gpu_check_main(argv[1:])
     args = build_parser().parse_args(argv)
+    args.argv = argv[2:] if argv[:1] == ["bench"] else argv
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -389,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             "bundle": cmd_bundle,
             "tune": cmd_tune,
             "report": cmd_report,
+            "bench": lambda a: a.func(a),
         }
         rc = commands[args.command](args)
     except ShiftAddError as e:
