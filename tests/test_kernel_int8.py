@@ -1,0 +1,150 @@
+"""The int8-table LUT kernels (AVX-512, AVX2, NEON) against their numpy model and the exact
+reference, on random and ragged shapes; CPU feature detection and refusal."""
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+from shiftadd_tvm.schedules import lut_gemm_int8 as L
+from shiftadd_tvm.schedules.lut_gemm import LutGemmConfig, make_primfunc, reference
+from shiftadd_tvm.schedules.packing import encode_terms, pack_planes
+
+from shiftadd_tvm import cpu_features
+from shiftadd_tvm.errors import ConfigError
+
+RTOL_MODEL = 2e-6  # kernel vs reference_int8: same integers, float32 vs float64 sums (relative L2)
+RTOL_EXACT = 2e-2  # int8 tables vs exact float64 (the table quantization costs ~7e-3)
+TARGETS = {
+    "avx512": {"kind": "llvm", "mcpu": "znver4", "num-cores": 2},
+    "avx2": {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2},
+    "neon": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+    "generic": {"kind": "llvm", "num-cores": 2},
+}
+SHAPES = [  # m, n, k, bits, group_size, terms
+    (1, 64, 128, 2, 32, 1),
+    (1, 70, 576, 3, 128, 3),  # ragged N (not a tile multiple), K not a multiple of 128
+    (3, 100, 100, 4, 32, 3),  # K=100 with group 32: ragged K; M=3
+    (8, 33, 256, 1, 64, 3),  # one bit, M=8
+    (8, 96, 192, 2, 64, 1),
+]
+
+
+def random_case(cfg, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((cfg.m, cfg.k)).astype(np.float32)
+    x[:, rng.integers(0, cfg.k)] *= 30  # an outlier channel, as real activations have
+    codes = rng.random((cfg.bits, cfg.n, cfg.k)) < 0.5
+    signs = rng.choice([-1, 0, 1], (cfg.bits, cfg.n, cfg.groups, cfg.terms))
+    exps = rng.integers(-12, 3, (cfg.bits, cfg.n, cfg.groups, cfg.terms))
+    return x, pack_planes(codes, cfg.group_size), encode_terms(signs, exps)
+
+
+def run_int8(cfg, isa, x, planes, scales, knobs=None):
+    func = L.make_int8_primfunc(cfg, knobs, isa)
+    ex = tvm.compile(tvm.IRModule({"k": func}), target=tvm.target.Target(TARGETS[isa]))
+    args = [x, *L.pack_int8(planes, scales, cfg, isa), np.zeros((cfg.m, cfg.n), np.float32)]
+    args = [tvm.runtime.tensor(a) for a in args]
+    ex.jit()[f"{cfg.name}_{isa}"](*args)
+    return args[-1].numpy()
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def runnable(isa):
+    return pytest.mark.skipif(
+        bool(cpu_features.host_missing(isa)), reason=f"this CPU cannot run {isa} code"
+    )
+
+
+@pytest.mark.parametrize("isa", [pytest.param(i, marks=runnable(i)) for i in ("avx512", "avx2")])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "m{}_n{}_k{}_b{}_g{}_t{}".format(*s))
+def test_int8_kernel_matches_models(isa, shape):
+    cfg = LutGemmConfig(*shape)
+    x, planes, scales = random_case(cfg, seed=sum(shape))
+    y = run_int8(cfg, isa, x, planes, scales)
+    model = L.reference_int8(x, planes, scales, cfg)
+    assert rel(y, model) < RTOL_MODEL
+    assert rel(y, reference(x, planes, scales, cfg)) < RTOL_EXACT
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:3], ids=lambda s: "m{}_n{}_k{}".format(*s[:3]))
+def test_generic_kernel_same_cases(shape):
+    """The generic (float-table) kernel on the same cases: exact up to float32 sums."""
+    cfg = LutGemmConfig(*shape)
+    x, planes, scales = random_case(cfg, seed=sum(shape))
+    ex = tvm.compile(
+        tvm.IRModule({cfg.name: make_primfunc(cfg)}), target=tvm.target.Target(TARGETS["generic"])
+    )
+    y = tvm.runtime.tensor(np.zeros((cfg.m, cfg.n), np.float32))
+    args = [tvm.runtime.tensor(a) for a in (x, planes, scales)]
+    ex.jit()[cfg.name](*args, y)
+    assert rel(y.numpy(), reference(x, planes, scales, cfg)) < 1e-5
+
+
+@pytest.mark.skipif(bool(cpu_features.host_missing("avx512")), reason="needs AVX-512 VBMI/VNNI")
+def test_parallel_tasks_and_row_blocks():
+    """Several row blocks x N chunks x parallel table build give the same result."""
+    cfg = LutGemmConfig(8, 200, 256, 3, 64, 3)
+    x, planes, scales = random_case(cfg, seed=5)
+    model = L.reference_int8(x, planes, scales, cfg)
+    for kn in (L.Int8Knobs(2, 3, True), L.Int8Knobs(8, 1, False), L.Int8Knobs(1, 7, True)):
+        assert rel(run_int8(cfg, "avx512", x, planes, scales, kn), model) < RTOL_MODEL, kn
+
+
+def test_table_model_and_deltas():
+    cfg = LutGemmConfig(2, 32, 40, 2, 32, 2)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 40)).astype(np.float32)
+    x[1] = 0  # an all-zero row: zero tables, no division by zero
+    tab, ls = L.build_tables(x, cfg)
+    assert tab.shape == (2, cfg.kp // 4, 16) and np.abs(tab).max() <= L.QMAX
+    assert not tab[1].any() and not ls[1].any()
+    # entry c of quad q is the signed sum of its 4 activations, quantized with the group's scale
+    q = 3
+    want = sum((1 if (5 >> t) & 1 else -1) * x[0, 4 * q + t] for t in range(4))
+    assert abs(tab[0, q, 5] * ls[0, 0] - want) <= ls[0, 0] * 0.51
+    # term deltas: +2^-3 -> -3; -2^-3 -> -3 + 256; absent -> ABSENT_E
+    codes = encode_terms(np.array([1, -1, 0]), np.array([-3, -3, 0]))
+    assert L.term_deltas(codes).tolist() == [-3, 253, L.ABSENT_E]
+
+
+def test_unsupported_cases_are_named():
+    assert "multiple of 16" in L.unsupported_reason(LutGemmConfig(1, 8, 64, 2, 8, 1), "avx512")
+    assert L.unsupported_reason(LutGemmConfig(1, 8, 64, 2, 8, 1), "avx2") is None
+    with pytest.raises(ValueError, match="multiple of 16"):
+        L.make_int8_primfunc(LutGemmConfig(1, 8, 64, 2, 8, 1), None, "avx512")
+
+
+def test_kernel_isa_from_target():
+    assert cpu_features.kernel_isa({"kind": "llvm", "mcpu": "znver4"}) == "avx512"
+    assert cpu_features.kernel_isa({"kind": "llvm", "mcpu": "x86-64-v3"}) == "avx2"
+    # AVX-512 without VBMI: vpermb would abort LLVM, so the AVX2 kernel
+    assert cpu_features.kernel_isa({"kind": "llvm", "mcpu": "skylake-avx512"}) == "avx2"
+    assert cpu_features.kernel_isa({"kind": "llvm", "mattr": ["+avx2"]}) == "avx2"
+    assert cpu_features.kernel_isa({"kind": "llvm"}) == "generic"
+    assert cpu_features.kernel_isa(TARGETS["neon"]) == "neon"
+    assert cpu_features.kernel_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}) == "neon"
+
+
+def test_host_refuses_missing_features(monkeypatch):
+    if cpu_features.host_flags() and "asimd" not in cpu_features.host_flags():  # an x86 host
+        with pytest.raises(ConfigError, match="neon"):
+            cpu_features.require_host_isa("neon")
+    no_vbmi = frozenset(cpu_features.host_flags() - {"avx512vbmi", "avx512_vnni", "avx512vnni"})
+    monkeypatch.setattr(cpu_features, "host_flags", lambda: no_vbmi)
+    with pytest.raises(ConfigError, match="avx512vbmi"):
+        cpu_features.require_host_isa("avx512", "artifact 'x.so'")
+    cpu_features.require_host_isa("generic")  # nothing needed
+
+
+def test_neon_compiles_to_tbl():
+    """Compile-only (this machine is x86): the aarch64 code uses tbl lookups."""
+    cfg = LutGemmConfig(2, 64, 128, 2, 32, 3)
+    func = L.make_int8_primfunc(cfg, None, "neon")
+    ex = tvm.compile(tvm.IRModule({"k": func}), target=tvm.target.Target(TARGETS["neon"]))
+    asm = ex.mod.inspect_source("asm")
+    n_tbl = len(re.findall(r"\btbl\b", asm))
+    assert n_tbl >= cfg.bits * 2 * 2  # 2 quads x 2 halves of a 32-row tile per plane
