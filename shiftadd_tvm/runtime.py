@@ -296,7 +296,7 @@ class Runtime:
             self._gpu_ids = alloc(ffi.Shape((1, self.seq_len)), ffi.dtype("int64"), dev, None)
             self._logits = _aligned((1, self.seq_len, self.vocab_size), np.float32)
 
-    def _check(self, input_ids) -> np.ndarray:
+    def _check(self, input_ids, longest: int | None = None) -> np.ndarray:
         ids = np.asarray(input_ids)
         if ids.dtype.kind not in "iu":
             raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
@@ -306,7 +306,7 @@ class Runtime:
             raise InputError(f"input_ids must be [batch, seq] (or [seq]), got shape {ids.shape}")
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise InputError(f"input_ids is empty (shape {ids.shape})")
-        if ids.shape[1] > self.seq_len:
+        if longest is None and ids.shape[1] > self.seq_len:  # KV-cache paths check their own
             raise InputError(
                 f"sequence of {ids.shape[1]} tokens is longer than the {self.seq_len} this artifact "
                 "was compiled for; split the input or recompile with a larger --seq-len"
@@ -329,6 +329,83 @@ class Runtime:
             out[b] = self._forward()[0, :seq]
         return out
 
+    # -- KV-cache decoding (artifacts compiled with step functions) --------------------------
+    @property
+    def max_context(self) -> int:
+        """Tokens the KV cache holds (prompt + generated); 0 without decode functions."""
+        spec = self.manifest.get("decode")
+        return int(spec["max_context"]) if spec else 0
+
+    @property
+    def cache_len(self) -> int:
+        """Tokens now in the KV cache."""
+        return self._cache.pos if getattr(self, "_kv", None) is not None else 0
+
+    @property
+    def _cache(self) -> _KVCache:
+        if getattr(self, "_kv", None) is None:
+            spec = self.manifest.get("decode")
+            if not spec:
+                raise ArtifactError(
+                    f"'{self.path}' was compiled without KV-cache step functions; recompile it "
+                    "with decode on (the default for LLaMA-family models on CPU targets)"
+                )
+            if self._device[0] != _KDL_CPU:
+                raise ArtifactError("KV-cache decoding runs on CPU artifacts only")
+            self._kv = _KVCache(self, spec)
+        return self._kv
+
+    def reset(self) -> None:
+        """Empty the KV cache (the next ``prefill`` starts a new sequence)."""
+        self._cache.pos = 0
+
+    def _tokens(self, ids, what: str) -> np.ndarray:
+        arr = self._check(ids, longest=self._cache.max_context)
+        if arr.shape[0] != 1:
+            raise InputError(f"{what} runs batch 1; got {arr.shape[0]} rows")
+        cache = self._cache
+        if cache.pos + arr.shape[1] > cache.max_context:
+            raise InputError(
+                f"{what}: {cache.pos} cached + {arr.shape[1]} new tokens exceed the KV cache of "
+                f"{cache.max_context} tokens this artifact was compiled for; reset(), shorten "
+                "the input or recompile with a larger --max-context"
+            )
+        return arr[0]
+
+    def prefill(self, input_ids) -> np.ndarray:
+        """Append the prompt ``input_ids`` ([n] or [1, n]) to the KV cache (after ``reset()`` for a
+        new sequence); returns the logits float32[vocab] that follow its last token."""
+        return self._cache.append(self._tokens(input_ids, "prefill"))
+
+    def decode(self, token: int) -> np.ndarray:
+        """Append one token; returns the logits float32[vocab] of the next one."""
+        return self._cache.run(self._tokens(np.asarray([int(token)]), "decode"), 1)
+
+    def generate(self, input_ids, max_new_tokens: int, eos_token_id: int | None = None):
+        """Greedy continuation of ``input_ids`` ([n] or [1, n]) by up to ``max_new_tokens`` tokens
+        (fewer if ``eos_token_id`` comes); returns the new token ids int64[m]. Starts a new
+        sequence (the cache is reset)."""
+        prompt = self._check(input_ids, longest=self._cache.max_context)
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        need = prompt.shape[1] + max_new_tokens - 1  # the last new token is never fed back
+        if need > self._cache.max_context:
+            raise InputError(
+                f"{prompt.shape[1]} prompt tokens + {max_new_tokens} new tokens need a KV cache of "
+                f"{need} tokens; this artifact holds {self._cache.max_context}: shorten the prompt, "
+                "generate fewer tokens or recompile with a larger --max-context"
+            )
+        self.reset()
+        logits = self.prefill(prompt)
+        out = []
+        for i in range(max_new_tokens):
+            nxt = int(np.argmax(logits))
+            out.append(nxt)
+            if nxt == eos_token_id or i == max_new_tokens - 1:
+                break
+            logits = self.decode(nxt)
+        return np.asarray(out, dtype=np.int64)
+
     def _forward(self) -> np.ndarray:
         """One call of the compiled ``main`` on ``self._ids``; logits as a host array."""
         ids = self._ffi.from_dlpack(self._ids)
@@ -341,6 +418,78 @@ class Runtime:
             self._copy(logits, self._ffi.from_dlpack(self._logits))
             return self._logits
         return np.from_dlpack(logits)
+
+
+class _KVCache:
+    """The runtime side of the KV-cache step functions (``shiftadd_tvm/decode.py``).
+
+    Holds ``k``/``v`` float32[layers, kv_heads, max_context, head_dim] (64-byte aligned; each
+    layer's slice is passed to the module zero-copy through DLPack, wrapped once) and the position.
+    A step runs the compiled attention over the cache and returns the new rows, which are copied
+    into the cache here (a few KB per token)."""
+
+    SMALL_TAIL = 8  # a prompt tail this short runs as single-token steps instead of a padded chunk
+
+    def __init__(self, rt: Runtime, spec: dict):
+        ffi = rt._ffi
+        self.layers, self.kv_heads = int(spec["layers"]), int(spec["kv_heads"])
+        self.max_context, self.head_dim = int(spec["max_context"]), int(spec["head_dim"])
+        shape = (self.layers, self.kv_heads, self.max_context, self.head_dim)
+        self.k, self.v = _aligned(shape, np.float32), _aligned(shape, np.float32)
+        if any(a[i].ctypes.data % 64 for a in (self.k, self.v) for i in range(self.layers)):
+            raise ArtifactError(f"'{rt.path}': cache layers are not 64-byte aligned ({shape})")
+        self._cache_args = [
+            ffi.from_dlpack(a[i]) for i in range(self.layers) for a in (self.k, self.v)
+        ]
+        self._scalars = _aligned((2, 1), np.int64)  # pos, last
+        self._pos_arg = ffi.from_dlpack(self._scalars[0])
+        self._last_arg = ffi.from_dlpack(self._scalars[1])
+        self.steps: dict[int, tuple] = {}
+        for name, fspec in spec["functions"].items():
+            tokens = int(fspec["tokens"])
+            ids = _aligned((1, tokens), np.int64)
+            try:
+                fn = rt._vm[name]
+            except Exception as e:
+                raise ArtifactError(f"'{rt.path}' lacks its step function {name}: {e}") from e
+            self.steps[tokens] = (fn, ids, ffi.from_dlpack(ids))
+        if 1 not in self.steps:
+            raise ArtifactError(f"'{rt.path}' has no single-token step function (step_t1)")
+        self.pos = 0
+
+    def run(self, tokens: np.ndarray, width: int) -> np.ndarray:
+        """Append ``tokens`` (at most ``width``) with the step function of length ``width``;
+        returns the logits float32[vocab] after the last of them."""
+        n = len(tokens)
+        fn, ids, ids_arg = self.steps[width]
+        ids[0, :n] = tokens
+        ids[0, n:] = 0  # padding after the real tokens: causal, and its cache rows are dropped
+        self._scalars[0, 0] = self.pos
+        self._scalars[1, 0] = n - 1
+        logits, new_k, new_v = fn(ids_arg, self._pos_arg, self._last_arg, *self._cache_args)
+        end = self.pos + n
+        self.k[:, :, self.pos : end] = np.from_dlpack(new_k)[:, :, :n]
+        self.v[:, :, self.pos : end] = np.from_dlpack(new_v)[:, :, :n]
+        self.pos = end
+        return np.from_dlpack(logits)[0]
+
+    def append(self, tokens: np.ndarray) -> np.ndarray:
+        """Append any number of tokens: full chunks of the longest step, then the tail as a padded
+        chunk of the shortest step that holds it (or single steps when it is short)."""
+        widest = max(self.steps)
+        logits = None
+        i = 0
+        while len(tokens) - i >= widest:
+            logits = self.run(tokens[i : i + widest], widest)
+            i += widest
+        tail = len(tokens) - i
+        if tail:
+            width = min(t for t in self.steps if t >= tail)
+            if width > 1 and tail <= self.SMALL_TAIL:
+                width = 1
+            for j in range(i, len(tokens), width):
+                logits = self.run(tokens[j : j + width], width)
+        return logits
 
 
 class KernelLibrary:

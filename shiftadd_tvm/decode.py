@@ -1,0 +1,203 @@
+"""KV-cache decode functions for LLaMA-family models: one step of T tokens against a static cache.
+
+``compile(..., decode=True)`` exports, besides ``main(ids[1, seq_len]) -> logits``, one Relax
+function per step length T (``step_t1`` for decode, ``step_t128`` for prefill chunks by default)
+into the SAME module, so one ``.so`` holds them and the weights once (constants are shared by
+content, see ``share_constants``). Each step function is
+
+    step_tT(ids int64[1, T], pos int64[1], last int64[1],
+            k_0, v_0, ..., k_{L-1}, v_{L-1}: float32[kv_heads, S, head_dim])
+        -> (logits float32[1, vocab]  of token ``last`` of the chunk,
+            new_k, new_v float32[L, kv_heads, T, head_dim])   (RoPE already applied to new_k)
+
+``pos`` is the number of tokens already in the cache (cache rows ``< pos`` are valid, the rest is
+masked out); the T new tokens sit at positions ``pos .. pos + T - 1``. The function does not write
+the cache: the runtime copies the (small) ``new_k``/``new_v`` rows into its cache arrays, which are
+passed to the module zero-copy through DLPack. Attention is computed without copying or
+concatenating the cache: scores over the cache (masked to ``< pos``) and causal scores over the T
+new tokens share one softmax, and the output is ``P_cache @ V_cache + P_new @ V_new``. Grouped
+query heads are folded into the rows of one matmul per KV head (no repeated K/V).
+
+The wrapper reuses the model's own submodules (projections stay ``nn.Linear``, so the LUT rewrite
+pass sees the same weights in every function; norms, MLP and rotary embedding are the model's).
+Padding a chunk (tokens past ``last``) is exact: they come after the real tokens and the runtime
+does not store their cache rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .errors import ConfigError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # pre-norm, RoPE, GQA, SiLU-gated MLP
+DEFAULT_STEP_LENGTHS = (1, 128)
+CACHE_ALIGN_TOKENS = 16  # S rounded up so that every layer's cache slice is 64-byte aligned
+
+
+def step_name(tokens: int) -> str:
+    return f"step_t{tokens}"
+
+
+def check_supported(model) -> None:
+    """Raise ``UnsupportedModelError`` unless the wrapper below computes ``model`` exactly."""
+    cfg = getattr(model, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in SUPPORTED_TYPES:
+        raise UnsupportedModelError(
+            f"KV-cache decode supports {SUPPORTED_TYPES} models, not {mtype!r}; compile without "
+            "decode (decode=False / --no-decode)"
+        )
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        raise UnsupportedModelError(
+            f"{mtype} with a sliding attention window is not supported by the decode wrapper; "
+            "compile without decode"
+        )
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        raise UnsupportedModelError(
+            "the model has no .model.layers / .model.rotary_emb (not a HF LLaMA-family layout); "
+            "compile without decode"
+        )
+    attn = inner.layers[0].self_attn
+    extra = [n for n in ("q_norm", "k_norm") if hasattr(attn, n)]
+    if extra:
+        raise UnsupportedModelError(
+            f"attention with {extra} is not supported by the decode wrapper; compile without decode"
+        )
+
+
+def cache_shape(model, max_context: int) -> dict:
+    """The cache geometry the step functions are compiled for."""
+    cfg = model.config
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    if max_context < 1:
+        raise ConfigError(f"max_context={max_context} must be >= 1")
+    s = -(-max_context // CACHE_ALIGN_TOKENS) * CACHE_ALIGN_TOKENS
+    return {
+        "layers": int(cfg.num_hidden_layers),
+        "heads": heads,
+        "kv_heads": kv,
+        "head_dim": head_dim,
+        "max_context": int(s),
+        "layout": "per layer: k_l, v_l float32[kv_heads, max_context, head_dim]",
+    }
+
+
+class KVStep(torch.nn.Module):
+    """One step of T tokens of a HF LLaMA-family causal LM against an explicit static cache."""
+
+    def __init__(self, model, tokens: int, max_context: int):
+        super().__init__()
+        check_supported(model)
+        self.model = model  # same attribute name as frontend._LogitsOnly: same parameter names
+        geo = cache_shape(model, max_context)
+        self.tokens, self.max_context = tokens, geo["max_context"]
+        self.layers, self.heads = geo["layers"], geo["heads"]
+        self.kv_heads, self.head_dim = geo["kv_heads"], geo["head_dim"]
+        self.groups = self.heads // self.kv_heads
+        t, g = tokens, self.groups
+        rows = torch.arange(g * t) % t  # row r of a KV head's group block is token r % T
+        self.register_buffer("causal", rows[:, None] >= torch.arange(t)[None, :], persistent=False)
+        self.register_buffer("slots", torch.arange(self.max_context), persistent=False)
+        self.register_buffer("offsets", torch.arange(t), persistent=False)
+
+    def _attend(self, attn, h, cos, sin, k_cache, v_cache, valid):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        t, kvh, d, g = self.tokens, self.kv_heads, self.head_dim, self.groups
+        q = attn.q_proj(h).view(1, t, self.heads, d).transpose(1, 2)  # [1, H, T, D]
+        k = attn.k_proj(h).view(1, t, kvh, d).transpose(1, 2)  # [1, KVH, T, D]
+        v = attn.v_proj(h).view(1, t, kvh, d).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        qg = q.reshape(kvh, g * t, d)  # head kv*G + j reads KV head kv (HF repeat_kv order)
+        k0, v0 = k[0], v[0]  # [KVH, T, D]
+        scale = attn.scaling
+        s_cache = torch.matmul(qg, k_cache.transpose(1, 2)) * scale  # [KVH, G*T, S]
+        s_new = torch.matmul(qg, k0.transpose(1, 2)) * scale  # [KVH, G*T, T]
+        neg = torch.tensor(float("-inf"))
+        s_cache = torch.where(valid, s_cache, neg)
+        s_new = torch.where(self.causal, s_new, neg)
+        m = torch.maximum(s_cache.max(-1, keepdim=True).values, s_new.max(-1, keepdim=True).values)
+        e_cache, e_new = torch.exp(s_cache - m), torch.exp(s_new - m)
+        denom = e_cache.sum(-1, keepdim=True) + e_new.sum(-1, keepdim=True)
+        out = (torch.matmul(e_cache, v_cache) + torch.matmul(e_new, v0)) / denom  # [KVH, G*T, D]
+        out = out.reshape(1, self.heads, t, d).transpose(1, 2).reshape(1, t, self.heads * d)
+        return attn.o_proj(out), k0, v0
+
+    def forward(self, ids, pos, last, caches: list[torch.Tensor]):
+        inner = self.model.model
+        x = inner.embed_tokens(ids)  # [1, T, hidden]
+        position_ids = (pos + self.offsets)[None, :]  # [1, T]
+        cos, sin = inner.rotary_emb(x, position_ids)
+        valid = (self.slots < pos)[None, None, :]  # [1, 1, S]
+        new_k, new_v = [], []
+        for i, layer in enumerate(inner.layers):
+            a, k0, v0 = self._attend(
+                layer.self_attn,
+                layer.input_layernorm(x),
+                cos,
+                sin,
+                caches[2 * i],
+                caches[2 * i + 1],
+                valid,
+            )
+            x = x + a
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            new_k.append(k0)
+            new_v.append(v0)
+        h = torch.index_select(x[0], 0, last)  # [1, hidden]: only the asked-for token's logits
+        logits = self.model.lm_head(inner.norm(h))
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+
+def example_inputs(step: KVStep):
+    caches = [
+        torch.zeros((step.kv_heads, step.max_context, step.head_dim))
+        for _ in range(2 * step.layers)
+    ]
+    return (
+        torch.zeros((1, step.tokens), dtype=torch.int64),
+        torch.zeros((1,), dtype=torch.int64),
+        torch.zeros((1,), dtype=torch.int64),
+        caches,
+    )
+
+
+def import_step(model, tokens: int, max_context: int):
+    """Export one step function; returns ``(relax Function, params)`` where the function takes
+    ``3 + 2 * layers`` inputs followed by the weights (named like ``frontend.import_causal_lm``'s)
+    and ``params`` maps weight parameter names to numpy values."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from .frontend import _cumsum_bool_fix
+
+    step = KVStep(model, tokens, max_context).eval()
+    t0 = time.time()
+    with torch.no_grad():
+        ep = torch.export.export(step, example_inputs(step))
+    mod = from_exported_program(
+        ep, keep_params_as_input=True, custom_convert_map={"cumsum.default": _cumsum_bool_fix}
+    )
+    log.info("step T=%d: torch.export + Relax import in %.1fs", tokens, time.time() - t0)
+    state = ep.state_dict
+    params = {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.target is None:
+            continue
+        tensor = state[spec.target] if spec.target in state else ep.constants[spec.target]
+        params[spec.arg.name] = tensor.detach().cpu().numpy()
+    func = mod["main"]
+    n_inputs = 3 + 2 * step.layers
+    weights = [str(p.name) for p in func.params[n_inputs:]]
+    missing = [p for p in weights if p not in params]
+    if missing:
+        raise RuntimeError(f"step T={tokens}: exported parameters without values: {missing[:5]}")
+    return func, params, n_inputs
