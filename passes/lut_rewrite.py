@@ -11,6 +11,11 @@ MatMul/Gemm, HF Conv1D), where ``W`` is a constant or a function parameter the c
 One kernel per distinct configuration is added to the module (call sites share it). Every matmul
 seen is recorded as rewritten or left dense (with the reason), so compile reports can say exactly
 what runs multiplication-free.
+
+On llvm targets the kernel is the int8-table kernel of ``cpu_isa`` (``schedules/lut_gemm_int8.py``:
+``avx512``, ``avx2``, ``neon``; its weights re-laid out by ``pack_int8``) or the float-table
+kernel (``generic``, ``schedules/lut_gemm.py``). A configuration the int8 kernel cannot run falls
+back to the float kernel with a warning, and is counted in ``RewriteRecord.int8_fallbacks``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..schedules import dense_gemm, lut_gemm_cuda
+from ..schedules import dense_gemm, lut_gemm_cuda, lut_gemm_int8
 from ..schedules.cpu_rules import KERNEL_ATTR
 from ..schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs, make_primfunc
 
@@ -58,15 +63,17 @@ class RewriteRecord:
     rewritten: list[dict] = dataclasses.field(default_factory=list)
     dense: list[dict] = dataclasses.field(default_factory=list)
     kernels: dict[str, dict] = dataclasses.field(default_factory=dict)
+    int8_fallbacks: int = 0  # CPU kernels that could not use the int8 kernel of the target's ISA
 
     def summary(self) -> str:
         reasons: dict[str, int] = {}
         for d in self.dense:
             reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
         why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none"
+        slow = f"; {self.int8_fallbacks} on the float-table kernel" if self.int8_fallbacks else ""
         return (
             f"{len(self.rewritten)} matmuls rewritten to LUT kernels "
-            f"({len({r['kernel'] for r in self.rewritten})} distinct kernels); "
+            f"({len({r['kernel'] for r in self.rewritten})} distinct kernels{slow}); "
             f"{len(self.dense)} left dense: {why}"
         )
 
@@ -94,6 +101,8 @@ def rewrite_matmuls(
     dense_kernel: bool = True,
     target_kind: str = "llvm",
     cuda_knobs=None,
+    cpu_isa: str = "generic",
+    int8_knobs=None,
 ):
     """Rewrite the matmuls of ``mod[func_name]``; returns ``(new_mod, RewriteRecord)``.
 
@@ -103,7 +112,9 @@ def rewrite_matmuls(
     legalization. ``target_kind="cuda"`` emits the CUDA kernel with its coalesced weight layouts
     (``schedules/lut_gemm_cuda.py``; ``knobs`` is then ignored) and leaves dense matmuls to the
     CUDA pipeline's dlight schedules; ``cuda_knobs(cfg) -> (CudaKnobs, source)`` picks its
-    schedule (default: the rule in ``lut_gemm_cuda.default_cuda_knobs``).
+    schedule (default: the rule in ``lut_gemm_cuda.default_cuda_knobs``). ``cpu_isa`` (from
+    ``cpu_features.kernel_isa`` of the target) picks the CPU kernel; ``int8_knobs(cfg) ->
+    (Int8Knobs, source)`` its schedule (default: ``lut_gemm_int8.default_int8_knobs``, 2 threads).
     """
     cuda = target_kind == "cuda"
     import tvm
@@ -154,6 +165,7 @@ def rewrite_matmuls(
             self.mod_ = mod
             self.gvars: dict[object, object] = {}
             self.cuda_knobs: dict[LutGemmConfig, object] = {}  # cfg -> CudaKnobs
+            self.int8_isa: dict[LutGemmConfig, str] = {}  # cfg -> ISA of its int8 kernel
 
         def add_kernel(self, cfg, func, info: dict):
             if cfg not in self.gvars:
@@ -182,9 +194,32 @@ def rewrite_matmuls(
                     return self.add_kernel(cfg, func, {**info, "kind": "dequant+gemm"}), kn
                 func = lut_gemm_cuda.make_cuda_primfunc(cfg, kn)
                 return self.add_kernel(cfg, func, {**info, "kind": "lut-cuda"}), kn
+            why = None
+            if cpu_isa != "generic":
+                why = lut_gemm_int8.unsupported_reason(cfg, cpu_isa)
+                if why is None:
+                    kn, how = (
+                        (lut_gemm_int8.default_int8_knobs(cfg, cpu_isa), "default rule")
+                        if int8_knobs is None
+                        else int8_knobs(cfg)
+                    )
+                    self.int8_isa[cfg] = cpu_isa
+                    func = lut_gemm_int8.make_int8_primfunc(cfg, kn, cpu_isa)
+                    info = {
+                        "kind": "lut-int8",
+                        "isa": cpu_isa,
+                        "knobs": dataclasses.asdict(kn),
+                        "schedule": how,
+                    }
+                    return self.add_kernel(cfg, func, info), None
+                record.int8_fallbacks += 1
+                log.warning("%s: float-table kernel instead of %s int8: %s", cfg.name, cpu_isa, why)
             kn = knobs(cfg)
             kn, how = kn if isinstance(kn, tuple) else (kn, "default rule")
-            info = {"knobs": dataclasses.asdict(kn), "schedule": how}
+            info = {"kind": "lut-float", "isa": "generic", "knobs": dataclasses.asdict(kn)}
+            info["schedule"] = how
+            if why:
+                info["int8_fallback"] = why
             return self.add_kernel(cfg, make_primfunc(cfg, kn), info), None
 
         def call(self, gv, x, dims, m, k, n, weights):
@@ -251,6 +286,8 @@ def rewrite_matmuls(
             if cuda:
                 planes = lut_gemm_cuda.planes_to_cuda(planes)
                 scales = lut_gemm_cuda.scales_to_cuda(scales)
+            elif cfg in self.int8_isa:
+                planes, scales = lut_gemm_int8.pack_int8(planes, scales, cfg, self.int8_isa[cfg])
             weights = [relax.const(planes), relax.const(scales)]
             if kn is not None and kn.dense:
                 return self.dense_call(gv, kn.dense, x, dims, m, k, n, weights)

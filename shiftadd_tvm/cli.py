@@ -141,7 +141,7 @@ def _add_eval(sub) -> None:
 def cmd_compile(args) -> int:
     import numpy as np
 
-    from .compiler import CalibrationSpec, compile, verify_against_torch
+    from .compiler import CalibrationSpec, compile, logits_tolerance, verify_against_torch
     from .errors import ConfigError
     from .models import load_model
     from .text import token_ids
@@ -193,8 +193,10 @@ def cmd_compile(args) -> int:
             "rel_err_vs_dequantized_torch": err,
         }
         log.info("artifact logits vs torch with the same dequantized weights: rel err %.2e", err)
-        if err > 1e-3:
-            log.error("verification failed: rel err %.2e > 1e-3", err)
+        tol = logits_tolerance(art.manifest)
+        report["verify"]["tolerance"] = tol
+        if err > tol:
+            log.error("verification failed: rel err %.2e > %.0e", err, tol)
     if args.report:
         from ._files import write_text_atomic
 
@@ -205,8 +207,12 @@ def cmd_compile(args) -> int:
         f"float weights); {art.manifest['rewrite']['summary']}; "
         f"{art.manifest['bits_per_weight']} bits/weight in the rewritten layers"
     )
-    verified = report.get("verify", {}).get("rel_err_vs_dequantized_torch", 0.0)
-    return 0 if verified <= 1e-3 else 3
+    verified = report.get("verify", {})
+    return (
+        0
+        if verified.get("rel_err_vs_dequantized_torch", 0.0) <= verified.get("tolerance", 1)
+        else 3
+    )
 
 
 def cmd_eval(args) -> int:

@@ -475,6 +475,7 @@ def build_imported(
             return kn, how if source is None or how.startswith("default") else f"{how}, {source}"
 
     cpu_knobs = default_knobs
+    cpu_isa, int8_knobs = "generic", None
     if not cuda:
         from . import tuning
 
@@ -494,6 +495,23 @@ def build_imported(
             log.info("  %s: %s (%s)", cfg.name, kn, how)
             return kn, how
 
+        from .cpu_features import kernel_isa
+        from .schedules.lut_gemm_int8 import default_int8_knobs
+
+        cpu_isa = kernel_isa(spec)  # from what LLVM enables for the target, not from this host
+        log.info(
+            "CPU LUT kernel: %s",
+            f"int8 tables, {cpu_isa}"
+            if cpu_isa != "generic"
+            else "float tables (generic: the target enables no AVX2/AVX-512 VBMI+VNNI/NEON)",
+        )
+
+        def int8_knobs(cfg):
+            kn = default_int8_knobs(cfg, cpu_isa, tuning.threads_of(spec))
+            how = "default rule (tuning records cover the float-table kernel only)"
+            log.info("  %s: %s %s (%s)", cfg.name, cpu_isa, kn, how)
+            return kn, how
+
     mod, record = rewrite_matmuls(
         imp.mod,
         choose,
@@ -501,6 +519,8 @@ def build_imported(
         knobs=cpu_knobs,
         target_kind=tgt.kind,
         cuda_knobs=cuda_knobs,
+        cpu_isa=cpu_isa,
+        int8_knobs=int8_knobs,
     )
     fallbacks = [d for d in record.dense if d.get("fallback")]
     done = {readable.get(r["weight"], r["weight"]) for r in record.rewritten}
@@ -590,7 +610,7 @@ def build_imported(
         },
         "calibration": imp.calib_info,
         "target": tgt.to_dict(),
-        "cpu_features": required_cpu_features(tgt),
+        "cpu_features": required_cpu_features(tgt, cpu_isa),
         **({"cuda_images": images} if images else {}),
         "timings_s": {
             "quantize": round(t_quant, 2),
@@ -617,19 +637,35 @@ _CHECKED_X86_FEATURES = (
 )
 
 
-def required_cpu_features(tgt) -> list[str]:
-    """The x86 SIMD features the target's ``mcpu`` enables (checked by the runtime at load)."""
+def required_cpu_features(tgt, isa: str = "generic") -> list[str]:
+    """The x86 SIMD features the target's ``mcpu`` enables and the int8 kernel of ``isa`` uses
+    (checked by the runtime at load)."""
+    from .cpu_features import ISA_FEATURES
+
     spec = tgt.to_dict()
+    kernel = [f for f in ISA_FEATURES.get(isa, ()) if f in _CHECKED_X86_FEATURES]
     if spec.get("kind") != "llvm" or "mcpu" not in spec:
-        return []
+        return kernel
     from tvm.target import codegen
 
     try:
         feats = codegen.llvm_get_cpu_features(tgt.tvm_target())
     except Exception:  # non-x86 or an LLVM without the query: nothing to check
         return []
-    names = {str(k) for k in feats}
+    names = {str(k) for k in feats} | set(kernel)
     return [f for f in _CHECKED_X86_FEATURES if f in names]
+
+
+# logits of an artifact with int8-table CPU kernels vs torch running the same dequantized weights:
+# every layer's activations enter through 8-bit tables (~7e-3 relative per layer)
+INT8_LOGITS_RTOL = 3e-2
+
+
+def logits_tolerance(manifest: dict, exact: float = 1e-3) -> float:
+    """Relative L2 bound for ``verify_against_torch`` of this artifact: ``exact`` for float-table
+    and CUDA kernels (float32 sums only), ``INT8_LOGITS_RTOL`` when int8-table kernels run."""
+    kernels = manifest.get("rewrite", {}).get("kernels", {}).values()
+    return INT8_LOGITS_RTOL if any(k.get("kind") == "lut-int8" for k in kernels) else exact
 
 
 def verify_against_torch(

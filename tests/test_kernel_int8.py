@@ -148,3 +148,42 @@ def test_neon_compiles_to_tbl():
     asm = ex.mod.inspect_source("asm")
     n_tbl = len(re.findall(r"\btbl\b", asm))
     assert n_tbl >= cfg.bits * 2 * 2  # 2 quads x 2 halves of a 32-row tile per plane
+
+
+@pytest.mark.skipif(bool(cpu_features.host_missing("avx512")), reason="needs AVX-512 VBMI/VNNI")
+def test_default_llvm_compile_uses_avx512_int8(tiny_artifact):
+    """compile(target="llvm") on an AVX-512 VBMI/VNNI machine runs every LUT matmul on the int8
+    AVX-512 kernel, says so in the manifest, and makes the runtime check those CPU features."""
+    art, _ = tiny_artifact
+    man = art.manifest
+    lut = [k for k in man["rewrite"]["kernels"].values() if k.get("kind") != "dense"]
+    assert lut and all((k["kind"], k["isa"]) == ("lut-int8", "avx512") for k in lut)
+    assert {"avx512vbmi", "avx512vnni"} <= set(man["cpu_features"])
+    assert "float-table" not in man["rewrite"]["summary"]
+
+
+def test_pass_falls_back_to_float_kernel_and_counts_it():
+    """A configuration the int8 kernel cannot run (group 8 on AVX-512) is logged and counted."""
+    from shiftadd_tvm.passes.lut_rewrite import PackedLinear, rewrite_matmuls
+    from tvm.script import relax as R
+
+    w = np.random.default_rng(0).standard_normal((16, 24)).astype(np.float32)
+
+    @tvm.script.ir_module
+    class Mod:
+        @R.function
+        def main(x: R.Tensor((2, 24), "float32"), wt: R.Tensor((16, 24), "float32")):
+            with R.dataflow():
+                y = R.matmul(x, R.permute_dims(wt, [1, 0]))
+                R.output(y)
+            return y
+
+    def quant(_key, w_nk):
+        cfg = LutGemmConfig(2, 16, 24, 2, 8, 1)
+        _, planes, scales = random_case(cfg, 0)
+        return PackedLinear(planes, scales, 16, 24, 8)
+
+    _, rec = rewrite_matmuls(Mod, quant, params={"wt": w}, cpu_isa="avx512")
+    (info,) = rec.kernels.values()
+    assert info["kind"] == "lut-float" and "multiple of 16" in info["int8_fallback"]
+    assert rec.int8_fallbacks == 1 and "1 on the float-table kernel" in rec.summary()

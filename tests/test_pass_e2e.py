@@ -5,6 +5,7 @@ import torch
 from conftest import TINY_SEQ
 
 import shiftadd_tvm
+from shiftadd_tvm.compiler import logits_tolerance
 
 
 def test_compiled_matches_dequantized_torch(tiny_model, tiny_artifact):
@@ -17,7 +18,7 @@ def test_compiled_matches_dequantized_torch(tiny_model, tiny_artifact):
         ref = art.apply_to(tiny_model)(input_ids=torch.from_numpy(ids)).logits.numpy()
         flt = tiny_model(input_ids=torch.from_numpy(ids)).logits.numpy()
     err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-    assert err < 1e-5, err
+    assert err < logits_tolerance(art.manifest, exact=1e-5), err
     # the quantization itself changes the model (so the comparison above is not vacuous)
     assert np.linalg.norm(got - flt) / np.linalg.norm(flt) > 1e-2
 
