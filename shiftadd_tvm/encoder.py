@@ -37,6 +37,11 @@ _registered = False
 # model's input, not from the 4-D mask transformers builds (which it drops when the example input
 # of torch.export has no padding, specializing the exported graph to unpadded inputs)
 _KEYMASK: list = []
+# hooks for calibration and simulation: ATTENTION_HOOKS["record"](site, q, k, v, keymask) sees the
+# inputs of every attention call; ATTENTION_HOOKS["replace"](site, q, k, v, keymask) -> out
+# [B, S, H, D] (or None) replaces its output. Sites are numbered per forward pass.
+ATTENTION_HOOKS: dict = {}
+_SITE = [0]
 
 
 def _register_torch_op() -> None:
@@ -65,6 +70,14 @@ def _register_torch_op() -> None:
     def hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
         keymask = _KEYMASK[-1].to(query.dtype) if _KEYMASK else _key_mask(attention_mask, query)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        site = _SITE[0]
+        _SITE[0] += 1
+        if "record" in ATTENTION_HOOKS:
+            ATTENTION_HOOKS["record"](site, query, key, value, keymask)
+        if "replace" in ATTENTION_HOOKS:
+            out = ATTENTION_HOOKS["replace"](site, query, key, value, keymask)
+            if out is not None:
+                return out, None
         return torch.ops.shiftadd.attention(query, key, value, keymask, float(scale)), None
 
     AttentionInterface.register("shiftadd_encoder", hf_attention)
@@ -88,11 +101,13 @@ class SentenceEncoder:
     """Factory of the torch module ``(ids, mask) -> normalized mean-pooled embedding``."""
 
     @staticmethod
-    def wrap(model):
+    def wrap(model, custom_attention: bool = True):
+        """``custom_attention=False`` keeps the model's own attention (torch baselines)."""
         import torch
 
-        _register_torch_op()
-        model.set_attn_implementation("shiftadd_encoder")
+        if custom_attention:
+            _register_torch_op()
+            model.set_attn_implementation("shiftadd_encoder")
 
         class _Encoder(torch.nn.Module):
             def __init__(self, m):
@@ -101,6 +116,7 @@ class SentenceEncoder:
 
             def forward(self, input_ids, attention_mask):
                 _KEYMASK.append(attention_mask)
+                _SITE[0] = 0
                 try:
                     out = self.model(input_ids=input_ids, attention_mask=attention_mask)
                 finally:
