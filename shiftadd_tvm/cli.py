@@ -384,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .report import add_parser as _add_report
 
     _add_report(sub)
+    from .minilm import add_parser as _add_minilm_report
+
+    _add_minilm_report(sub)
     return parser
 
 
@@ -411,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             "tune": cmd_tune,
             "report": cmd_report,
             "bench": lambda a: a.func(a),
+            "minilm-report": lambda a: a.func(a),
         }
         rc = commands[args.command](args)
     except ShiftAddError as e:
