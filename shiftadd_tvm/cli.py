@@ -107,6 +107,32 @@ def _add_compile(sub) -> None:
         action="store_true",
         help="skip the check of the artifact's logits against torch with the same dequantized weights",
     )
+    p.add_argument(
+        "--head-bits",
+        type=int,
+        help="also reparameterize the output head (kept dense fp32 by default) to this many "
+        "bit-planes: the head is the largest matmul of a small model's decode step",
+    )
+    p.add_argument(
+        "--max-context",
+        type=int,
+        help="tokens the KV cache of the decode functions holds (prompt + generated; default "
+        "--seq-len); each decode step reads the whole cache",
+    )
+    p.add_argument(
+        "--decode-steps",
+        type=int,
+        nargs="+",
+        default=[1, 128],
+        help="token counts of the compiled KV-cache step functions (1 = decode; larger ones "
+        "prefill prompts in chunks)",
+    )
+    p.add_argument(
+        "--no-decode",
+        action="store_true",
+        help="compile only main (no KV-cache step functions; they are added by default for "
+        "LLaMA-family models on CPU targets)",
+    )
     p.add_argument("--output", "-o", required=True, help="artifact path (.so); written atomically")
     p.add_argument(
         "--report", help="also write the compile report (manifest + verification) as JSON here"
@@ -173,6 +199,10 @@ def cmd_compile(args) -> int:
         allow_dense_fallback=args.allow_dense_fallback,
         calib_stats=args.calib_stats,
         method=args.method,
+        head_bits=args.head_bits,
+        decode=False if args.no_decode else None,
+        max_context=args.max_context,
+        decode_steps=tuple(args.decode_steps),
     )
     art.manifest["model"] = args.model
     art.manifest["tokenizer"] = args.tokenizer or (None if is_onnx else args.model)
@@ -365,6 +395,9 @@ def _add_bench(sub) -> None:
     from .bench_kernel import add_parser as _add_bench_kernel
 
     _add_bench_kernel(bench)
+    from .bench_model import add_parser as _add_bench_model
+
+    _add_bench_model(bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,10 +65,25 @@ class Artifact:
     def apply_to(self, model):
         """A copy of ``model`` carrying the dequantized weights (for checks against the artifact)."""
         clone = copy.deepcopy(model)
-        missing = clone.load_state_dict(self.dequantized_state(), strict=False).unexpected_keys
+        state = self.dequantized_state()
+        _untie(clone, state)  # a quantized head must not overwrite the tied (float) embedding
+        missing = clone.load_state_dict(state, strict=False).unexpected_keys
         if missing:
             raise RuntimeError(f"weights not found in the model: {missing[:5]}")
         return clone
+
+
+def _untie(model, names) -> None:
+    """Give each parameter in ``names`` that is shared with another name its own copy."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    owners: dict[int, int] = {}
+    for p in params.values():
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    for name in names:
+        p = params.get(name)
+        if p is not None and owners[id(p)] > 1:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, torch.nn.Parameter(p.detach().clone()))
 
 
 def _windows(ids: np.ndarray, window: int) -> np.ndarray:
@@ -90,6 +105,10 @@ class Imported:
     calib_info: dict
     names: dict[str, str] = dataclasses.field(default_factory=dict)  # relax key -> readable name
     fisher: dict[str, torch.Tensor] | None = None  # relax key -> loss sensitivity per output
+    # KV-cache step function name -> its parameter values (weights named like main's)
+    step_params: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    # readable name -> bit-planes fitted for it instead of the common width (the output head)
+    bits_by_name: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def quantize_candidates(
@@ -114,20 +133,25 @@ def quantize_candidates(
     return out
 
 
-def _bind_used_params(mod, params: dict[str, np.ndarray]):
-    """Bind the weights still used after the rewrite as constants; drop the unused ones."""
+def _bind_used_params(
+    mod, params: dict[str, np.ndarray], func_name: str = "main", num_input: int = 1
+):
+    """Bind the weights still used after the rewrite as constants; drop the unused ones.
+
+    The first ``num_input`` parameters of ``func_name`` are run-time inputs and stay."""
     import tvm
     from tvm import relax
 
-    func = mod["main"]
+    func = mod[func_name]
     used = {str(v.name) for v in relax.analysis.free_vars(func.body)}
-    keep = [p for p in func.params if str(p.name) in used or p is func.params[0]]
+    inputs = list(func.params[:num_input])
+    keep = inputs + [p for p in func.params[num_input:] if str(p.name) in used]
     new_func = relax.Function(keep, func.body, func.ret_ty, func.is_pure, func.attrs)
-    new_func = new_func.without_attr("params").with_attr("num_input", 1)
-    mod = tvm.IRModule({**{gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"}})
-    mod["main"] = new_func
-    binding = {str(p.name): params[str(p.name)] for p in keep[1:]}
-    return relax.transform.BindParams("main", binding)(mod)
+    new_func = new_func.without_attr("params").with_attr("num_input", num_input)
+    mod = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != func_name})
+    mod[func_name] = new_func
+    binding = {str(p.name): params[str(p.name)] for p in keep[num_input:]}
+    return relax.transform.BindParams(func_name, binding)(mod)
 
 
 def _calibration_windows(tokenizer, calibration, calib_ids):
@@ -160,19 +184,40 @@ def _calibration_windows(tokenizer, calibration, calib_ids):
 
 
 def import_torch(
-    model, tokenizer, seq_len, calibration, calib_ids, progress, full=True
+    model,
+    tokenizer,
+    seq_len,
+    calibration,
+    calib_ids,
+    progress,
+    full=True,
+    decode=None,
+    head_bits: int | None = None,
 ) -> Imported:
+    """``decode``: ``None`` or ``{"max_context": S, "steps": (1, 128)}``: also export the
+    KV-cache step functions (``decode.py``) into the same module. ``head_bits``: reparameterize
+    the output head too, at this width (calibrated like the block Linears)."""
     from .frontend import import_causal_lm
 
     model.eval()
     windows, calib_info = _calibration_windows(tokenizer, calibration, calib_ids)
     layers = target_linears(model)
+    head_name = None
+    if head_bits is not None:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head_name = next((n for n, m in model.named_modules() if m is head and n), None)
+        if not isinstance(head, torch.nn.Linear) or head_name is None:
+            raise UnsupportedModelError("head_bits: the model has no Linear output head")
+        layers[head_name] = head
     energy_by_name = None
     if windows is not None:
         t0 = time.time()
         energy_by_name = activation_stats(model, windows, layers, progress, full=full)
         calib_info["seconds"] = round(time.time() - t0, 2)
     mod, params, names = import_causal_lm(model, 1, seq_len)
+    decode_info, step_params = None, {}
+    if decode is not None:
+        mod, decode_info, step_params = _add_step_functions(mod, params, model, decode)
     by_weight = {f"{name}.weight": name for name in layers}
     candidates, policy, energy = {}, {}, {}
     for key, tname in names.items():
@@ -193,6 +238,7 @@ def import_torch(
         "vocab_size": int(cfg.vocab_size),
         "float_weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "seq_len": seq_len,
+        **({"decode": decode_info} if decode_info else {}),
     }
     return Imported(
         mod,
@@ -203,7 +249,36 @@ def import_torch(
         info,
         calib_info,
         dict(names),
+        step_params=step_params,
+        bits_by_name={head_name: int(head_bits)} if head_name else {},
     )
+
+
+def _add_step_functions(mod, params: dict, model, decode: dict):
+    """Add ``decode.py``'s step functions to ``mod`` (one per step length); their weights are
+    parameters named like ``main``'s (checked), so the rewrite sees the same weights."""
+    import tvm
+
+    from . import decode as dec
+
+    geo = dec.cache_shape(model, decode["max_context"])
+    funcs, all_params = {}, {}
+    for tokens in sorted(set(decode["steps"])):
+        if tokens < 1 or tokens > geo["max_context"]:
+            raise ConfigError(
+                f"decode step length {tokens} must lie in [1, max_context={geo['max_context']}]"
+            )
+        func, step_params, n_inputs = dec.import_step(model, tokens, geo["max_context"])
+        for name, value in step_params.items():
+            if name.startswith("p_") and name in params:
+                if not np.array_equal(params[name], value):
+                    raise RuntimeError(f"step T={tokens}: weight {name} differs from main's")
+        name = dec.step_name(tokens)
+        all_params[name] = step_params
+        funcs[name] = {"tokens": tokens, "inputs": n_inputs}
+        mod = tvm.IRModule(dict(mod.functions))
+        mod[name] = func.with_attr("global_symbol", name)
+    return mod, {**geo, "functions": funcs}, all_params
 
 
 def import_onnx(
@@ -290,6 +365,10 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     calib_stats: str | os.PathLike | None = None,
     method: str = "gptq",
     progress: bool = True,
+    head_bits: int | None = None,
+    decode: bool | None = None,
+    max_context: int | None = None,
+    decode_steps: tuple[int, ...] = (1, 128),
 ) -> Artifact:
     """Reparameterize ``model`` to binary planes with power-of-two scales and build it with TVM.
 
@@ -304,6 +383,12 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     ``calib_stats``: a ``.npz`` of activation statistics keyed by weight content: read instead of
     calibrating when the file exists, written after calibrating when it does not (so the torch and
     ONNX paths of one model can share identical statistics).
+    ``head_bits``: also reparameterize the output head (kept dense by default) at this width; it
+    is the largest matmul of a small model's decode step (SmolLM2: 49152 x 576).
+    ``decode``: also compile KV-cache step functions (``decode.py``: one per length in
+    ``decode_steps``, cache of ``max_context`` tokens, default ``seq_len``) into the same module,
+    for ``Runtime.generate``. ``None``: on for LLaMA-family torch models on CPU targets, off (and
+    logged) otherwise; ``True`` makes an unsupported model an error.
     """
     from .models import load_model
 
@@ -340,6 +425,8 @@ def compile(  # noqa: A001 - the public API name the issue asks for
             tokenizer = tokenizer or tok
     elif type(model).__name__ == "ModelProto":
         onnx_proto = model
+    if head_bits is not None and onnx_proto is not None:
+        raise ConfigError("head_bits is supported for torch models only (not the ONNX path)")
     stats_in = calib_stats is not None and Path(calib_stats).is_file()
     if stats_in:
         calibration, calib_ids = "stats-file", None  # statistics come from the file
@@ -348,7 +435,18 @@ def compile(  # noqa: A001 - the public API name the issue asks for
             onnx_proto, model_spec, tokenizer, seq_len, calibration, calib_ids, progress, full
         )
     elif isinstance(model, torch.nn.Module):
-        imp = import_torch(model, tokenizer, seq_len, calibration, calib_ids, progress, full)
+        dec = _decode_request(model, tgt, decode, max_context or seq_len, decode_steps)
+        imp = import_torch(
+            model,
+            tokenizer,
+            seq_len,
+            calibration,
+            calib_ids,
+            progress,
+            full,
+            decode=dec,
+            head_bits=head_bits,
+        )
         if model_spec:
             imp.info["model"] = model_spec
     else:
@@ -366,6 +464,33 @@ def compile(  # noqa: A001 - the public API name the issue asks for
         windows, _ = _calibration_windows(tokenizer, calibration, calib_ids)
         imp.fisher = loss_sensitivity(model, windows, imp.candidates, progress)
     return build_imported(imp, qcfg, tgt, allow_dense_fallback, progress, t_start, budget=budget)
+
+
+def _decode_request(model, tgt, decode, max_context, steps) -> dict | None:
+    """The decode functions to export, or None (why: logged, or an error if asked for)."""
+    if decode is False:
+        return None
+    from . import decode as dec
+
+    why = None
+    if tgt.kind != "llvm":
+        why = f"target {tgt.kind}: the KV-cache runtime is CPU-only"
+    else:
+        try:
+            dec.check_supported(model)
+        except UnsupportedModelError as e:
+            why = str(e)
+    if why is not None:
+        if decode:
+            raise UnsupportedModelError(f"decode functions requested but not possible: {why}")
+        log.info("no KV-cache decode functions: %s", why)
+        return None
+    ctx = dec.cache_shape(model, max_context)["max_context"]
+    # a chunk longer than the cache is useless: clamp it (a prompt fills the cache at most)
+    return {
+        "max_context": int(max_context),
+        "steps": tuple(sorted({min(int(t), ctx) for t in steps})),
+    }
 
 
 def _weight_digest(w_nk: np.ndarray) -> str:
@@ -428,6 +553,8 @@ def build_imported(
     for key, (name, _) in imp.candidates.items():
         unique.setdefault(name, key)
     todo = {k: imp.candidates[k] for k in unique.values()}
+    fixed = {k: c for k, c in todo.items() if c[0] in imp.bits_by_name}  # the head: own width
+    todo = {k: c for k, c in todo.items() if k not in fixed}
     if fitted is None and budget is None:
         fitted = quantize_candidates(todo, qcfg, imp.energy, progress)
     elif fitted is None:
@@ -436,6 +563,10 @@ def build_imported(
         fitted, allocation = fit_with_budget(
             todo, qcfg, imp.energy, budget, quantize_candidates, progress, row_weights=imp.fisher
         )
+    for key, (name, w) in fixed.items():
+        if key not in fitted:
+            cfg = dataclasses.replace(qcfg, bits=imp.bits_by_name[name])
+            fitted.update(quantize_candidates({key: (name, w)}, cfg, imp.energy, progress))
     quantized = {k: fitted[unique[name]] for k, (name, _) in imp.candidates.items()}
     t_quant = time.time() - t0
     packed: dict[str, PackedLinear] = {}
@@ -512,16 +643,24 @@ def build_imported(
             log.info("  %s: %s %s (%s)", cfg.name, cpu_isa, kn, how)
             return kn, how
 
-    mod, record = rewrite_matmuls(
-        imp.mod,
-        choose,
-        params=imp.params,
+    rewrite_options = dict(  # the same for main and the KV-cache step functions
         knobs=cpu_knobs,
         target_kind=tgt.kind,
         cuda_knobs=cuda_knobs,
         cpu_isa=cpu_isa,
         int8_knobs=int8_knobs,
     )
+    mod, record = rewrite_matmuls(imp.mod, choose, params=imp.params, **rewrite_options)
+    decode_info = imp.info.get("decode")
+    for name, spec in (decode_info or {}).get("functions", {}).items():
+        # the same pass, the same packed weights: kernels for M = T come out of it
+        mod, step_record = rewrite_matmuls(
+            mod, choose, params=imp.step_params[name], func_name=name, **rewrite_options
+        )
+        spec["rewrite"] = step_record.summary()
+        if [d for d in step_record.dense if d.get("fallback")]:
+            raise UnsupportedModelError(f"{name}: {step_record.summary()}")
+        record.kernels.update(step_record.kernels)
     fallbacks = [d for d in record.dense if d.get("fallback")]
     done = {readable.get(r["weight"], r["weight"]) for r in record.rewritten}
     seen_dense = {readable.get(d["weight"], d["weight"]) for d in record.dense}
@@ -547,6 +686,9 @@ def build_imported(
             )
         log.warning("%d weight matmul(s) kept dense by fallback: %s", len(fallbacks), listed)
     mod = _bind_used_params(mod, imp.params)
+    for name, spec in (decode_info or {}).get("functions", {}).items():
+        # no copies: the VM's constant pool keeps one entry per distinct tensor (tests check it)
+        mod = _bind_used_params(mod, imp.step_params[name], name, spec["inputs"])
 
     from .schedules.cpu_rules import cpu_pipeline
 
@@ -577,6 +719,7 @@ def build_imported(
         "shiftadd_tvm": __version__,
         **{k: v for k, v in imp.info.items() if k != "seq_len"},
         "input": {"batch": 1, "seq_len": seq_len, "dtype": "int64"},
+        **({"decode": decode_info} if decode_info else {}),
         "output": {"dtype": "float32", "shape": [1, seq_len, imp.info["vocab_size"]]},
         "quant": {**dataclasses.asdict(qcfg), **({"bits": budget} if budget else {})},
         # incl. scale codes, averaged over the rewritten weights (per-layer widths may differ)

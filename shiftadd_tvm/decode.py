@@ -6,7 +6,8 @@ into the SAME module, so one ``.so`` holds them and the weights once (constants 
 content, see ``share_constants``). Each step function is
 
     step_tT(ids int64[1, T], pos int64[1], last int64[1],
-            k_0, v_0, ..., k_{L-1}, v_{L-1}: float32[kv_heads, S, head_dim])
+            k_0, v_0, ..., k_{L-1}, v_{L-1})   k_l float32[kv_heads, head_dim, S] (transposed),
+                                               v_l float32[kv_heads, S, head_dim]
         -> (logits float32[1, vocab]  of token ``last`` of the chunk,
             new_k, new_v float32[L, kv_heads, T, head_dim])   (RoPE already applied to new_k)
 
@@ -15,8 +16,10 @@ masked out); the T new tokens sit at positions ``pos .. pos + T - 1``. The funct
 the cache: the runtime copies the (small) ``new_k``/``new_v`` rows into its cache arrays, which are
 passed to the module zero-copy through DLPack. Attention is computed without copying or
 concatenating the cache: scores over the cache (masked to ``< pos``) and causal scores over the T
-new tokens share one softmax, and the output is ``P_cache @ V_cache + P_new @ V_new``. Grouped
-query heads are folded into the rows of one matmul per KV head (no repeated K/V).
+new tokens share one softmax (over their concatenation: scores only, ``[kv_heads, G*T, S+T]``), and
+the output is ``P_cache @ V_cache + P_new @ V_new``. Grouped
+query heads are folded into the rows of one matmul per KV head (no repeated K/V). K is cached
+transposed so that the scores are a plain matmul (no per-step transpose of the whole cache).
 
 The wrapper reuses the model's own submodules (projections stay ``nn.Linear``, so the LUT rewrite
 pass sees the same weights in every function; norms, MLP and rotary embedding are the model's).
@@ -87,7 +90,8 @@ def cache_shape(model, max_context: int) -> dict:
         "kv_heads": kv,
         "head_dim": head_dim,
         "max_context": int(s),
-        "layout": "per layer: k_l, v_l float32[kv_heads, max_context, head_dim]",
+        "layout": "per layer: k_l float32[kv_heads, head_dim, max_context], "
+        "v_l float32[kv_heads, max_context, head_dim]",
     }
 
 
@@ -120,15 +124,16 @@ class KVStep(torch.nn.Module):
         qg = q.reshape(kvh, g * t, d)  # head kv*G + j reads KV head kv (HF repeat_kv order)
         k0, v0 = k[0], v[0]  # [KVH, T, D]
         scale = attn.scaling
-        s_cache = torch.matmul(qg, k_cache.transpose(1, 2)) * scale  # [KVH, G*T, S]
+        s_cache = torch.matmul(qg, k_cache) * scale  # k_cache [KVH, D, S] -> [KVH, G*T, S]
         s_new = torch.matmul(qg, k0.transpose(1, 2)) * scale  # [KVH, G*T, T]
         neg = torch.tensor(float("-inf"))
         s_cache = torch.where(valid, s_cache, neg)
         s_new = torch.where(self.causal, s_new, neg)
-        m = torch.maximum(s_cache.max(-1, keepdim=True).values, s_new.max(-1, keepdim=True).values)
-        e_cache, e_new = torch.exp(s_cache - m), torch.exp(s_new - m)
-        denom = e_cache.sum(-1, keepdim=True) + e_new.sum(-1, keepdim=True)
-        out = (torch.matmul(e_cache, v_cache) + torch.matmul(e_new, v0)) / denom  # [KVH, G*T, D]
+        # one softmax over both parts (the scores are small; max-reductions would import as topk,
+        # which needs the compiler's registry at run time)
+        p = torch.softmax(torch.cat([s_cache, s_new], -1), -1)
+        s = self.max_context
+        out = torch.matmul(p[..., :s], v_cache) + torch.matmul(p[..., s:], v0)  # [KVH, G*T, D]
         out = out.reshape(1, self.heads, t, d).transpose(1, 2).reshape(1, t, self.heads * d)
         return attn.o_proj(out), k0, v0
 
@@ -159,10 +164,9 @@ class KVStep(torch.nn.Module):
 
 
 def example_inputs(step: KVStep):
-    caches = [
-        torch.zeros((step.kv_heads, step.max_context, step.head_dim))
-        for _ in range(2 * step.layers)
-    ]
+    k = (step.kv_heads, step.head_dim, step.max_context)
+    v = (step.kv_heads, step.max_context, step.head_dim)
+    caches = [torch.zeros(k if i % 2 == 0 else v) for i in range(2 * step.layers)]
     return (
         torch.zeros((1, step.tokens), dtype=torch.int64),
         torch.zeros((1,), dtype=torch.int64),

@@ -423,8 +423,9 @@ class Runtime:
 class _KVCache:
     """The runtime side of the KV-cache step functions (``shiftadd_tvm/decode.py``).
 
-    Holds ``k``/``v`` float32[layers, kv_heads, max_context, head_dim] (64-byte aligned; each
-    layer's slice is passed to the module zero-copy through DLPack, wrapped once) and the position.
+    Holds ``k`` float32[layers, kv_heads, head_dim, max_context] (transposed) and ``v``
+    float32[layers, kv_heads, max_context, head_dim] (64-byte aligned; each layer's slice is passed
+    to the module zero-copy through DLPack, wrapped once) and the position.
     A step runs the compiled attention over the cache and returns the new rows, which are copied
     into the cache here (a few KB per token)."""
 
@@ -435,7 +436,8 @@ class _KVCache:
         self.layers, self.kv_heads = int(spec["layers"]), int(spec["kv_heads"])
         self.max_context, self.head_dim = int(spec["max_context"]), int(spec["head_dim"])
         shape = (self.layers, self.kv_heads, self.max_context, self.head_dim)
-        self.k, self.v = _aligned(shape, np.float32), _aligned(shape, np.float32)
+        self.v = _aligned(shape, np.float32)
+        self.k = _aligned((self.layers, self.kv_heads, self.head_dim, self.max_context), np.float32)
         if any(a[i].ctypes.data % 64 for a in (self.k, self.v) for i in range(self.layers)):
             raise ArtifactError(f"'{rt.path}': cache layers are not 64-byte aligned ({shape})")
         self._cache_args = [
@@ -468,7 +470,7 @@ class _KVCache:
         self._scalars[1, 0] = n - 1
         logits, new_k, new_v = fn(ids_arg, self._pos_arg, self._last_arg, *self._cache_args)
         end = self.pos + n
-        self.k[:, :, self.pos : end] = np.from_dlpack(new_k)[:, :, :n]
+        self.k[:, :, :, self.pos : end] = np.from_dlpack(new_k)[:, :, :n].transpose(0, 1, 3, 2)
         self.v[:, :, self.pos : end] = np.from_dlpack(new_v)[:, :, :n]
         self.pos = end
         return np.from_dlpack(logits)[0]
