@@ -94,7 +94,7 @@ def test_parallel_tasks_and_row_blocks():
         assert rel(run_int8(cfg, "avx512", x, planes, scales, kn), model) < RTOL_MODEL, kn
 
 
-def test_table_model_and_deltas():
+def test_table_model_and_codes():
     cfg = LutGemmConfig(2, 32, 40, 2, 32, 2)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 40)).astype(np.float32)
@@ -106,9 +106,48 @@ def test_table_model_and_deltas():
     q = 3
     want = sum((1 if (5 >> t) & 1 else -1) * x[0, 4 * q + t] for t in range(4))
     assert abs(tab[0, q, 5] * ls[0, 0] - want) <= ls[0, 0] * 0.51
-    # term deltas: +2^-3 -> -3; -2^-3 -> -3 + 256; absent -> ABSENT_E
-    codes = encode_terms(np.array([1, -1, 0]), np.array([-3, -3, 0]))
-    assert L.term_deltas(codes).tolist() == [-3, 253, L.ABSENT_E]
+
+
+def test_codes_layout_and_absent_terms():
+    """pack_int8 stores one byte per term (pad rows absent) as sign << 7 | (e + KERNEL_BIAS); the
+    model adds sign * 2^e * acc for a present term and the 2^-KERNEL_BIAS stand-in when absent."""
+    cfg = LutGemmConfig(1, 40, 64, 2, 32, 3)
+    x, planes, scales = random_case(cfg, seed=3)
+    _, codes = L.pack_int8(planes, scales, cfg, "avx512")
+    assert codes.dtype == np.int8 and codes.size == 2 * cfg.groups * cfg.bits * cfg.terms * L.ROWS
+    c = codes.reshape(2, cfg.groups, cfg.bits, cfg.terms, L.ROWS)
+    assert c[1, 1, 0, 2, 7] == L.kernel_bytes(scales[0, L.ROWS + 7, 1, 2])
+    assert not c[1, :, :, :, 8:].any()
+    kb = L.kernel_bytes(encode_terms(np.array([1, -1, 0]), np.array([-3, 27, 0])))
+    assert kb.view(np.uint8).tolist() == [L.KERNEL_BIAS - 3, 128 + 127, 0]
+    with pytest.raises(ValueError, match="2\\^28 exceeds"):
+        L.kernel_bytes(encode_terms(np.array([1]), np.array([28])))
+    # one plane, one group, one term: y = acc * alpha * ls with alpha = -2^-3, then absent
+    cfg1 = LutGemmConfig(1, 1, 32, 1, 32, 1)
+    x1 = np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)
+    p1 = pack_planes(np.ones((1, 1, 32), bool), 32)
+    tab, ls = L.build_tables(x1, cfg1)
+    acc = int(tab[0, np.arange(8), 15].astype(np.int64).sum())  # all-ones nibbles: entry 15
+    neg = encode_terms(np.array([[[[-1]]]]), np.array([[[[-3]]]]))
+    assert L.reference_int8(x1, p1, neg, cfg1)[0, 0] == -acc * 2.0**-3 * float(ls[0, 0])
+    absent = L.reference_int8(x1, p1, np.zeros_like(neg), cfg1)[0, 0]
+    assert absent == acc * 2.0**-L.KERNEL_BIAS * float(ls[0, 0])
+
+
+@pytest.mark.skipif(bool(cpu_features.host_missing("avx512")), reason="needs AVX-512 VBMI/VNNI")
+def test_extreme_exponents_and_absent_rows():
+    """Term exponents at both ends of the kernel's range, and rows whose terms are all absent."""
+    cfg = LutGemmConfig(2, 64, 128, 2, 32, 3)
+    x, planes, _ = random_case(cfg, seed=11)
+    rng = np.random.default_rng(11)
+    signs = rng.choice([-1, 1], (cfg.bits, cfg.n, cfg.groups, cfg.terms))
+    exps = rng.choice([-64, -63, L.MAX_EXP - 1, L.MAX_EXP, -5], signs.shape)
+    signs[:, :5] = 0  # rows 0..4: alpha = 0 in every plane and group
+    scales = encode_terms(signs, exps)
+    y = run_int8(cfg, "avx512", x, planes, scales)
+    model = L.reference_int8(x, planes, scales, cfg)
+    assert rel(y, model) < RTOL_MODEL
+    assert np.abs(y[:, :5]).max() < 1e-20  # the 2^-100 stand-in only
 
 
 def test_unsupported_cases_are_named():
