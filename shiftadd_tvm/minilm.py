@@ -292,6 +292,15 @@ class Variant:
     attention: dict[int, object] = dataclasses.field(default_factory=dict)  # site -> plan
 
 
+def _cpu_isa(target) -> str:
+    """The LUT kernel variant compile() would pick for ``target`` (int8 tables where the CPU
+    has the instructions, else the float-table kernel)."""
+    from .cpu_features import kernel_isa
+
+    spec = target.to_dict()
+    return kernel_isa(spec) if spec.get("kind") == "llvm" else "generic"
+
+
 def build_variant(imp, variant: Variant, target, out_dir: Path):
     """Rewrite, bind, build and export ``variant``; returns (path, manifest extras)."""
     from . import encoder
@@ -315,7 +324,7 @@ def build_variant(imp, variant: Variant, target, out_dir: Path):
             return prim[1]
         return f"{prim[0]} chosen for this layer"
 
-    mod, lrec = rewrite_matmuls(mod, choose, params=imp.params)
+    mod, lrec = rewrite_matmuls(mod, choose, params=imp.params, cpu_isa=_cpu_isa(target))
     mod = encoder.bind_weights(mod, imp.params)
     ex = encoder.build(mod, target)
     build_s = time.time() - t0
@@ -332,6 +341,7 @@ def build_variant(imp, variant: Variant, target, out_dir: Path):
         "linears": counts,
         "rewrite": {
             "lut": lrec.summary(),
+            "lut_kernels": {k: v.get("kind", "lut-float") for k, v in lrec.kernels.items()},
             "shift": srec.summary(),
             "attention": arec.summary(),
             "attention_decomposed": n_dec,
@@ -375,6 +385,7 @@ def layer_latencies(shapes, fits_by_shape, m: int, target, repeats: int) -> dict
                 mod,
                 lambda key, ww, p=packed, q=prim: p if q.startswith("lut") else "dense",
                 params=params,
+                cpu_isa=_cpu_isa(target),
             )
             mod = encoder.bind_weights(mod, params, num_inputs=1)
             ex = encoder.build(mod, target)
