@@ -69,11 +69,23 @@ def cpu_model() -> str:
 
 
 def set_tvm_threads(n: int) -> int:
-    """Resize TVM's CPU thread pool in this process; returns the thread count TVM reports."""
+    """Resize TVM's CPU thread pool in this process; returns the thread count TVM reports.
+
+    TVM creates the pool once per process with ``TVM_NUM_THREADS`` workers (default on x86: half
+    the logical CPUs, i.e. 1 on a 2-vCPU machine) and cannot grow it later, so a larger ``n`` is
+    refused instead of being measured as fewer threads."""
     import tvm_ffi
 
+    from .errors import ConfigError
+
     tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)  # 1 = big cores (all, here)
-    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
+    got = int(tvm_ffi.get_global_func("runtime.NumThreads")())
+    if got != n:
+        raise ConfigError(
+            f"TVM's thread pool runs {got} thread(s), not {n}: it is sized once per process; "
+            f"set TVM_NUM_THREADS={n} (or more) in the environment before starting"
+        )
+    return got
 
 
 # ----------------------------------------------------------------------------- timing
@@ -347,6 +359,8 @@ def run(args) -> dict:
     ms = parse_ints(args.m, "m")
     bits_list = parse_ints(args.bits, "bits", (1, 2, 3, 4))
     threads_list = parse_ints(args.threads, "threads")
+    # the pool is created at its first use, with TVM_NUM_THREADS workers (set_tvm_threads)
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(threads_list)))
     modes = [m for m in ("hot", "cold") if m in args.modes.split(",")]
     spec = resolve_target(args.target)
     target = spec.tvm_target()
