@@ -180,9 +180,25 @@ def _register_cuda_images(manifest: dict, path: Path) -> None:
         _cuda_images[img["source_sha256"]] = fat
 
 
+def default_threads() -> int:
+    """Size TVM's CPU thread pool to every CPU this process may use, unless the user chose.
+
+    TVM creates its pool once per process, at the first parallel call, with ``TVM_NUM_THREADS``
+    workers; unset, it takes half the logical CPUs on x86 (it assumes hyper-threads), which is one
+    thread on a 2-vCPU machine: the kernels' parallel loops would silently run on one core. Set
+    ``TVM_NUM_THREADS`` yourself to use fewer. Returns the count in effect (if the pool already
+    exists, the value it was created with wins)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return int(os.environ.setdefault("TVM_NUM_THREADS", str(cpus)))
+
+
 def load_libraries(manifest: dict, path: Path):
     """Load what running ``path`` needs (TVM runtime, CUDA parts for a CUDA artifact); returns
     the device (type, id) its code runs on."""
+    default_threads()
     lib = runtime_library_path(path)
     _load_runtime_lib(lib)
     if manifest.get("target", {}).get("kind") == "cuda":

@@ -190,3 +190,30 @@ def test_misaligned_input_is_copied(rt):
     view[:] = np.arange(12) % 256
     assert view.ctypes.data % 8 != 0
     np.testing.assert_array_equal(rt(view[None]), rt(np.arange(12)[None] % 256))
+
+
+def test_runtime_sizes_the_thread_pool_to_the_usable_cpus():
+    """Unset, TVM would take half the logical CPUs on x86 (one thread on a 2-vCPU machine)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "from shiftadd_tvm import runtime\n"
+        "n = runtime.default_threads()\n"
+        "runtime._load_runtime_lib(runtime.runtime_library_path())\n"
+        "ffi = runtime._import_tvm_ffi()\n"
+        "print(n, int(ffi.get_global_func('runtime.NumThreads')()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    cpus = len(os.sched_getaffinity(0))
+    assert [int(v) for v in out] == [cpus, cpus]
+    env["TVM_NUM_THREADS"] = "1"  # the user's choice wins
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert [int(v) for v in out] == [1, 1]
