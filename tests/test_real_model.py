@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import shiftadd_tvm
-from shiftadd_tvm.compiler import CalibrationSpec, verify_against_torch
+from shiftadd_tvm.compiler import CalibrationSpec, logits_tolerance, verify_against_torch
 from shiftadd_tvm.evaluate import perplexity, torch_logits_fn
 from shiftadd_tvm.models import load_model
 from shiftadd_tvm.text import token_ids
@@ -44,7 +44,9 @@ def test_real_model_rewrite_record(real):
 def test_real_model_matches_dequantized_torch(real):
     model, tok, art, path = real
     ids = token_ids(tok, "wiki", 0, SEQ)[None]
-    assert verify_against_torch(path, art, model, ids) < 1e-3
+    # float-table kernels: 1e-3; int8-table kernels (AVX-512 hosts): the tables' rounding, measured
+    # 2.4e-2 on these 64 tokens
+    assert verify_against_torch(path, art, model, ids) < logits_tolerance(art.manifest)
 
 
 def test_real_model_perplexity(real):
