@@ -135,9 +135,13 @@ def build_artifact(spec: BuildSpec, work: Path, progress: bool = True) -> Path:
     return art.export(out)
 
 
+HEAD_STATS_WINDOWS = 8  # 4k tokens for one 576 x 576 Hessian (a full pass per window is slow)
+
+
 def _add_head_stats(stats: Path, model, tok, calib, progress: bool) -> None:
-    """Add the output head's input statistics to a statistics file made without them (same
-    calibration windows; the file is keyed by weight content, so it serves both builds)."""
+    """Add the output head's input statistics to a statistics file made without them (the first
+    ``HEAD_STATS_WINDOWS`` calibration windows; the file is keyed by weight content, so it serves
+    both builds). ``compile --head-bits`` calibrates the head on all windows instead."""
     from ._files import atomic_path
     from .calibrate import activation_stats
     from .compiler import _weight_digest
@@ -149,8 +153,9 @@ def _add_head_stats(stats: Path, model, tok, calib, progress: bool) -> None:
         arrays = {k: z[k] for k in z.files}
     if digest in arrays:
         return
-    ids = token_ids(tok, calib.text, calib.start, calib.windows * calib.window)
-    windows = ids[: calib.windows * calib.window].reshape(calib.windows, calib.window)
+    n = min(calib.windows, HEAD_STATS_WINDOWS)  # the first n of the same windows
+    ids = token_ids(tok, calib.text, calib.start, n * calib.window)
+    windows = ids[: n * calib.window].reshape(n, calib.window)
     got = activation_stats(model, windows, {"lm_head": head}, progress, full=True)
     arrays[digest] = got["lm_head"].numpy().astype(np.float32)
     with atomic_path(stats, suffix=".tmp.npz") as tmp:
