@@ -87,6 +87,56 @@ def const_key(arr: np.ndarray) -> str:
     return f"const:{h}"
 
 
+def resolve_binding(expr, lookup):
+    """Follow variable bindings (``lookup(var)`` -> bound expression or None) to the expression."""
+    from tvm import relax
+
+    while isinstance(expr, relax.Var):
+        bound = lookup(expr)
+        if bound is None:
+            break
+        expr = bound
+    return expr
+
+
+def weight_operand(expr, lookup, params: dict):
+    """``(key, W[N, K], expr of W[N, K] or None)`` if ``expr`` (a matmul's right operand) is a
+    constant weight, else None.
+
+    Matches ``permute_dims(W[N, K])`` (torch ``nn.Linear``; the third item is W's expression) and
+    ``W[K, N]`` itself (ONNX MatMul/Gemm, HF Conv1D; third item None). ``W`` is a function
+    parameter named in ``params`` or a graph constant; keys are the parameter name or the content
+    digest ``const_key`` so callers can map them back to the model's weights.
+    """
+    import tvm
+    from tvm import relax
+
+    permute_op = tvm.ir.Op.get("relax.permute_dims")
+
+    def const_2d(e) -> tuple[str, np.ndarray] | None:
+        e = resolve_binding(e, lookup)
+        if isinstance(e, relax.Var) and str(e.name) in params:
+            arr = params[str(e.name)]
+            return (str(e.name), np.asarray(arr)) if np.ndim(arr) == 2 else None
+        if isinstance(e, tvm.ir.Constant) and isinstance(e.value, tvm.runtime.Tensor):
+            if len(e.value.shape) == 2:
+                arr = e.value.numpy()
+                return const_key(arr), arr
+        return None
+
+    e = resolve_binding(expr, lookup)
+    if isinstance(e, relax.Call) and e.op.same_as(permute_op):
+        axes = e.attrs.axes
+        src = const_2d(e.args[0])
+        if src is not None and (axes is None or [int(a) for a in axes] == [1, 0]):
+            return src[0], src[1], e.args[0]
+        return None
+    src = const_2d(e)
+    if src is not None:
+        return src[0], src[1].T, None
+    return None
+
+
 # quantize(key, W[N, K]) -> PackedLinear | str (reason to keep dense)
 QuantizeFn = Callable[[str, np.ndarray], "PackedLinear | str"]
 KnobsFn = Callable[[LutGemmConfig], LutGemmKnobs]
@@ -122,41 +172,8 @@ def rewrite_matmuls(
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     matmul_op = tvm.ir.Op.get("relax.matmul")
-    permute_op = tvm.ir.Op.get("relax.permute_dims")
     params = params or {}
     record = RewriteRecord()
-
-    def const_2d(expr, mut) -> tuple[str, np.ndarray] | None:
-        if isinstance(expr, relax.Var):
-            bound = mut.lookup_binding(expr)
-            if bound is not None:
-                expr = bound
-        if isinstance(expr, relax.Var) and str(expr.name) in params:
-            arr = params[str(expr.name)]
-            return (str(expr.name), np.asarray(arr)) if np.ndim(arr) == 2 else None
-        if isinstance(expr, tvm.ir.Constant) and isinstance(expr.value, tvm.runtime.Tensor):
-            if len(expr.value.shape) == 2:
-                arr = expr.value.numpy()
-                return const_key(arr), arr
-        return None
-
-    def weight_nk(w_expr, mut):
-        """(key, W[N, K], expr of W[N, K] or None) if the matmul's right operand is a constant."""
-        expr = w_expr
-        if isinstance(expr, relax.Var):
-            bound = mut.lookup_binding(expr)
-            if bound is not None:
-                expr = bound
-        if isinstance(expr, relax.Call) and expr.op.same_as(permute_op):
-            axes = expr.attrs.axes
-            src = const_2d(expr.args[0], mut)
-            if src is not None and (axes is None or [int(a) for a in axes] == [1, 0]):
-                return src[0], src[1], expr.args[0]  # nn.Linear: W[N, K] transposed in the graph
-            return None
-        src = const_2d(expr, mut)
-        if src is not None:
-            return src[0], src[1].T, None  # matmul(x, W[K, N])
-        return None
 
     @mutator
     class _Rewriter(PyExprMutator):
@@ -234,7 +251,7 @@ def rewrite_matmuls(
             if not call.op.same_as(matmul_op):
                 return call
             x, w = call.args
-            found = weight_nk(w, self)
+            found = weight_operand(w, self.lookup_binding, params)
             if found is None:
                 return call  # activation x activation (attention): not a weight matmul
             key, wnk, nk_expr = found

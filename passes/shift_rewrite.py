@@ -44,52 +44,22 @@ class ShiftRecord:
 
 
 def weight_operand(expr, lookup, params: dict):
-    """``(key, W[N, K])`` if ``expr`` (a matmul's right operand) is a constant weight, else None.
-
-    ``lookup(var)`` returns a variable's bound expression (or None). Keys are the parameter name
-    or the content digest of a graph constant (``lut_rewrite.const_key``), so callers can map
-    them back to the model's weights.
-    """
+    """``(key, W[N, K])`` if ``expr`` (a matmul's right operand) is a constant weight, else None:
+    ``lut_rewrite.weight_operand``, also seeing through ``broadcast_to`` (the same weight for every
+    batch entry of a batched matmul)."""
     import tvm
     from tvm import relax
 
-    from .lut_rewrite import const_key
+    from .lut_rewrite import resolve_binding
+    from .lut_rewrite import weight_operand as lut_weight_operand
 
-    permute_op = tvm.ir.Op.get("relax.permute_dims")
-    bcast_op = tvm.ir.Op.get("relax.broadcast_to")
-
-    def resolve(e):
-        while isinstance(e, relax.Var):
-            b = lookup(e)
-            if b is None:
-                break
-            e = b
-        return e
-
-    def const_2d(e):
-        e = resolve(e)
-        if isinstance(e, relax.Var) and str(e.name) in params:
-            arr = np.asarray(params[str(e.name)])
-            return (str(e.name), arr) if arr.ndim == 2 else None
-        if isinstance(e, tvm.ir.Constant) and isinstance(e.value, tvm.runtime.Tensor):
-            if len(e.value.shape) == 2:
-                arr = e.value.numpy()
-                return const_key(arr), arr
+    e = resolve_binding(expr, lookup)
+    if isinstance(e, relax.Call) and e.op.same_as(tvm.ir.Op.get("relax.broadcast_to")):
+        e = e.args[0]
+    found = lut_weight_operand(e, lookup, params)
+    if found is None:
         return None
-
-    e = resolve(expr)
-    if isinstance(e, relax.Call) and e.op.same_as(bcast_op):
-        e = resolve(e.args[0])  # the same weight for every batch entry
-    if isinstance(e, relax.Call) and e.op.same_as(permute_op):
-        axes = e.attrs.axes
-        src = const_2d(e.args[0])
-        if src is not None and (axes is None or [int(a) for a in axes] == [1, 0]):
-            return src
-        return None
-    src = const_2d(e)
-    if src is not None:
-        return src[0], np.ascontiguousarray(src[1].T)
-    return None
+    return found[0], np.ascontiguousarray(found[1])
 
 
 def rewrite_shift(mod, choose: ChooseFn, params: dict | None = None, func_name: str = "main"):
