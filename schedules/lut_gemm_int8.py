@@ -302,6 +302,41 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         look = tirx.call_llvm_pure_intrin(f"int8x{W}", name, tab[tirx.Ramp(tbase, 1, W)], nib)
         return tirx.Cast(f"int16x{W}", look)
 
+    @T.macro
+    def build_tables_into(x, tab, ls):
+        """Per row m of x: the scale ls[m, g] and the int8 tables of every quad (build_tables)."""
+        for m in build_loop(M):
+            mx = T.alloc_buffer((1,), "float32", scope="local")
+            for g in range(G):
+                mx[0] = T.float32(0)
+                for j in range(JG):
+                    mx[0] = T.max(
+                        mx[0],
+                        T.fabs(xv(x, m, g * GS + 4 * j))
+                        + T.fabs(xv(x, m, g * GS + 4 * j + 1))
+                        + T.fabs(xv(x, m, g * GS + 4 * j + 2))
+                        + T.fabs(xv(x, m, g * GS + 4 * j + 3)),
+                    )
+                ls[m * G + g] = mx[0] * T.float32(1.0 / QMAX)
+                for j in range(JG):
+                    for c in T.vectorized(TB):
+                        tab[(m * Q + g * JG + j) * TB + c] = T.Cast(
+                            "int8",
+                            T.nearbyint(
+                                T.if_then_else(
+                                    mx[0] > T.float32(0),
+                                    T.float32(QMAX) / mx[0],
+                                    T.float32(0),
+                                )
+                                * (
+                                    sgn(c, 0) * xv(x, m, g * GS + 4 * j)
+                                    + sgn(c, 1) * xv(x, m, g * GS + 4 * j + 1)
+                                    + sgn(c, 2) * xv(x, m, g * GS + 4 * j + 2)
+                                    + sgn(c, 3) * xv(x, m, g * GS + 4 * j + 3)
+                                )
+                            ),
+                        )
+
     if avx512:
 
         @T.prim_func
@@ -314,37 +349,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             T.func_attr({"tirx.noalias": True})
             tab = T.alloc_buffer((M * Q * TB,), "int8")
             ls = T.alloc_buffer((M * G,), "float32")
-            for m in build_loop(M):
-                mx = T.alloc_buffer((1,), "float32", scope="local")
-                for g in range(G):
-                    mx[0] = T.float32(0)
-                    for j in range(JG):
-                        mx[0] = T.max(
-                            mx[0],
-                            T.fabs(xv(x, m, g * GS + 4 * j))
-                            + T.fabs(xv(x, m, g * GS + 4 * j + 1))
-                            + T.fabs(xv(x, m, g * GS + 4 * j + 2))
-                            + T.fabs(xv(x, m, g * GS + 4 * j + 3)),
-                        )
-                    ls[m * G + g] = mx[0] * T.float32(1.0 / QMAX)
-                    for j in range(JG):
-                        for c in T.vectorized(TB):
-                            tab[(m * Q + g * JG + j) * TB + c] = T.Cast(
-                                "int8",
-                                T.nearbyint(
-                                    T.if_then_else(
-                                        mx[0] > T.float32(0),
-                                        T.float32(QMAX) / mx[0],
-                                        T.float32(0),
-                                    )
-                                    * (
-                                        sgn(c, 0) * xv(x, m, g * GS + 4 * j)
-                                        + sgn(c, 1) * xv(x, m, g * GS + 4 * j + 1)
-                                        + sgn(c, 2) * xv(x, m, g * GS + 4 * j + 2)
-                                        + sgn(c, 3) * xv(x, m, g * GS + 4 * j + 3)
-                                    )
-                                ),
-                            )
+            build_tables_into(x, tab, ls)
             for task in T.parallel(MB * NC):
                 acc = T.alloc_buffer((BITS * MI * ROWS,), acc_t, scope="local")
                 yacc = T.alloc_buffer((MI * ROWS,), "float32", scope="local")
@@ -430,37 +435,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             T.func_attr({"tirx.noalias": True})
             tab = T.alloc_buffer((M * Q * TB,), "int8")
             ls = T.alloc_buffer((M * G,), "float32")
-            for m in build_loop(M):
-                mx = T.alloc_buffer((1,), "float32", scope="local")
-                for g in range(G):
-                    mx[0] = T.float32(0)
-                    for j in range(JG):
-                        mx[0] = T.max(
-                            mx[0],
-                            T.fabs(xv(x, m, g * GS + 4 * j))
-                            + T.fabs(xv(x, m, g * GS + 4 * j + 1))
-                            + T.fabs(xv(x, m, g * GS + 4 * j + 2))
-                            + T.fabs(xv(x, m, g * GS + 4 * j + 3)),
-                        )
-                    ls[m * G + g] = mx[0] * T.float32(1.0 / QMAX)
-                    for j in range(JG):
-                        for c in T.vectorized(TB):
-                            tab[(m * Q + g * JG + j) * TB + c] = T.Cast(
-                                "int8",
-                                T.nearbyint(
-                                    T.if_then_else(
-                                        mx[0] > T.float32(0),
-                                        T.float32(QMAX) / mx[0],
-                                        T.float32(0),
-                                    )
-                                    * (
-                                        sgn(c, 0) * xv(x, m, g * GS + 4 * j)
-                                        + sgn(c, 1) * xv(x, m, g * GS + 4 * j + 1)
-                                        + sgn(c, 2) * xv(x, m, g * GS + 4 * j + 2)
-                                        + sgn(c, 3) * xv(x, m, g * GS + 4 * j + 3)
-                                    )
-                                ),
-                            )
+            build_tables_into(x, tab, ls)
             for task in T.parallel(MB * NC):
                 acc = T.alloc_buffer((BITS * MI * ROWS,), acc_t, scope="local")
                 yacc = T.alloc_buffer((MI * ROWS,), "float32", scope="local")
