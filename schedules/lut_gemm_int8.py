@@ -11,16 +11,21 @@ int8 tables of 4 activations, so one byte-shuffle instruction does 16-64 lookups
   all in float32 in exactly this order (``build_tables`` is the numpy twin, bit-exact);
 * lookup + add: each 4-bit slice of a weight plane indexes its quad's table; the lookups of one
   scale group are summed per plane and row in integers (int32 / int16);
-* shift: ``f = float(acc)`` is an integer-valued float (|f| < 2^15); each power-of-two term
-  ``sign * 2^e`` of alpha is applied to the bit pattern of ``f`` as an exponent add,
-  ``bits(f) - (KERNEL_BIAS << 23) + ((e + KERNEL_BIAS) << 23)``, plus ``1 << 31`` (mod 2^32: the
-  sign flip) for a negative term; the terms are added, and the group's sum is scaled by the
-  activation table scale: ``y += (sum_t term_t) * ls[m, g]``. No float multiply by a
-  weight-derived value. ``f``'s exponent field is 127..142, so with ``KERNEL_BIAS = 100`` and
-  ``e`` in -64..27 every intermediate stays normal; lanes with ``f == 0`` are masked out. An absent
-  term adds ``f * 2^-100`` (< 2^-85, far below float32 resolution of any nonzero output): an
-  exact zero costs a compare and a masked move per term, measured 3-12% of the hot M=1 time.
-  ``reference_int8`` models exactly this.
+* shift: ``f = float(acc)`` is an integer-valued float (|f| < 2^15, possibly 0); each
+  power-of-two term ``sign * 2^e`` of alpha is applied to the bit pattern of ``f`` as one integer
+  add of the precomputed ``delta = ((e + SHIFT) << 23) + (sign < 0 ? 1 << 31 : 0)`` (mod 2^32),
+  which gives ``sign * f * 2^(e + SHIFT)``; all ``bits * terms`` terms of one (row, group) are
+  added in float32 (plane-major, then term) and the sum is scaled once by the table scale:
+  ``y += (sum_b sum_t term_bt) * (ls[m, g] * 2^-SHIFT)`` (the kernel builds ``ls * 2^-SHIFT``:
+  exact, normal down to ``ls = 2^-62``). No float multiply by a weight-derived value, no select:
+  with ``SHIFT = 64`` and ``e >= -64`` the delta's exponent part is ``>= 0``, so ``f = 0`` turns
+  into ``+-2^(e + SHIFT - 127)``, 2^-127 of what ``acc = 1`` gives (a zero in any output that is
+  not itself ~1e-38); every other intermediate stays normal while ``e <= max_exp(cfg)`` (48 at
+  group 128 and 6 terms; ``packing.py`` allows 62; ``kernel_deltas`` refuses more, naming the
+  float-table kernel as the fix). An absent term has delta 0, i.e. the stand-in ``f * 2^-64``
+  (an exact zero would cost a select per term): below float32 resolution of any output with a
+  present term, ~1e-16 absolute in a row whose terms are all absent. ``reference_int8`` models
+  exactly this, bit operations included.
 
 Variants (``isa``), all one PrimFunc ``(x f32[M, K], w, codes, y f32[M, N])`` with the table build
 inside, tiles of 32 output rows (N padded at pack time, only real rows of y stored), Kp = K padded
@@ -37,11 +42,15 @@ to the group size (activations past K read as 0):
     (low nibble quad ``2j``, high nibble quad ``2j + 1``). One shuffle looks up one quad's table
     for 32 (16) rows; lookups are widened to int16 and added (|acc| <= 127 * group_size / 4).
 
-``codes: int8[NT, G, bits, terms, 32]``: one byte per scale term (as ``packing.py``), per tile row,
-transposed so one tile's 32 rows are adjacent: ``sign << 7 | (e + KERNEL_BIAS)``, 0 = absent (also
-the pad rows of the last tile); ``kernel_bytes`` maps the packed codes ``sign * (e + 65)``, whose
-exponents above ``MAX_EXP = 27`` it refuses. Decoding is sign-extend, shift by 23, clear bit 30
-(the sign's second copy), add: one instruction more than a precomputed int16 delta, half the bytes.
+``codes: int16[PAD + NT * G * bits * terms * 32]``: ``PAD = 32`` zero words, then per tile, group,
+plane and term the 32 rows' ``delta >> 16`` (``kernel_deltas``, ``encode_deltas``; pad rows of the
+last tile absent), row ``i`` in word ``2i + 1`` and row ``16 + i`` in word ``2i``. Applying a term
+to 16 rows is one masked 16-bit add to the high words of ``bits(f)`` with a memory operand (the
+second half loads one word early, which the leading pad keeps in bounds) and one ``vaddps``.
+Measured at M=1 (4096x4096, 2/3/4 bits, speedup over the former one-byte codes with a select per
+plane, same run each): this 1.26/1.23/1.27x; int32 deltas (one ``vpaddd``, twice the bytes)
+1.17/1.17/1.04x; int16 widened by and/shift 1.19/1.20/1.16x; one byte decoded by
+sign-extend/shift/and 1.08/1.06/1.07x.
 
 M > 1: ``m_inner`` rows of x share each loaded weight vector (their tables differ); threads run
 ``T.parallel`` over (row block, chunk of N tiles).
@@ -60,8 +69,8 @@ from .packing import EXP_BIAS
 ROWS = 32  # output rows per tile
 QMAX = 127  # int8 table range
 ISAS = ("avx512", "avx2", "neon")
-KERNEL_BIAS = 100  # exponent bias of the kernel bytes (module docstring)
-MAX_EXP = 127 - KERNEL_BIAS  # largest term exponent the kernel bytes hold
+SHIFT = 64  # term exponents are applied as e + SHIFT; the kernel's table scale carries 2^-SHIFT
+PAD = 32  # int16 words before the first term vector (the high half's load starts one word early)
 _SHUFFLE_BYTES = {"avx2": 32, "neon": 16}
 _ACC_REGS = {"avx512": 24, "avx2": 10, "neon": 24}  # vector registers the accumulators may use
 
@@ -115,18 +124,41 @@ def _nibbles(planes: np.ndarray, n_pad: int) -> np.ndarray:
     return nib
 
 
-def kernel_bytes(codes: np.ndarray) -> np.ndarray:
-    """int8 term codes (``packing.py``) -> the kernel's bytes ``sign << 7 | (e + KERNEL_BIAS)``
-    (0 = absent), as int8. Raises ValueError for an exponent above ``MAX_EXP``."""
-    c = np.asarray(codes).astype(np.int16)
-    e = np.abs(c) - EXP_BIAS
-    if np.any((c != 0) & (e > MAX_EXP)):
+def max_exp(cfg: LutGemmConfig) -> int:
+    """Largest term exponent the kernel applies without float32 overflow: ``|acc| < 2^A``
+    (``A`` = bits of ``QMAX * group_size / 4``), a term is below ``2^(A + e + SHIFT)`` and the sum
+    of ``bits * terms`` of them must stay below ``2^128``."""
+    a = (QMAX * (cfg.group_size // 4)).bit_length()
+    return 127 - SHIFT - a - max(0, (cfg.bits * cfg.terms - 1).bit_length())
+
+
+def kernel_deltas(codes: np.ndarray, cfg: LutGemmConfig) -> np.ndarray:
+    """Term codes (``packing.py``) -> the kernel's int32 deltas ``((e + SHIFT) << 23)``, plus
+    ``1 << 31`` for a negative term (mod 2^32); an absent term is 0 (``e = -SHIFT``). Raises
+    ValueError for an exponent above ``max_exp(cfg)``."""
+    c = np.asarray(codes).astype(np.int32)
+    e = np.where(c == 0, -SHIFT, np.abs(c) - EXP_BIAS)
+    lim = max_exp(cfg)
+    if np.any(e > lim):
         raise ValueError(
-            f"a scale term 2^{int(e[c != 0].max())} exceeds the int8 kernel's limit 2^{MAX_EXP} "
-            "(weights that large are not a trained network's); use the float-table kernel"
+            f"a scale term 2^{int(e.max())} exceeds the int8 kernel's limit 2^{lim} (group size "
+            f"{cfg.group_size}, {cfg.bits * cfg.terms} terms: the shifted sums would overflow "
+            "float32; weights that large are not a trained network's); use the float-table kernel"
         )
-    u = np.where(c == 0, 0, (e + KERNEL_BIAS) | np.where(c < 0, 128, 0))
-    return u.astype(np.uint8).view(np.int8)
+    if np.any(e < -SHIFT):
+        raise ValueError(f"a scale term 2^{int(e.min())} is below the kernel's 2^-{SHIFT}")
+    delta = ((e + SHIFT).astype(np.int64) << 23) + np.where(c < 0, 1 << 31, 0)
+    return (delta & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+def encode_deltas(delta: np.ndarray) -> np.ndarray:
+    """int32 deltas ``[..., 32 rows]`` -> the stored int16 words ``[..., 32]``: ``delta >> 16``
+    (its low 16 bits are 0) of row ``i`` in word ``2i + 1`` and of row ``16 + i`` in word ``2i``."""
+    hi = (np.asarray(delta, np.int32).view(np.uint32) >> 16).astype(np.uint16)
+    out = np.empty(hi.shape, np.uint16)
+    out[..., 1::2] = hi[..., :16]
+    out[..., 0::2] = hi[..., 16:]
+    return out.view(np.int16)
 
 
 def pack_int8(
@@ -150,10 +182,12 @@ def pack_int8(
         w = p.reshape(bits, nt, ROWS, kb).transpose(1, 3, 0, 2)  # [nt, kb, b, r]
     if scales.shape != (bits, n, cfg.groups, cfg.terms):
         raise ValueError(f"scales shape {scales.shape} does not match {cfg}")
-    d = np.zeros((bits, nt * ROWS, cfg.groups, cfg.terms), np.int8)
-    d[:, :n] = kernel_bytes(scales)
-    d = d.reshape(bits, nt, ROWS, cfg.groups, cfg.terms).transpose(1, 3, 0, 4, 2)
-    return np.ascontiguousarray(w).reshape(-1), np.ascontiguousarray(d).reshape(-1)  # 1-D args
+    sc = np.zeros((bits, nt * ROWS, cfg.groups, cfg.terms), np.int8)  # pad rows: absent terms
+    sc[:, :n] = scales
+    d = kernel_deltas(sc, cfg).reshape(bits, nt, ROWS, cfg.groups, cfg.terms)
+    d = np.ascontiguousarray(d.transpose(1, 3, 0, 4, 2))  # [nt, G, bits, terms, 32]
+    codes = np.concatenate([np.zeros(PAD, np.int16), encode_deltas(d).reshape(-1)])
+    return np.ascontiguousarray(w).reshape(-1), codes  # 1-D args
 
 
 # ----------------------------------------------------------------------------- numpy model
@@ -184,19 +218,20 @@ def reference_int8(
     tab, ls = build_tables(x, cfg)
     nib = _nibbles(planes, cfg.n).astype(np.int64)  # [bits, N, Q]
     qpg = cfg.group_size // 4
-    c = np.asarray(scales).astype(np.int32)  # [bits, N, G, T]
-    e = np.where(c == 0, -KERNEL_BIAS, np.abs(c) - EXP_BIAS)  # absent: the 2^-100 stand-in
+    delta = kernel_deltas(scales, cfg)  # [bits, N, G, T]
+    lsk = (ls * np.float32(2.0**-SHIFT)).astype(np.float32)  # the kernel's table scale
     y = np.zeros((cfg.m, cfg.n), np.float64)
     for m in range(cfg.m):
         look = np.take_along_axis(tab[m][None].astype(np.int64), nib.transpose(0, 2, 1), axis=2)
         # look[b, q, n] -> per group sums acc[b, n, g]
         acc = look.reshape(cfg.bits, cfg.groups, qpg, cfg.n).sum(2).transpose(0, 2, 1)
-        f = acc.astype(np.float32)
-        s = np.zeros(f.shape, np.float32)
-        for t in range(cfg.terms):
-            term = np.ldexp(f, e[..., t]).astype(np.float32)
-            s = s + np.where(c[..., t] < 0, -term, term)
-        y[m] = (s.astype(np.float64) * ls[m][None, None, :]).sum((0, 2))
+        fb = acc.astype(np.float32).view(np.int32)
+        s = None
+        for b in range(cfg.bits):
+            for t in range(cfg.terms):
+                term = (fb[b] + delta[b, ..., t]).view(np.float32)  # int32 add wraps mod 2^32
+                s = term if s is None else (s + term).astype(np.float32)
+        y[m] = (s.astype(np.float64) * lsk[m][None, :]).sum(1)
     return y
 
 
@@ -232,6 +267,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     VPG = GS // 16 if avx512 else GS // 8  # weight vectors per group
     WSIZE = NT * KV * BITS * W
     acc_t = "int32" if avx512 else "int16"
+    DSIZE = PAD + NT * G * BITS * TERMS * ROWS
     full_n = N % ROWS == 0
     build_loop = T.parallel if knobs.build_parallel else T.serial
 
@@ -246,35 +282,46 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     def i32x16(v):
         return v if avx512 else tirx.Cast("int32x16", v)
 
-    def epilogue(accv, dl, dbase, lsv, yv):
-        """yv + (sum_t shift(float(accv), code_t)) * lsv, lanes with acc == 0 unchanged."""
-        f = tirx.Cast("float32x16", i32x16(accv))
-        fb = tirx.reinterpret("int32x16", f) - tirx.Broadcast(
-            tirx.const(KERNEL_BIAS << 23, "int32"), 16
-        )
-        zero = tirx.Broadcast(tirx.const(0.0, "float32"), 16)
+    odd = tirx.EQ(
+        tirx.bitwise_and(tirx.Ramp(0, 1, 32), tirx.Broadcast(1, 32)), tirx.Broadcast(1, 32)
+    )
+
+    def shift(fb, dl, base, h):
+        """bits(f) + delta of 16 rows (half h of the tile): a 16-bit add to the high words only
+        (one masked ``vpaddw``; delta's low 16 bits are 0, so no carry is lost). The words of both
+        halves are interleaved; half 1 loads them one word early, so its words land in the odd
+        (high) positions too."""
+        f16 = tirx.reinterpret("int16x32", fb)
+        words = dl[tirx.Ramp(base + PAD - h, 1, 32)]
+        return tirx.reinterpret("int32x16", tirx.Select(odd, f16 + words, f16))
+
+    def epilogue(acc, dl, dbase, accbase, h, lsv, yv):
+        """yv + (sum_b sum_t shift(float(acc_b), delta_bt)) * lsv (module docstring)."""
         s = None
-        for t in range(TERMS):
-            # kernel byte u = sign << 7 | m, sign-extended: u << 23 holds m in bits 23..29 and the
-            # sign in bits 30 and 31; clearing bit 30 leaves the exponent add plus the sign flip
-            u = tirx.Cast("int32x16", dl[tirx.Ramp(dbase + t * ROWS, 1, 16)])
-            bits = fb + tirx.bitwise_and(
-                tirx.shift_left(u, tirx.Broadcast(tirx.const(23, "int32"), 16)),
-                tirx.Broadcast(tirx.const(~(1 << 30), "int32"), 16),
-            )
-            term = tirx.reinterpret("float32x16", bits)
-            s = term if s is None else s + term
-        return tirx.Select(tirx.NE(f, zero), yv + s * tirx.Broadcast(lsv, 16), yv)
+        for b in range(BITS):
+            f = tirx.Cast("float32x16", i32x16(acc[tirx.Ramp(accbase + b * MI * ROWS, 1, 16)]))
+            fb = tirx.reinterpret("int32x16", f)
+            for t in range(TERMS):
+                term = tirx.reinterpret(
+                    "float32x16", shift(fb, dl, dbase + (b * TERMS + t) * ROWS, h)
+                )
+                s = term if s is None else s + term
+        return yv + s * tirx.Broadcast(lsv, 16)
 
     def lookup_avx512(tab, tbase, wv, hi):
         offs = tirx.Cast(
             "uint8x64",
             tirx.bitwise_and(tirx.Ramp(0, 1, 64), tirx.Broadcast(3, 64)) * tirx.Broadcast(16, 64),
         )
-        nib = tirx.bitwise_and(  # hi: the unrolled half h (0: low nibble, 1: high nibble)
-            tirx.shift_right(wv, tirx.Broadcast(tirx.Cast("uint8", hi * 4), 64)),
-            tirx.Broadcast(tirx.const(15, "uint8"), 64),
+        # hi: the unrolled half (0: low nibble, 1: high nibble). A 16-bit shift (vpsrlw; the
+        # neighbour byte's bits are masked off) measured faster than a byte shift (gf2p8affineqb)
+        sh = tirx.reinterpret(
+            "uint8x64",
+            tirx.shift_right(
+                tirx.reinterpret("uint16x32", wv), tirx.Broadcast(tirx.Cast("uint16", hi * 4), 32)
+            ),
         )
+        nib = tirx.bitwise_and(sh, tirx.Broadcast(tirx.const(15, "uint8"), 64))
         return tirx.call_llvm_pure_intrin(
             "int8x64",
             "llvm.x86.avx512.permvar.qi.512",
@@ -317,7 +364,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                         + T.fabs(xv(x, m, g * GS + 4 * j + 2))
                         + T.fabs(xv(x, m, g * GS + 4 * j + 3)),
                     )
-                ls[m * G + g] = mx[0] * T.float32(1.0 / QMAX)
+                ls[m * G + g] = mx[0] * T.float32(2.0**-SHIFT / QMAX)  # ls * 2^-SHIFT, exact
                 for j in range(JG):
                     for c in T.vectorized(TB):
                         tab[(m * Q + g * JG + j) * TB + c] = T.Cast(
@@ -343,7 +390,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         def kernel(
             x: T.Buffer((M, K), "float32"),
             w: T.Buffer((WSIZE,), "uint8"),
-            dl: T.Buffer((NT * G * BITS * TERMS * ROWS,), "int8"),
+            dl: T.Buffer((DSIZE,), "int16"),
             y: T.Buffer((M, N), "float32"),
         ):
             T.func_attr({"tirx.noalias": True})
@@ -364,11 +411,15 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                             for kq in range(VPG):
                                 for b in T.unroll(BITS):
                                     for mi in T.unroll(MI):
+                                        # high nibble first: its shift reads the loaded
+                                        # vector, the low nibble's ternlog may then overwrite it
                                         for h in T.unroll(2):
-                                            acc[T.Ramp(((b * MI + mi) * 2 + h) * 16, 1, 16)] = (
+                                            acc[T.Ramp(((b * MI + mi) * 2 + 1 - h) * 16, 1, 16)] = (
                                                 dpbusd(
                                                     acc[
-                                                        T.Ramp(((b * MI + mi) * 2 + h) * 16, 1, 16)
+                                                        T.Ramp(
+                                                            ((b * MI + mi) * 2 + 1 - h) * 16, 1, 16
+                                                        )
                                                     ],
                                                     lookup_avx512(
                                                         tab,
@@ -395,25 +446,29 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                                                                 64,
                                                             )
                                                         ],
-                                                        h,
+                                                        1 - h,
                                                     ),
                                                 )
                                             )
-                            for b in T.unroll(BITS):
-                                for mi in T.unroll(MI):
-                                    for h in T.unroll(2):
-                                        yacc[T.Ramp((mi * 2 + h) * 16, 1, 16)] = epilogue(
-                                            acc[T.Ramp(((b * MI + mi) * 2 + h) * 16, 1, 16)],
-                                            dl,
-                                            (
-                                                ((((task % NC) * TPC + tt) * G + g) * BITS + b)
-                                                * TERMS
-                                            )
-                                            * ROWS
-                                            + h * 16,
-                                            ls[((task // NC) * MI + mi) * G + g],
-                                            yacc[T.Ramp((mi * 2 + h) * 16, 1, 16)],
-                                        )
+                            for mi in T.unroll(MI):
+                                yacc[T.Ramp(mi * ROWS, 1, 16)] = epilogue(
+                                    acc,
+                                    dl,
+                                    (((task % NC) * TPC + tt) * G + g) * BITS * TERMS * ROWS,
+                                    mi * ROWS,
+                                    0,
+                                    ls[((task // NC) * MI + mi) * G + g],
+                                    yacc[T.Ramp(mi * ROWS, 1, 16)],
+                                )
+                                yacc[T.Ramp(mi * ROWS + 16, 1, 16)] = epilogue(
+                                    acc,
+                                    dl,
+                                    (((task % NC) * TPC + tt) * G + g) * BITS * TERMS * ROWS,
+                                    mi * ROWS + 16,
+                                    1,
+                                    ls[((task // NC) * MI + mi) * G + g],
+                                    yacc[T.Ramp(mi * ROWS + 16, 1, 16)],
+                                )
                         for mi in T.unroll(MI):
                             if full_n:
                                 y[(task // NC) * MI + mi, T.Ramp(((task % NC) * TPC + tt) * ROWS, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]  # fmt: skip
@@ -429,7 +484,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         def kernel(
             x: T.Buffer((M, K), "float32"),
             w: T.Buffer((WSIZE,), "uint8"),
-            dl: T.Buffer((NT * G * BITS * TERMS * ROWS,), "int8"),
+            dl: T.Buffer((DSIZE,), "int16"),
             y: T.Buffer((M, N), "float32"),
         ):
             T.func_attr({"tirx.noalias": True})
@@ -505,21 +560,25 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                                                     True,
                                                 )
                                             )
-                            for b in T.unroll(BITS):
-                                for mi in T.unroll(MI):
-                                    for h in T.unroll(2):
-                                        yacc[T.Ramp((mi * 2 + h) * 16, 1, 16)] = epilogue(
-                                            acc[T.Ramp(((b * MI + mi) * 2 + h) * 16, 1, 16)],
-                                            dl,
-                                            (
-                                                ((((task % NC) * TPC + tt) * G + g) * BITS + b)
-                                                * TERMS
-                                            )
-                                            * ROWS
-                                            + h * 16,
-                                            ls[((task // NC) * MI + mi) * G + g],
-                                            yacc[T.Ramp((mi * 2 + h) * 16, 1, 16)],
-                                        )
+                            for mi in T.unroll(MI):
+                                yacc[T.Ramp(mi * ROWS, 1, 16)] = epilogue(
+                                    acc,
+                                    dl,
+                                    (((task % NC) * TPC + tt) * G + g) * BITS * TERMS * ROWS,
+                                    mi * ROWS,
+                                    0,
+                                    ls[((task // NC) * MI + mi) * G + g],
+                                    yacc[T.Ramp(mi * ROWS, 1, 16)],
+                                )
+                                yacc[T.Ramp(mi * ROWS + 16, 1, 16)] = epilogue(
+                                    acc,
+                                    dl,
+                                    (((task % NC) * TPC + tt) * G + g) * BITS * TERMS * ROWS,
+                                    mi * ROWS + 16,
+                                    1,
+                                    ls[((task // NC) * MI + mi) * G + g],
+                                    yacc[T.Ramp(mi * ROWS + 16, 1, 16)],
+                                )
                         for mi in T.unroll(MI):
                             if full_n:
                                 y[(task // NC) * MI + mi, T.Ramp(((task % NC) * TPC + tt) * ROWS, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]  # fmt: skip

@@ -109,19 +109,22 @@ def test_table_model_and_codes():
 
 
 def test_codes_layout_and_absent_terms():
-    """pack_int8 stores one byte per term (pad rows absent) as sign << 7 | (e + KERNEL_BIAS); the
-    model adds sign * 2^e * acc for a present term and the 2^-KERNEL_BIAS stand-in when absent."""
+    """pack_int8 stores per term the int16 high half of delta = (e + SHIFT) << 23 (+ 1 << 31 when
+    negative) after PAD zero words, rows i and 16 + i interleaved, pad rows absent (0); the model
+    adds sign * 2^e * acc for a present term and the 2^-SHIFT stand-in when absent."""
     cfg = LutGemmConfig(1, 40, 64, 2, 32, 3)
     x, planes, scales = random_case(cfg, seed=3)
     _, codes = L.pack_int8(planes, scales, cfg, "avx512")
-    assert codes.dtype == np.int8 and codes.size == 2 * cfg.groups * cfg.bits * cfg.terms * L.ROWS
-    c = codes.reshape(2, cfg.groups, cfg.bits, cfg.terms, L.ROWS)
-    assert c[1, 1, 0, 2, 7] == L.kernel_bytes(scales[0, L.ROWS + 7, 1, 2])
-    assert not c[1, :, :, :, 8:].any()
-    kb = L.kernel_bytes(encode_terms(np.array([1, -1, 0]), np.array([-3, 27, 0])))
-    assert kb.view(np.uint8).tolist() == [L.KERNEL_BIAS - 3, 128 + 127, 0]
-    with pytest.raises(ValueError, match="2\\^28 exceeds"):
-        L.kernel_bytes(encode_terms(np.array([1]), np.array([28])))
+    n_words = 2 * cfg.groups * cfg.bits * cfg.terms * L.ROWS
+    assert codes.dtype == np.int16 and codes.size == L.PAD + n_words
+    assert not codes[: L.PAD].any()
+    c = codes[L.PAD :].reshape(2, cfg.groups, cfg.bits, cfg.terms, L.ROWS)
+    delta = L.kernel_deltas(scales, cfg)  # [bits, N, G, T]
+    assert c[1, 1, 0, 2, 2 * 7 + 1] == delta[0, L.ROWS + 7, 1, 2] >> 16  # row 7 of tile 1
+    assert c[0, 1, 1, 0, 2 * 3] == delta[1, 16 + 3, 1, 0] >> 16  # row 19 of tile 0
+    assert not c[1, :, :, :, 2 * 8 :].any()  # tile 1: rows 40.. (8..31) are pad rows
+    d = L.kernel_deltas(encode_terms(np.array([1, -1, 0]), np.array([-3, 27, 0])), cfg)
+    assert d.view(np.uint32).tolist() == [(L.SHIFT - 3) << 23, (1 << 31) | (L.SHIFT + 27) << 23, 0]
     # one plane, one group, one term: y = acc * alpha * ls with alpha = -2^-3, then absent
     cfg1 = LutGemmConfig(1, 1, 32, 1, 32, 1)
     x1 = np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)
@@ -131,23 +134,52 @@ def test_codes_layout_and_absent_terms():
     neg = encode_terms(np.array([[[[-1]]]]), np.array([[[[-3]]]]))
     assert L.reference_int8(x1, p1, neg, cfg1)[0, 0] == -acc * 2.0**-3 * float(ls[0, 0])
     absent = L.reference_int8(x1, p1, np.zeros_like(neg), cfg1)[0, 0]
-    assert absent == acc * 2.0**-L.KERNEL_BIAS * float(ls[0, 0])
+    assert absent == acc * 2.0**-L.SHIFT * float(ls[0, 0])
+
+
+def test_exponent_limit():
+    """Every exponent of the packed format up to max_exp passes; above it a clear ValueError."""
+    cfg = LutGemmConfig(1, 32, 128, 2, 128, 3)
+    assert L.max_exp(cfg) == 127 - L.SHIFT - 12 - 3  # |acc| < 2^12 at group 128, 6 terms
+    assert L.max_exp(LutGemmConfig(1, 32, 1024, 4, 1024, 4)) == 127 - L.SHIFT - 15 - 4
+    ok = encode_terms(np.array([1, -1, 1]), np.array([-64, L.max_exp(cfg), 0]))
+    L.kernel_deltas(ok, cfg)
+    with pytest.raises(ValueError, match=f"2\\^{L.max_exp(cfg) + 1} exceeds.*float-table kernel"):
+        L.kernel_deltas(encode_terms(np.array([1]), np.array([L.max_exp(cfg) + 1])), cfg)
 
 
 @pytest.mark.skipif(bool(cpu_features.host_missing("avx512")), reason="needs AVX-512 VBMI/VNNI")
 def test_extreme_exponents_and_absent_rows():
-    """Term exponents at both ends of the kernel's range, and rows whose terms are all absent."""
+    """Term exponents at both ends of the kernel's range, rows whose terms are all absent, and
+    zero accumulators (an all-zero activation group: f = 0, no select)."""
     cfg = LutGemmConfig(2, 64, 128, 2, 32, 3)
     x, planes, _ = random_case(cfg, seed=11)
+    x[0, 32:64] = 0  # row 0, group 1: zero tables, every accumulator 0
     rng = np.random.default_rng(11)
     signs = rng.choice([-1, 1], (cfg.bits, cfg.n, cfg.groups, cfg.terms))
-    exps = rng.choice([-64, -63, L.MAX_EXP - 1, L.MAX_EXP, -5], signs.shape)
+    top = L.max_exp(cfg)
+    exps = rng.choice([-64, -63, top - 1, top, -5], signs.shape)
     signs[:, :5] = 0  # rows 0..4: alpha = 0 in every plane and group
     scales = encode_terms(signs, exps)
     y = run_int8(cfg, "avx512", x, planes, scales)
     model = L.reference_int8(x, planes, scales, cfg)
+    assert np.isfinite(y).all()
     assert rel(y, model) < RTOL_MODEL
-    assert np.abs(y[:, :5]).max() < 1e-20  # the 2^-100 stand-in only
+    assert np.abs(y[:, :5]).max() < 1e-12  # the 2^-64 stand-in only
+    # moderate exponents: the zero group adds nothing visible, the rest matches the exact reference
+    scales = encode_terms(signs, rng.integers(-12, 3, signs.shape))
+    y = run_int8(cfg, "avx512", x, planes, scales)
+    assert rel(y, L.reference_int8(x, planes, scales, cfg)) < RTOL_MODEL
+    assert rel(y, reference(x, planes, scales, cfg)) < RTOL_EXACT
+
+
+@pytest.mark.parametrize("isa", [pytest.param(i, marks=runnable(i)) for i in ("avx512", "avx2")])
+def test_zero_input_gives_zero(isa):
+    """x = 0: zero tables and scales, every accumulator 0; the output is exactly 0."""
+    cfg = LutGemmConfig(3, 40, 96, 3, 32, 2)
+    _, planes, scales = random_case(cfg, seed=2)
+    x = np.zeros((cfg.m, cfg.k), np.float32)
+    assert not run_int8(cfg, isa, x, planes, scales).any()
 
 
 def test_unsupported_cases_are_named():
