@@ -65,6 +65,27 @@ def _add_compile(sub) -> None:
     )
     p.add_argument("--iters", type=int, default=15, help="alternating refinement rounds of the fit")
     p.add_argument(
+        "--sweeps",
+        type=int,
+        default=2,
+        help="gptq: coordinate-descent passes over the codes against the full output error after "
+        "the column loop, each followed by a scale refit (0 = plain GPTQ loop)",
+    )
+    p.add_argument(
+        "--tune-epochs",
+        type=int,
+        default=1,
+        help="end-to-end scale tuning after the fit: epochs over the calibration windows, every "
+        "scale adjusted (codes fixed, power-of-two rounding in the loop) to match the float "
+        "model's next-token distributions; 0 = off (torch models with calibration text only)",
+    )
+    p.add_argument(
+        "--tune-windows",
+        type=int,
+        default=16,
+        help="calibration windows the scale tuning trains on (2 more judge the result)",
+    )
+    p.add_argument(
         "--target",
         default="llvm",
         help="'llvm' (this CPU), 'cuda' (NVIDIA sm_90; kernels compiled here with nvcc) or a TVM "
@@ -169,6 +190,7 @@ def cmd_compile(args) -> int:
 
     from .compiler import CalibrationSpec, compile, logits_tolerance, verify_against_torch
     from .errors import ConfigError
+    from .finetune import ScaleTuning
     from .models import load_model
     from .text import token_ids
 
@@ -203,6 +225,8 @@ def cmd_compile(args) -> int:
         decode=False if args.no_decode else None,
         max_context=args.max_context,
         decode_steps=tuple(args.decode_steps),
+        sweeps=args.sweeps,
+        scale_tuning=ScaleTuning(epochs=args.tune_epochs, windows=args.tune_windows),
     )
     art.manifest["model"] = args.model
     art.manifest["tokenizer"] = args.tokenizer or (None if is_onnx else args.model)

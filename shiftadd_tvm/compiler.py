@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,26 @@ class Imported:
     step_params: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     # readable name -> bit-planes fitted for it instead of the common width (the output head)
     bits_by_name: dict[str, int] = dataclasses.field(default_factory=dict)
+    # (fits by relax key, ScaleTuning, progress) -> (tuned fits, report): end-to-end scale tuning
+    # against the float model (torch models with calibration text only; finetune.py)
+    tuner: Callable | None = None
+
+
+def attach_tuner(imp: Imported, model, windows: np.ndarray | None) -> None:
+    """Let ``build_imported`` tune ``imp``'s fitted scales on ``model`` with ``windows``."""
+    if windows is None:
+        return
+
+    def tuner(fits: dict, cfg, progress: bool):
+        from .finetune import tune_scales
+
+        names = {k: imp.candidates[k][0] for k in fits}
+        tuned, report = tune_scales(
+            model, {names[k]: r for k, r in fits.items()}, windows, cfg, progress
+        )
+        return {k: tuned[names[k]] for k in fits}, report
+
+    imp.tuner = tuner
 
 
 def quantize_candidates(
@@ -126,7 +147,7 @@ def quantize_candidates(
         st = stats.get(key) if stats is not None else None
         wt = torch.as_tensor(np.asarray(w))
         if st is not None and st.ndim == 2 and qcfg.method == "gptq":
-            out[key] = gptq_bcq(wt, st, qcfg, name=name, rounds=qcfg.rounds)
+            out[key] = gptq_bcq(wt, st, qcfg, name=name, rounds=qcfg.rounds, sweeps=qcfg.sweeps)
         else:
             cw = torch.diagonal(st) if st is not None and st.ndim == 2 else st
             out[key] = bcq_quantize(wt, qcfg, cw, name=name)
@@ -369,6 +390,8 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     decode: bool | None = None,
     max_context: int | None = None,
     decode_steps: tuple[int, ...] = (1, 128),
+    sweeps: int = 2,
+    scale_tuning=None,
 ) -> Artifact:
     """Reparameterize ``model`` to binary planes with power-of-two scales and build it with TVM.
 
@@ -389,6 +412,10 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     ``decode_steps``, cache of ``max_context`` tokens, default ``seq_len``) into the same module,
     for ``Runtime.generate``. ``None``: on for LLaMA-family torch models on CPU targets, off (and
     logged) otherwise; ``True`` makes an unsupported model an error.
+    ``sweeps``: coordinate-descent passes over the codes after the GPTQ loop (``gptq.py``).
+    ``scale_tuning``: a ``finetune.ScaleTuning`` (default: one epoch over 16 calibration windows)
+    that tunes every scale end to end against the float model after the layer-wise fit; ``False``
+    or ``ScaleTuning(epochs=0)`` turns it off. Torch models with calibration text only.
     """
     from .models import load_model
 
@@ -402,7 +429,15 @@ def compile(  # noqa: A001 - the public API name the issue asks for
         terms=terms,
         iters=iters,
         method=method,
+        sweeps=sweeps,
     )
+    from .finetune import ScaleTuning
+
+    tuning_by_default = scale_tuning is None
+    if scale_tuning is None or scale_tuning is True:
+        scale_tuning = ScaleTuning()
+    elif scale_tuning is False:
+        scale_tuning = ScaleTuning(epochs=0)
     full = qcfg.method == "gptq"
     if seq_len < 1:
         raise ConfigError(f"seq_len={seq_len} must be >= 1")
@@ -428,6 +463,7 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     if head_bits is not None and onnx_proto is not None:
         raise ConfigError("head_bits is supported for torch models only (not the ONNX path)")
     stats_in = calib_stats is not None and Path(calib_stats).is_file()
+    tune_calibration, tune_ids = calibration, calib_ids  # windows for scale tuning
     if stats_in:
         calibration, calib_ids = "stats-file", None  # statistics come from the file
     if onnx_proto is not None:
@@ -449,6 +485,16 @@ def compile(  # noqa: A001 - the public API name the issue asks for
         )
         if model_spec:
             imp.info["model"] = model_spec
+        if scale_tuning.epochs > 0 and (tune_ids is not None or tune_calibration is not None):
+            windows = _calibration_windows(tokenizer, tune_calibration, tune_ids)[0]
+            if len(windows) > scale_tuning.held_out or not tuning_by_default:
+                attach_tuner(imp, model, windows)
+            else:  # the default setting meets a short calibration: say so, do not fail
+                log.warning(
+                    "scale tuning skipped: %d calibration windows, it needs more than %d",
+                    len(windows),
+                    scale_tuning.held_out,
+                )
     else:
         raise ConfigError(
             f"model must be a torch.nn.Module, an onnx.ModelProto or a model path/alias, "
@@ -463,7 +509,9 @@ def compile(  # noqa: A001 - the public API name the issue asks for
 
         windows, _ = _calibration_windows(tokenizer, calibration, calib_ids)
         imp.fisher = loss_sensitivity(model, windows, imp.candidates, progress)
-    return build_imported(imp, qcfg, tgt, allow_dense_fallback, progress, t_start, budget=budget)
+    return build_imported(
+        imp, qcfg, tgt, allow_dense_fallback, progress, t_start, budget=budget, tuning=scale_tuning
+    )
 
 
 def _decode_request(model, tgt, decode, max_context, steps) -> dict | None:
@@ -539,12 +587,15 @@ def build_imported(
     budget: float | None = None,
     fitted: dict[str, BCQResult] | None = None,
     allocation: dict | None = None,
+    tuning=None,
 ) -> Artifact:
-    """The common back half: fit, rewrite, bind, build, describe.
+    """The common back half: fit, (tune,) rewrite, bind, build, describe.
 
     ``budget``: average bit-planes per weight, allocated per layer (``allocate.py``) instead
     of the uniform ``qcfg.bits``. ``fitted`` (relax key -> result, one per distinct weight) and
     ``allocation`` (its report) skip the fit: the accuracy report reuses fits across rows.
+    ``tuning`` (``finetune.ScaleTuning``): tune the fitted scales end to end when ``imp`` has a
+    tuner (torch models calibrated on text); otherwise logged and skipped.
     """
     import tvm
 
@@ -567,6 +618,16 @@ def build_imported(
         if key not in fitted:
             cfg = dataclasses.replace(qcfg, bits=imp.bits_by_name[name])
             fitted.update(quantize_candidates({key: (name, w)}, cfg, imp.energy, progress))
+    tuning_report = None
+    if tuning is not None and tuning.epochs > 0:
+        if imp.tuner is None:
+            log.warning(
+                "scale tuning skipped: it needs a torch model and calibration text (ONNX models, "
+                "statistics-only or uncalibrated compiles have no float model to tune against)"
+            )
+            tuning_report = {"enabled": False, "reason": "no torch model or calibration windows"}
+        else:
+            fitted, tuning_report = imp.tuner(dict(fitted), tuning, progress)
     quantized = {k: fitted[unique[name]] for k, (name, _) in imp.candidates.items()}
     t_quant = time.time() - t0
     packed: dict[str, PackedLinear] = {}
@@ -729,6 +790,7 @@ def build_imported(
             4,
         ),
         **({"allocation": allocation} if allocation else {}),
+        **({"scale_tuning": tuning_report} if tuning_report else {}),
         "quantized_weights": qweights,
         "quantized_bytes": qbytes,
         "layers": {

@@ -10,6 +10,11 @@ original weights with the diag(H)-weighted BCQ of ``quant.py``), so act-order (c
 decreasing activation energy) keeps contiguous groups and the kernel needs no index table. After
 the loop the scales are refitted against the full output error ``(w - q) H (w - q)^T`` with the codes
 fixed, rounded again to sums of signed powers of two, and kept per row where that lowers the error.
+
+GPTQ decides each code once, against columns not yet quantized. ``sweeps`` passes of coordinate
+descent then revisit every code against the full output error: column ``j`` moves to the level
+nearest ``q_j + [(w - q) H]_j / H_jj`` (the exact minimizer over column ``j`` with the others
+fixed), so no pass increases the error; each pass is followed by another scale refit.
 """
 
 from __future__ import annotations
@@ -72,6 +77,49 @@ def _refit_alpha(w, codes, h, gs, chunk=128):
         sol = torch.linalg.solve(A + ridge[:, None, None] * eye, rhs[:, :, None])[:, :, 0]
         out[:, r0:r1] = sol.reshape(r1 - r0, bits, groups).permute(1, 0, 2)
     return out
+
+
+def _cd_sweep(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    code_idx: torch.Tensor,
+    values: torch.Tensor,
+    gs: int,
+    block: int = 128,
+) -> None:
+    """One coordinate-descent pass over the columns (decreasing ``H_jj``), in place on ``code_idx``.
+
+    ``values[G, N, C]`` are each group's candidate levels; ``code_idx[N, K]`` the chosen ones.
+    Keeps ``R = (w - q) H`` up to date: inside a block of ``block`` columns (in visiting order)
+    with rank-1 updates of the block's columns only, then for all columns at once (as GPTQ's lazy
+    batch updates: same result, matrix-matrix work).
+    """
+    n, k = w.shape
+    rows = torch.arange(n)
+    q = torch.empty_like(w)
+    for g in range(values.shape[0]):
+        c0, c1 = g * gs, min(k, (g + 1) * gs)
+        q[:, c0:c1] = torch.gather(values[g], 1, code_idx[:, c0:c1])
+    r = (w - q) @ h
+    d = torch.diagonal(h)
+    order = torch.argsort(d, descending=True)
+    for i0 in range(0, k, block):
+        cols = order[i0 : i0 + block]
+        rb = r[:, cols]  # a copy (advanced indexing)
+        hb = h[cols][:, cols]
+        dq = torch.zeros(n, len(cols), dtype=w.dtype)
+        for t, j in enumerate(cols.tolist()):
+            if d[j] <= 0:
+                continue
+            vals = values[j // gs]
+            best = torch.argmin(((q[:, j] + rb[:, t] / d[j])[:, None] - vals).abs(), dim=1)
+            new = vals[rows, best]
+            delta = q[:, j] - new  # change of the error (w - q) in column j
+            code_idx[:, j] = best
+            q[:, j] = new
+            rb += delta[:, None] * hb[t][None, :]
+            dq[:, t] = delta
+        r += dq @ h[cols]
 
 
 def gptq_loop(
@@ -139,11 +187,13 @@ def gptq_bcq(
     refit: bool = True,
     name: str = "weight",
     rounds: int = 1,
+    sweeps: int = 0,
 ) -> BCQResult:
     """Quantize ``w[N, K]`` with the GPTQ loop and BCQ codes; ``hessian`` is ``X^T X / n`` [K, K].
 
-    ``rounds`` > 1 repeats the loop with the refitted scales as the static grid and refits again,
-    keeping per row the best (codes, scales) by output error.
+    ``rounds`` > 1 repeats the loop with the refitted scales as the static grid and refits again;
+    ``sweeps`` coordinate-descent passes (each followed by a refit) follow every loop. Per row the
+    best (codes, scales) by output error is kept.
     """
     n, k = w.shape
     gs, bits = cfg.group_size, cfg.bits
@@ -179,17 +229,25 @@ def gptq_bcq(
             torch.where(b, err, state[3]),
         )
 
+    weights = 2 ** torch.arange(bits - 1, -1, -1)  # codes -> index into combos
     state = None
     ts, te = init.term_signs, init.term_exps
     for _ in range(max(1, rounds)):
         grid["values"] = _group_values(pow2_value(ts, te), combos)  # [G, N, C]
         gptq_loop(w0, hessian, pick, act_order=act_order, damp=damp, block=block)
-        codes = (combos[code_idx] > 0).permute(2, 0, 1).contiguous()  # [bits, N, K]
-        state = keep(state, codes, ts, te)
+        for sweep in range(sweeps + 1):
+            if sweep:
+                _cd_sweep(w0, h0, code_idx, grid["values"], gs)
+            codes = (combos[code_idx] > 0).permute(2, 0, 1).contiguous()  # [bits, N, K]
+            state = keep(state, codes, ts, te)
+            if not refit:
+                break
+            ts, te = round_pow2_terms(_refit_alpha(w0, codes, h0, gs), cfg.terms)
+            state = keep(state, codes, ts, te)
+            ts, te = state[1], state[2]
+            grid["values"] = _group_values(pow2_value(ts, te), combos)
+            code_idx = (state[0].long() * weights[:, None, None]).sum(0)  # the kept rows' codes
         if not refit:
             break
-        ts, te = round_pow2_terms(_refit_alpha(w0, codes, h0, gs), cfg.terms)
-        state = keep(state, codes, ts, te)
-        ts, te = state[1], state[2]
     codes, ts, te, _ = state
     return BCQResult(codes=codes, term_signs=ts.contiguous(), term_exps=te.contiguous(), cfg=cfg)

@@ -39,6 +39,7 @@ class QuantConfig:
     iters: int = 15
     method: str = "gptq"  # "gptq": output objective (GPTQ loop + BCQ); "bcq": weighted BCQ only
     rounds: int = 1  # gptq: column loops, each on the previous round's refitted scales
+    sweeps: int = 0  # gptq: coordinate-descent passes over the codes after each loop
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -58,6 +59,8 @@ class QuantConfig:
             raise ConfigError(f"iters={self.iters} must be >= 0")
         if self.rounds < 1:
             raise ConfigError(f"rounds={self.rounds} must be >= 1")
+        if self.sweeps < 0:
+            raise ConfigError(f"sweeps={self.sweeps} must be >= 0")
 
     def bits_per_weight(self) -> float:
         """Storage per weight including the scale codes (one byte per power-of-two term)."""

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 OURS = "ours"
 SEQUENTIAL = "ours_sequential"
 METHOD_LABELS = {
-    OURS: "GPTQ loop + binary coding, power-of-two scales, output-error refit (.so via runtime)",
+    OURS: "GPTQ loop + binary coding, power-of-two scales, output-error refit and coordinate "
+    "descent, end-to-end scale tuning (.so via runtime)",
     "rtn": "RTN uniform (torch sim)",
     "gptq": "GPTQ uniform, act-order (torch sim)",
     "gptq_noact": "GPTQ uniform, no act-order (torch sim)",
@@ -54,6 +55,9 @@ class ReportSpec:
     terms: int = 3
     iters: int = 15
     rounds: int = 1
+    sweeps: int = 2
+    tune_epochs: int = 1
+    tune_windows: int = 16
     allocation_weight: str = "fisher"  # "fisher": errors weighted by loss gradients; "none"
     calib_text: str = "wiki"
     calib_start: int = 200_000
@@ -67,7 +71,10 @@ class ReportSpec:
 
 
 _CALIB_FIELDS = ("model", "calib_text", "calib_start", "calib_windows", "window")
-_FIT_FIELDS = (*_CALIB_FIELDS, "group_size", "terms", "iters", "rounds")
+_FIT_FIELDS = (*_CALIB_FIELDS, "group_size", "terms", "iters", "rounds", "sweeps")
+_TUNE_FIELDS = ("tune_epochs", "tune_windows")
+# the baselines do not use ours' fit settings beyond these (rows cached before sweeps existed)
+_BASELINE_FIELDS = (*_CALIB_FIELDS, "group_size", "terms", "iters", "rounds")
 _EVAL_FIELDS = ("model", "texts", "tokens", "window")
 
 
@@ -218,7 +225,12 @@ class _Harness:
 
         s = self.spec
         return QuantConfig(
-            bits=bits, group_size=s.group_size, terms=s.terms, iters=s.iters, rounds=s.rounds
+            bits=bits,
+            group_size=s.group_size,
+            terms=s.terms,
+            iters=s.iters,
+            rounds=s.rounds,
+            sweeps=s.sweeps,
         )
 
     def layer_errors(self) -> dict:
@@ -300,14 +312,16 @@ class _Harness:
     def ours_row(self, bits: int | None, budget: float | None, errors: dict | None) -> dict:
         from . import runtime
         from .allocate import CANDIDATE_WIDTHS, allocate_for, allocation_report
-        from .compiler import build_imported
+        from .compiler import attach_tuner, build_imported
         from .evaluate import torch_logits_fn
+        from .finetune import ScaleTuning
         from .targets import resolve_target
+        from .text import token_ids
 
         s = self.spec
         # a budget row never shares its label (file name) with a uniform row: 3.0 is not 3
         label = f"{bits}" if budget is None else f"{budget:g}" if budget % 1 else f"{budget:.1f}"
-        fields = (*_FIT_FIELDS, *_EVAL_FIELDS, "target")
+        fields = (*_FIT_FIELDS, *_EVAL_FIELDS, *_TUNE_FIELDS, "target")
         if budget is not None:
             fields += ("allocation_weight",)
         digest = s.digest(*fields) + f"-{OURS}-{label}"
@@ -333,6 +347,10 @@ class _Harness:
             allocation = allocation_report(self.unique, errors, alloc, self.qcfg(1))
             allocation["error_weighting"] = s.allocation_weight
             qcfg = self.qcfg(min(4, max(2, round(budget))))
+        tuning = ScaleTuning(epochs=s.tune_epochs, windows=s.tune_windows)
+        if tuning.epochs and imp.tuner is None:
+            ids = token_ids(self.tok, s.calib_text, s.calib_start, s.calib_windows * s.window)
+            attach_tuner(imp, self.model, ids.reshape(-1, s.window))
         art = build_imported(
             imp,
             qcfg,
@@ -343,6 +361,7 @@ class _Harness:
             budget=budget,
             fitted=fitted,
             allocation=allocation,
+            tuning=tuning,
         )
         art.manifest["model"] = s.model
         art.manifest["tokenizer"] = s.model
@@ -376,6 +395,7 @@ class _Harness:
             "build_s": round(t_build, 1),
             "layer_bits": layer_bits,
             "allocation": allocation,
+            "scale_tuning": art.manifest.get("scale_tuning"),
         }
         _save_json(path, row)
         return row
@@ -388,7 +408,8 @@ class _Harness:
         from .baselines import quantize_baseline
 
         s = self.spec
-        digest = s.digest(*_FIT_FIELDS, *_EVAL_FIELDS) + f"-{method}-{bits}"
+        fields = _FIT_FIELDS if method == SEQUENTIAL else _BASELINE_FIELDS
+        digest = s.digest(*fields, *_EVAL_FIELDS) + f"-{method}-{bits}"
         path = self.work / "rows" / f"{method}-{bits}.json"
         got = _load_json(path, digest)
         if got is not None:
@@ -425,7 +446,7 @@ class _Harness:
         t0 = time.time()
 
         def fit(name, w, h):
-            r = gptq_bcq(w, h, cfg, name=name, rounds=cfg.rounds)
+            r = gptq_bcq(w, h, cfg, name=name, rounds=cfg.rounds, sweeps=cfg.sweeps)
             return r, r.dequantize()
 
         res, _ = sequential_fit(
@@ -733,6 +754,24 @@ def add_parser(sub) -> None:
         "--rounds", type=int, default=d.rounds, help="GPTQ loops on refitted scales (ours)"
     )
     p.add_argument(
+        "--sweeps",
+        type=int,
+        default=d.sweeps,
+        help="coordinate-descent passes over the codes after each GPTQ loop (ours)",
+    )
+    p.add_argument(
+        "--tune-epochs",
+        type=int,
+        default=d.tune_epochs,
+        help="epochs of end-to-end scale tuning against the float model (ours; 0 = off)",
+    )
+    p.add_argument(
+        "--tune-windows",
+        type=int,
+        default=d.tune_windows,
+        help="calibration windows the scale tuning trains on",
+    )
+    p.add_argument(
         "--allocation-weight",
         choices=["fisher", "none"],
         default=d.allocation_weight,
@@ -762,6 +801,9 @@ def cmd_report(args) -> int:
         terms=args.terms,
         iters=args.iters,
         rounds=args.rounds,
+        sweeps=args.sweeps,
+        tune_epochs=args.tune_epochs,
+        tune_windows=args.tune_windows,
         allocation_weight=args.allocation_weight,
         calib_text=args.calib_text,
         calib_start=args.calib_start,

@@ -30,7 +30,8 @@ def tiny_onnx(tmp_path_factory):
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_onnx_artifact_matches_torch_artifact(tiny_onnx, tmp_path, calibrated):
     model, path = tiny_onnx
-    kw = dict(bits=3, group_size=32, seq_len=TINY_SEQ, progress=False)
+    # scale tuning needs the float torch model, which the ONNX path does not have: off for both
+    kw = dict(bits=3, group_size=32, seq_len=TINY_SEQ, progress=False, scale_tuning=False)
     if calibrated:  # onnxruntime-recorded activations vs torch hooks, same windows
         kw["calib_ids"] = np.random.default_rng(5).integers(0, 256, (3, TINY_SEQ))
     else:
@@ -45,7 +46,11 @@ def test_onnx_artifact_matches_torch_artifact(tiny_onnx, tmp_path, calibrated):
     ids = np.random.default_rng(0).integers(0, 256, (2, TINY_SEQ))
     o_t = shiftadd_tvm.runtime.load(a_torch.export(tmp_path / "t.so"))(ids)
     o_o = shiftadd_tvm.runtime.load(a_onnx.export(tmp_path / "o.so"))(ids)
-    assert np.linalg.norm(o_t - o_o) / np.linalg.norm(o_t) < 1e-4
+    # uncalibrated: the same fit of the same weights; calibrated: onnxruntime and torch sum the
+    # Hessians in different orders, and the coordinate-descent sweeps flip the few codes that sit
+    # on a tie (measured 1.2e-3 here with sweeps, < 1e-4 without)
+    tol = 5e-3 if calibrated else 1e-4
+    assert np.linalg.norm(o_t - o_o) / np.linalg.norm(o_t) < tol
 
 
 def test_onnx_weight_discovery(tiny_onnx):
@@ -219,7 +224,14 @@ def test_shared_calibration_stats_make_paths_identical(tiny_onnx, tmp_path):
     model, path = tiny_onnx
     stats = tmp_path / "stats.npz"
     calib = np.random.default_rng(7).integers(0, 256, (3, TINY_SEQ))
-    kw = dict(bits=3, group_size=32, seq_len=TINY_SEQ, progress=False, calib_stats=stats)
+    kw = dict(
+        bits=3,
+        group_size=32,
+        seq_len=TINY_SEQ,
+        progress=False,
+        calib_stats=stats,
+        scale_tuning=False,  # the ONNX path has no float torch model to tune against
+    )
     a_torch = shiftadd_tvm.compile(model, calib_ids=calib, **kw)
     assert stats.is_file() and a_torch.manifest["calibration"]["source"] == "ids"
     a_onnx = shiftadd_tvm.compile(str(path), **kw)

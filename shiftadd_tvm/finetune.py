@@ -1,0 +1,195 @@
+"""End-to-end tuning of the power-of-two scales against the float model (codes fixed).
+
+The layer-wise fit (``gptq.py``) minimizes each Linear's own output error; the errors of 210
+Linears then add up through the network. This step adjusts every scale of every layer at once to
+keep the quantized model's next-token distributions close to the float model's:
+
+- each scale ``alpha`` of a fitted layer becomes ``alpha_0 * exp(s)`` with a trainable ``s``
+  (init 0: the fitted model); the bit-plane codes do not change;
+- the forward pass uses ``alpha`` rounded to sums of ``terms`` signed powers of two (the kernel's
+  format; straight-through gradient), so the model that is trained is the model that is exported;
+- the loss is ``KL(float || quantized)`` of the next-token distributions at every position of the
+  calibration windows (the float model is the teacher, run on the same window, no labels);
+- Adam with a cosine-decayed learning rate, windows in a seeded order: deterministic.
+
+Two calibration windows are held out: the tuned scales are kept only if their KL to the float
+model there is lower than the fitted scales' (else the fit is returned unchanged, and the report
+says so). The weights stay kernel-executable: same planes, same scale format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import ConfigError
+from .quant import BCQResult, pow2_value, round_pow2_terms
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleTuning:
+    """Settings of the end-to-end scale tuning (``epochs=0``: off)."""
+
+    epochs: int = 1
+    windows: int = 16  # calibration windows trained on (after the held-out ones)
+    held_out: int = 2  # calibration windows that judge the result
+    lr: float = 5e-3  # Adam step on the log-scale
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.windows < 1 or self.held_out < 1:
+            raise ConfigError(
+                f"scale tuning: epochs={self.epochs} must be >= 0, windows={self.windows} and "
+                f"held_out={self.held_out} >= 1"
+            )
+        if not self.lr > 0:
+            raise ConfigError(f"scale tuning: lr={self.lr} must be > 0")
+
+
+class _TunedLinear(torch.nn.Module):
+    """A Linear whose weight is ``sum_b sign_b * round_pow2(alpha_0 * exp(s))`` (or the float one)."""
+
+    def __init__(self, lin: torch.nn.Linear, fit: BCQResult):
+        super().__init__()
+        self.lin = lin
+        self.gs, self.terms = fit.cfg.group_size, fit.cfg.terms
+        self.register_buffer("signs", fit.codes.to(torch.int8) * 2 - 1)  # [bits, N, K]
+        self.register_buffer("alpha0", fit.alpha.float())  # [bits, N, G]
+        self.s = torch.nn.Parameter(torch.zeros_like(self.alpha0))
+        self.teacher = False
+
+    def alpha(self) -> torch.Tensor:
+        a = self.alpha0 * torch.exp(self.s)
+        signs, exps = round_pow2_terms(a.detach(), self.terms)
+        return a + (pow2_value(signs, exps).float() - a).detach()  # straight-through rounding
+
+    def forward(self, x):
+        if self.teacher:
+            return self.lin(x)
+        k = self.signs.shape[-1]
+        a = torch.repeat_interleave(self.alpha(), self.gs, dim=-1)[..., :k]
+        return torch.nn.functional.linear(x, (self.signs * a).sum(0), self.lin.bias)
+
+    def result(self, fit: BCQResult) -> BCQResult:
+        with torch.no_grad():
+            signs, exps = round_pow2_terms(
+                self.alpha0.double() * torch.exp(self.s.double()), self.terms
+            )
+        return dataclasses.replace(fit, term_signs=signs, term_exps=exps)
+
+
+def _kl(teacher_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || model) of the next-token distributions."""
+    tp = torch.log_softmax(teacher_logits.float(), -1)
+    lp = torch.log_softmax(logits.float(), -1)
+    return (tp.exp() * (tp - lp)).sum(-1).mean()
+
+
+def tune_scales(
+    model,
+    fits: dict[str, BCQResult],
+    windows: np.ndarray,
+    cfg: ScaleTuning = ScaleTuning(),
+    progress: bool = True,
+) -> tuple[dict[str, BCQResult], dict]:
+    """Tune the scales of ``fits`` (Linear module name -> fit) in ``model`` (a torch causal LM whose
+    named Linears hold the float weights) on ``windows`` (int64 [n, w] calibration token ids).
+
+    Returns the new fits (or the given ones, if tuning did not lower the held-out KL) and a report
+    dict. ``model`` is left as it was.
+    """
+    if cfg.epochs == 0:
+        return fits, {"enabled": False}
+    windows = np.asarray(windows)
+    if len(windows) < cfg.held_out + 1:
+        raise ConfigError(
+            f"scale tuning needs more than {cfg.held_out} calibration windows, got {len(windows)}: "
+            "raise the calibration windows or turn scale tuning off"
+        )
+    held, train = windows[: cfg.held_out], windows[cfg.held_out : cfg.held_out + cfg.windows]
+    t0 = time.time()
+    wrapped: dict[str, _TunedLinear] = {}
+    saved_grad = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for name, fit in fits.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            wrapped[name] = _TunedLinear(getattr(parent, child), fit)
+            setattr(parent, child, wrapped[name])
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = [m.s for m in wrapped.values()]
+        for p in params:
+            p.requires_grad_(True)
+        model.eval()
+
+        def run(ids: np.ndarray, teacher: bool):
+            for m in wrapped.values():
+                m.teacher = teacher
+            return model(input_ids=torch.from_numpy(ids[None]), use_cache=False).logits
+
+        @torch.no_grad()
+        def held_kl() -> float:
+            return float(np.mean([_kl(run(w, True), run(w, False)).item() for w in held]))
+
+        before = held_kl()
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        steps = cfg.epochs * len(train)
+        rng = np.random.RandomState(cfg.seed)
+        losses = []
+        bar = tqdm(total=steps, desc="scale tuning", unit="window", disable=not progress)
+        for step in range(steps):
+            if step % len(train) == 0:
+                order = rng.permutation(len(train))
+            ids = train[order[step % len(train)]]
+            with torch.no_grad():
+                teacher = run(ids, True)
+            loss = _kl(teacher, run(ids, False))
+            opt.zero_grad()
+            loss.backward()
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            opt.step()
+            losses.append(loss.item())
+            bar.set_postfix(kl=f"{loss.item():.4f}")
+            bar.update()
+        bar.close()
+        after = held_kl()
+        kept = after < before
+        out = {n: m.result(fits[n]) for n, m in wrapped.items()} if kept else fits
+    finally:
+        for name, m in wrapped.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, m.lin)
+        for p, g in saved_grad.items():
+            p.requires_grad_(g)
+        model.train(was_training)
+    report = {
+        "enabled": True,
+        **dataclasses.asdict(cfg),
+        "held_out_kl_before": round(before, 5),
+        "held_out_kl_after": round(after, 5),
+        "kept": kept,
+        "train_kl_first_last": [round(losses[0], 5), round(losses[-1], 5)],
+        "seconds": round(time.time() - t0, 1),
+    }
+    if kept:
+        log.info(
+            "scale tuning: held-out KL %.4f -> %.4f (%.0f s)", before, after, report["seconds"]
+        )
+    else:
+        log.warning(
+            "scale tuning did not lower the held-out KL (%.4f -> %.4f): kept the fitted scales",
+            before,
+            after,
+        )
+    return out, report
