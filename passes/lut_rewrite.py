@@ -64,6 +64,7 @@ class RewriteRecord:
     dense: list[dict] = dataclasses.field(default_factory=list)
     kernels: dict[str, dict] = dataclasses.field(default_factory=dict)
     int8_fallbacks: int = 0  # CPU kernels that could not use the int8 kernel of the target's ISA
+    low_takes: int = 0  # embedding lookups moved to a dense weight's float16 table
 
     def summary(self) -> str:
         reasons: dict[str, int] = {}
@@ -153,6 +154,7 @@ def rewrite_matmuls(
     cuda_knobs=None,
     cpu_isa: str = "generic",
     int8_knobs=None,
+    dense_weight_dtype: str = "float32",
 ):
     """Rewrite the matmuls of ``mod[func_name]``; returns ``(new_mod, RewriteRecord)``.
 
@@ -165,7 +167,16 @@ def rewrite_matmuls(
     schedule (default: the rule in ``lut_gemm_cuda.default_cuda_knobs``). ``cpu_isa`` (from
     ``cpu_features.kernel_isa`` of the target) picks the CPU kernel; ``int8_knobs(cfg) ->
     (Int8Knobs, source)`` its schedule (default: ``lut_gemm_int8.default_int8_knobs``, 2 threads).
+    ``dense_weight_dtype="float16"`` (CPU targets): a weight kept dense is stored as float16 (the
+    kernels widen it: float32 products and sums), and an embedding lookup (``take``) of the same
+    table (a tied output head) reads that float16 table too (its rows widened), so the float32
+    table drops out of the function: half the bytes a decode step's head streams, and of the
+    artifact's table. An embedding not tied to a dense matmul weight stays float32.
     """
+    if dense_weight_dtype not in dense_gemm.WEIGHT_DTYPES:
+        raise ValueError(
+            f"dense_weight_dtype={dense_weight_dtype!r}: one of {dense_gemm.WEIGHT_DTYPES}"
+        )
     cuda = target_kind == "cuda"
     import tvm
     from tvm import relax
@@ -183,6 +194,7 @@ def rewrite_matmuls(
             self.gvars: dict[object, object] = {}
             self.cuda_knobs: dict[LutGemmConfig, object] = {}  # cfg -> CudaKnobs
             self.int8_isa: dict[LutGemmConfig, str] = {}  # cfg -> ISA of its int8 kernel
+            self.low: dict[str, object] = {}  # dense weight key -> its float16 constant
 
         def add_kernel(self, cfg, func, info: dict):
             if cfg not in self.gvars:
@@ -283,14 +295,23 @@ def rewrite_matmuls(
                 if not dense_kernel and not cuda:
                     record.dense.append({**entry, "reason": packed, "kernel": "relax-legalized"})
                     return call
-                cfg = dense_gemm.DenseGemmConfig(m, n, k)
+                wdt = "float32" if cuda else dense_weight_dtype
+                cfg = dense_gemm.DenseGemmConfig(m, n, k, wdt)
                 if cuda:  # dlight schedules it; W[N, K] read in place (no transposed copy)
                     func = dense_gemm.make_nt_primfunc(cfg)
                     gv = self.add_kernel(cfg, func, {"kind": "dense", "schedule": "dlight"})
                 else:
-                    gv = self.add_kernel(cfg, dense_gemm.make_primfunc(cfg), {"kind": "dense"})
-                w_arg = nk_expr if nk_expr is not None else relax.const(np.ascontiguousarray(wnk))
-                record.dense.append({**entry, "reason": packed, "kernel": cfg.name})
+                    info = {"kind": "dense", "weight_dtype": wdt}
+                    gv = self.add_kernel(cfg, dense_gemm.make_primfunc(cfg), info)
+                if wdt != "float32":  # one rounded table, shared by content across functions
+                    w_arg = self.rounded(key, wnk, wdt)
+                elif nk_expr is not None:
+                    w_arg = nk_expr
+                else:
+                    w_arg = relax.const(np.ascontiguousarray(wnk))
+                record.dense.append(
+                    {**entry, "m": m, "reason": packed, "kernel": cfg.name, "weight_dtype": wdt}
+                )
                 return self.call(gv, x, dims, m, k, n, [w_arg])
             if (packed.n, packed.k) != (n, k):
                 raise ValueError(
@@ -310,6 +331,12 @@ def rewrite_matmuls(
                 return self.dense_call(gv, kn.dense, x, dims, m, k, n, weights)
             return self.call(gv, x, dims, m, k, n, weights)
 
+        def rounded(self, key, wnk, dtype):
+            """The dense weight ``key`` as a ``dtype`` constant (one object per weight)."""
+            if key not in self.low:
+                self.low[key] = relax.const(np.ascontiguousarray(wnk, dtype=dtype))
+            return self.low[key]
+
         def dense_call(self, gv, dtype, x, dims, m, k, n, weights):
             """wt = dequantize(planes, scales) [K, N]; y = x @ wt (dense GEMM, f32 accumulate)."""
             wt = self.builder_.emit(
@@ -328,7 +355,52 @@ def rewrite_matmuls(
             self.builder_.update_func(self.mod_.get_global_var(name), self.visit_expr(func))
             return self.builder_.get()
 
-    new_mod = _Rewriter(mod).run(func_name)
+    rewriter = _Rewriter(mod)
+    new_mod = rewriter.run(func_name)
+    if rewriter.low:  # embedding lookups of the tables now stored at low precision
+        new_mod = _rewrite_takes(new_mod, func_name, rewriter.low, params, record)
     new_mod = relax.transform.DeadCodeElimination()(new_mod)
     log.info("LUT rewrite: %s", record.summary())
     return new_mod, record
+
+
+def _rewrite_takes(mod, func_name: str, low: dict, params: dict, record: RewriteRecord):
+    """``take(W, ids, axis=0)`` -> ``astype(take(W_low, ids, axis=0), float32)`` for each table
+    ``W`` (a parameter named in ``params`` or a constant) whose low-precision constant ``low``
+    holds (the dense matmuls already read it)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    take_op = tvm.ir.Op.get("relax.take")
+
+    @mutator
+    class _Takes(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not call.op.same_as(take_op) or call.attrs.axis is None:
+                return call
+            if int(call.attrs.axis) != 0:  # rows of the table only
+                return call
+            data = resolve_binding(call.args[0], self.lookup_binding)
+            keys = []
+            if isinstance(data, relax.Var) and str(data.name) in params:
+                keys = [str(data.name)]
+            elif isinstance(data, tvm.ir.Constant) and len(data.value.shape) == 2:
+                table = data.value.numpy()  # the head stored as W[N, K] or (ONNX) W[K, N]
+                keys = [const_key(table), const_key(table.T)]
+            key = next((k for k in keys if k in low), None)
+            if key is None or call.ty.dtype != "float32":
+                return call
+            rows = self.builder_.emit(
+                relax.op.take(low[key], call.args[1], axis=0, mode=call.attrs.mode)
+            )
+            record.low_takes += 1
+            return relax.op.astype(rows, "float32")
+
+        def run(self, name):
+            func = mod[name]
+            self.builder_.update_func(mod.get_global_var(name), self.visit_expr(func))
+            return self.builder_.get()
+
+    return _Takes(mod).run(func_name)

@@ -1,4 +1,4 @@
-"""Dense fp32 GEMM ``y[m, n] = sum_k x[m, k] * W[n, k]`` for weights the rewrite keeps dense (CPU).
+"""Dense float32 GEMM ``y[m, n] = sum_k x[m, k] * W[n, k]`` for weights the rewrite keeps dense (CPU).
 
 Used for matmuls that stay dense on purpose (the output head); without it, Relax's default CPU
 legalization runs them as unscheduled single-thread loops (23 s for SmolLM2's head at 128 tokens).
@@ -6,6 +6,8 @@ legalization runs them as unscheduled single-thread loops (23 s for SmolLM2's he
 ``xt[mo, k, mi]`` so that each weight element is a scalar broadcast against ``m_inner`` rows in one
 vector FMA; ``n_unroll`` weight rows are interleaved for register reuse. This is the multiply path
 the project exists to avoid, and the compile record lists every matmul that takes it.
+Weights may be stored as float16 (``DenseGemmConfig.w_dtype``; products and sums in float32):
+the decode steps' one-row GEMV then streams half the bytes (``compile(head_storage=...)``).
 """
 
 from __future__ import annotations
@@ -20,23 +22,35 @@ class DenseGemmConfig:
     m: int
     n: int
     k: int
+    w_dtype: str = "float32"  # storage of W; "float16" is widened to float32 in the inner loop
+
+    def __post_init__(self):
+        if self.w_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"w_dtype={self.w_dtype!r}: one of {WEIGHT_DTYPES}")
 
     @property
     def name(self) -> str:
-        return f"dense_gemm_m{self.m}_n{self.n}_k{self.k}"
+        wt = "" if self.w_dtype == "float32" else "_wf16"
+        return f"dense_gemm_m{self.m}_n{self.n}_k{self.k}{wt}"
+
+
+WEIGHT_DTYPES = ("float32", "float16")
 
 
 def reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """float64 ``x @ W.T`` of the values as stored (a float16 ``W`` is widened exactly)."""
     return np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
 
 
 def make_primfunc(cfg: DenseGemmConfig, m_inner: int | None = None, n_unroll: int = 4):
-    """TensorIR PrimFunc ``(x f32[M, K], w f32[N, K]) -> y f32[M, N]``."""
+    """TensorIR PrimFunc ``(x f32[M, K], w f32|f16[N, K]) -> y f32[M, N]`` (float32 products and
+    sums). Each ``n_unroll``-row tile of ``w`` is first copied (widened) into a float32 buffer
+    that all row blocks of ``x`` then read."""
     from tvm.script import tirx as T
 
     if cfg.m == 1 and m_inner is None:
         return make_gemv_primfunc(cfg)
-    M, N, K = cfg.m, cfg.n, cfg.k
+    M, N, K, WD = cfg.m, cfg.n, cfg.k, cfg.w_dtype
     MI = m_inner or next(v for v in (16, 8, 4, 2, 1) if M % v == 0)
     if M % MI:
         raise ValueError(f"m_inner={MI} does not divide m={M}")
@@ -46,7 +60,7 @@ def make_primfunc(cfg: DenseGemmConfig, m_inner: int | None = None, n_unroll: in
     @T.prim_func(s_tir=True)
     def dense_gemm(
         x: T.Buffer((M, K), "float32"),
-        w: T.Buffer((N, K), "float32"),
+        w: T.Buffer((N, K), WD),
         y: T.Buffer((M, N), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
@@ -60,6 +74,10 @@ def make_primfunc(cfg: DenseGemmConfig, m_inner: int | None = None, n_unroll: in
                         xt[mo, k, mi] = x[mo * MI + mi, k]
             for nt in T.parallel(NT):
                 acc = T.sblock_alloc_buffer((U, MI), "float32")
+                wt = T.sblock_alloc_buffer((U, K), "float32")  # this tile's rows, widened once
+                for u in T.unroll(U):
+                    for k in T.vectorized(K):
+                        wt[u, k] = T.Cast("float32", w[T.min(nt * U + u, N - 1), k])
                 for mo in range(MO):
                     for u in T.unroll(U):
                         for mi in T.vectorized(MI):
@@ -67,9 +85,7 @@ def make_primfunc(cfg: DenseGemmConfig, m_inner: int | None = None, n_unroll: in
                     for k in range(K):
                         for u in T.unroll(U):
                             for mi in T.vectorized(MI):
-                                acc[u, mi] = (
-                                    acc[u, mi] + xt[mo, k, mi] * w[T.min(nt * U + u, N - 1), k]
-                                )
+                                acc[u, mi] = acc[u, mi] + xt[mo, k, mi] * wt[u, k]
                     for u in T.unroll(U):
                         for mi in range(MI):
                             if nt * U + u < N:
@@ -82,17 +98,21 @@ def make_gemv_primfunc(cfg: DenseGemmConfig, lanes: int = 16, n_unroll: int = 4)
     """``M = 1`` (one decode token): ``y[0, n] = <x, W[n, :]>`` reading each weight row once,
     contiguously, ``lanes`` columns per vector FMA into ``n_unroll`` rows' accumulators, then one
     horizontal sum per row; a ``K % lanes`` tail is done per element. The GEMM above keeps
-    ``m_inner = 1`` lanes at M = 1 (scalar FMAs; 3-4 GB/s on SmolLM2's 113 MB head)."""
+    ``m_inner = 1`` lanes at M = 1 (scalar FMAs; 3-4 GB/s on SmolLM2's 113 MB head).
+
+    The GEMV only streams ``W`` (memory-bound at one thread), so a float16 ``W``
+    (``cfg.w_dtype``) halves its time: each vector of ``lanes`` halves is widened to float32
+    (x86 ``vcvtph2ps``, F16C / AVX-512F; no half arithmetic) before the float32 FMA."""
     from tvm.script import tirx as T
 
-    N, K, V, U = cfg.n, cfg.k, lanes, n_unroll
+    N, K, V, U, WD = cfg.n, cfg.k, lanes, n_unroll, cfg.w_dtype
     KV, TAIL = K // lanes, K % lanes
     NT = -(-N // U)
 
     @T.prim_func(s_tir=True)
     def dense_gemv(
         x: T.Buffer((1, K), "float32"),
-        w: T.Buffer((N, K), "float32"),
+        w: T.Buffer((N, K), WD),
         y: T.Buffer((1, N), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
@@ -107,14 +127,13 @@ def make_gemv_primfunc(cfg: DenseGemmConfig, lanes: int = 16, n_unroll: int = 4)
                 for ko in range(KV):
                     for u in T.unroll(U):
                         for v in T.vectorized(V):
-                            acc[u, v] = (
-                                acc[u, v]
-                                + x[0, ko * V + v] * w[T.min(nt * U + u, N - 1), ko * V + v]
+                            acc[u, v] = acc[u, v] + x[0, ko * V + v] * T.Cast(
+                                "float32", w[T.min(nt * U + u, N - 1), ko * V + v]
                             )
                 for u in T.unroll(U):
                     for t in range(TAIL):
-                        acc[u, 0] = (
-                            acc[u, 0] + x[0, KV * V + t] * w[T.min(nt * U + u, N - 1), KV * V + t]
+                        acc[u, 0] = acc[u, 0] + x[0, KV * V + t] * T.Cast(
+                            "float32", w[T.min(nt * U + u, N - 1), KV * V + t]
                         )
                 for u in T.unroll(U):
                     if nt * U + u < N:

@@ -51,13 +51,14 @@ class BuildSpec:
     max_context: int = 256
     steps: tuple[int, ...] = (1, 128)
     seq_len: int = 512
+    head_storage: str = "float16"  # the dense head / tied embedding (compile --head-storage)
 
     def fit_digest(self) -> str:
         keep = (self.model, self.bits, self.group_size, self.terms)
         return hashlib.sha1(repr(keep).encode()).hexdigest()[:12]
 
     def artifact_name(self) -> str:
-        head = f"-h{self.head_bits}" if self.head_bits else ""
+        head = f"-h{self.head_bits}" if self.head_bits else f"-{self.head_storage}head"
         steps = "-".join(str(t) for t in self.steps)
         return f"{self.model}-b{self.bits}{head}-ctx{self.max_context}-t{steps}.so"
 
@@ -130,7 +131,9 @@ def build_artifact(spec: BuildSpec, work: Path, progress: bool = True) -> Path:
             one = compiler.quantize_candidates({key: (name, w)}, hcfg, imp.energy, progress)
             _save_fits(head_path, one)
             fitted.update(one)
-    art = compiler.build_imported(imp, qcfg, tgt, False, progress, t_start, fitted=fitted)
+    art = compiler.build_imported(
+        imp, qcfg, tgt, False, progress, t_start, fitted=fitted, head_storage=spec.head_storage
+    )
     art.manifest["tokenizer"] = spec.model
     return art.export(out)
 
@@ -274,7 +277,12 @@ def run(args) -> dict:
     if args.artifact:
         artifact = Path(args.artifact)
     else:
-        spec = BuildSpec(bits=args.bits, head_bits=args.head_bits, max_context=args.max_context)
+        spec = BuildSpec(
+            bits=args.bits,
+            head_bits=args.head_bits,
+            max_context=args.max_context,
+            head_storage=args.head_storage,
+        )
         artifact = build_artifact(spec, Path(args.work))
     cfg = {
         "artifact": str(artifact),
@@ -295,6 +303,7 @@ def run(args) -> dict:
         "artifact": str(artifact),
         "artifact_bytes": artifact.stat().st_size,
         "kernels": sorted(man.get("rewrite", {}).get("kernels", {})),
+        "head_storage": man.get("head_storage"),
         "decode": man.get("decode"),
         "text": args.text,
         "threads_env": "TVM_NUM_THREADS = OMP_NUM_THREADS = torch.set_num_threads = threads",
@@ -313,7 +322,8 @@ def run(args) -> dict:
 
 
 def print_table(out: dict) -> None:
-    print(f"artifact {out['artifact']} ({out['artifact_bytes'] / 1e6:.1f} MB)")
+    hs = f", head {out['head_storage']}" if out.get("head_storage") else ""
+    print(f"artifact {out['artifact']} ({out['artifact_bytes'] / 1e6:.1f} MB{hs})")
     print(
         f"{'threads':>7s} {'prefill tok/s':>14s} {'torch':>8s} {'x':>6s} "
         f"{'decode tok/s':>13s} {'torch':>8s} {'x':>6s} {'same tokens':>12s}"
@@ -348,6 +358,13 @@ def add_parser(sub) -> None:
         "--head-bits",
         type=int,
         help="also reparameterize the output head to this many bit-planes (when compiling)",
+    )
+    p.add_argument(
+        "--head-storage",
+        choices=("float16", "float32"),
+        default="float16",
+        help="storage of the dense output head and tied embedding (when compiling; see "
+        "`compile --help`)",
     )
     p.add_argument("--max-context", type=int, default=256, help="KV cache tokens (when compiling)")
     p.add_argument("--text", default="wiki", help="prompt / perplexity text: wiki, lee or a file")

@@ -131,8 +131,16 @@ def _add_compile(sub) -> None:
     p.add_argument(
         "--head-bits",
         type=int,
-        help="also reparameterize the output head (kept dense fp32 by default) to this many "
+        help="also reparameterize the output head (kept dense float by default) to this many "
         "bit-planes: the head is the largest matmul of a small model's decode step",
+    )
+    p.add_argument(
+        "--head-storage",
+        choices=("float16", "float32"),
+        default="float16",
+        help="storage of the dense output head (and of the embedding table when tied to it): "
+        "float16 (rounded once; float32 products and sums; half the bytes each decode step "
+        "streams for the head) or float32 (CPU targets; recorded in the manifest)",
     )
     p.add_argument(
         "--max-context",
@@ -227,6 +235,7 @@ def cmd_compile(args) -> int:
         decode_steps=tuple(args.decode_steps),
         sweeps=args.sweeps,
         scale_tuning=ScaleTuning(epochs=args.tune_epochs, windows=args.tune_windows),
+        head_storage=args.head_storage,
     )
     art.manifest["model"] = args.model
     art.manifest["tokenizer"] = args.tokenizer or (None if is_onnx else args.model)

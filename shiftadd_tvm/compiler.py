@@ -392,6 +392,7 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     decode_steps: tuple[int, ...] = (1, 128),
     sweeps: int = 2,
     scale_tuning=None,
+    head_storage: str = "float16",
 ) -> Artifact:
     """Reparameterize ``model`` to binary planes with power-of-two scales and build it with TVM.
 
@@ -416,6 +417,10 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     ``scale_tuning``: a ``finetune.ScaleTuning`` (default: one epoch over 16 calibration windows)
     that tunes every scale end to end against the float model after the layer-wise fit; ``False``
     or ``ScaleTuning(epochs=0)`` turns it off. Torch models with calibration text only.
+    ``head_storage``: ``"float16"`` (default) stores a dense output head as float16 (rounded
+    once; the kernels widen it, products and sums stay float32): half the bytes each decode step
+    streams for it. A tied embedding reads the same float16 table, so it is stored once, at half
+    the size. ``"float32"`` keeps the float32 table. CPU targets only (CUDA keeps float32).
     """
     from .models import load_model
 
@@ -510,7 +515,15 @@ def compile(  # noqa: A001 - the public API name the issue asks for
         windows, _ = _calibration_windows(tokenizer, calibration, calib_ids)
         imp.fisher = loss_sensitivity(model, windows, imp.candidates, progress)
     return build_imported(
-        imp, qcfg, tgt, allow_dense_fallback, progress, t_start, budget=budget, tuning=scale_tuning
+        imp,
+        qcfg,
+        tgt,
+        allow_dense_fallback,
+        progress,
+        t_start,
+        budget=budget,
+        tuning=scale_tuning,
+        head_storage=head_storage,
     )
 
 
@@ -588,6 +601,7 @@ def build_imported(
     fitted: dict[str, BCQResult] | None = None,
     allocation: dict | None = None,
     tuning=None,
+    head_storage: str = "float16",
 ) -> Artifact:
     """The common back half: fit, (tune,) rewrite, bind, build, describe.
 
@@ -596,8 +610,14 @@ def build_imported(
     ``allocation`` (its report) skip the fit: the accuracy report reuses fits across rows.
     ``tuning`` (``finetune.ScaleTuning``): tune the fitted scales end to end when ``imp`` has a
     tuner (torch models calibrated on text); otherwise logged and skipped.
+    ``head_storage``: storage of a dense output head and its tied embedding (see ``compile``).
     """
     import tvm
+
+    from .schedules.dense_gemm import WEIGHT_DTYPES
+
+    if head_storage not in WEIGHT_DTYPES:
+        raise ConfigError(f"head_storage={head_storage!r}: one of {', '.join(WEIGHT_DTYPES)}")
 
     t0 = time.time()
     unique: dict[str, str] = {}  # readable name -> first key
@@ -710,8 +730,11 @@ def build_imported(
         cuda_knobs=cuda_knobs,
         cpu_isa=cpu_isa,
         int8_knobs=int8_knobs,
+        dense_weight_dtype="float32" if cuda else head_storage,
     )
     mod, record = rewrite_matmuls(imp.mod, choose, params=imp.params, **rewrite_options)
+    step_dense: list[dict] = []  # the step functions' dense matmuls (the float head's GEMV)
+    step_takes = 0
     decode_info = imp.info.get("decode")
     for name, spec in (decode_info or {}).get("functions", {}).items():
         # the same pass, the same packed weights: kernels for M = T come out of it
@@ -722,6 +745,8 @@ def build_imported(
         if [d for d in step_record.dense if d.get("fallback")]:
             raise UnsupportedModelError(f"{name}: {step_record.summary()}")
         record.kernels.update(step_record.kernels)
+        step_dense += step_record.dense
+        step_takes += step_record.low_takes
     fallbacks = [d for d in record.dense if d.get("fallback")]
     done = {readable.get(r["weight"], r["weight"]) for r in record.rewritten}
     seen_dense = {readable.get(d["weight"], d["weight"]) for d in record.dense}
@@ -730,11 +755,22 @@ def build_imported(
         fallbacks.append({"weight": key, "reason": "matmul form not recognised by the pass"})
     for d in record.dense:
         log.info(
-            "  dense: %s [%d x %d]: %s",
+            "  dense: %s [%d x %d] %s: %s",
             readable.get(d["weight"], d["weight"]),
             d["n"],
             d["k"],
+            d.get("kernel", "relax-legalized"),
             d["reason"],
+        )
+    head_storage_used = None  # what the dense head (and a tied embedding) is stored as
+    dense_dtypes = {d["weight_dtype"] for d in record.dense + step_dense if "weight_dtype" in d}
+    if dense_dtypes:
+        head_storage_used = dense_dtypes.pop() if len(dense_dtypes) == 1 else sorted(dense_dtypes)
+        log.info(
+            "dense head stored as %s (head_storage=%s); %d embedding lookup(s) read that table",
+            head_storage_used,
+            head_storage,
+            record.low_takes + step_takes,
         )
     if fallbacks:
         listed = "; ".join(
@@ -791,6 +827,7 @@ def build_imported(
         ),
         **({"allocation": allocation} if allocation else {}),
         **({"scale_tuning": tuning_report} if tuning_report else {}),
+        **({"head_storage": head_storage_used} if head_storage_used else {}),
         "quantized_weights": qweights,
         "quantized_bytes": qbytes,
         "layers": {

@@ -234,6 +234,71 @@ def test_weights_stored_once(decode_artifact):
     assert shapes.count("512, 72") == 1  # embedding and tied head: one table
 
 
+@pytest.fixture(scope="module")
+def dense_head_artifacts(decode_model, tmp_path_factory):
+    """The tiny LLaMA with its (tied) head kept dense, per --head-storage: {storage: (art, path)}."""
+    import shiftadd_tvm
+
+    calib = np.random.default_rng(0).integers(0, 512, (4, SEQ))
+    out = {}
+    for storage in ("float16", "float32"):
+        art = shiftadd_tvm.compile(
+            decode_model,
+            target="llvm",
+            bits=3,
+            group_size=32,
+            seq_len=SEQ,
+            iters=3,
+            calib_ids=calib,
+            progress=False,
+            decode=True,
+            max_context=CONTEXT,
+            decode_steps=(1, 8),
+            sweeps=0,
+            scale_tuning=False,
+            head_storage=storage,
+        )
+        out[storage] = art, art.export(tmp_path_factory.mktemp("dense") / f"head_{storage}.so")
+    return out
+
+
+@pytest.mark.parametrize("storage", ["float16", "float32"])
+def test_head_storage(decode_model, dense_head_artifacts, storage):
+    """--head-storage float16: the dense (tied) head and the embedding read one float16 table
+    (main and step functions alike; no float32 table left in the constant pool); recorded in the
+    manifest. The steps still match main, and main matches torch as closely as the float32
+    build does."""
+    from shiftadd_tvm import runtime
+    from shiftadd_tvm.compiler import logits_tolerance, verify_against_torch
+
+    art, path = dense_head_artifacts[storage]
+    man = art.manifest
+    assert man["head_storage"] == storage
+    assert {d["weight_dtype"] for d in man["rewrite"]["dense"]} == {storage}
+    dense = {n: k for n, k in man["rewrite"]["kernels"].items() if k["kind"] == "dense"}
+    # main (M = 24) and one GEMV (M = 1) shared by both step functions
+    assert len(dense) == 2 and {k["weight_dtype"] for k in dense.values()} == {storage}, dense
+    stats = art.executable.stats()
+    line = stats[stats.index("Constant pool") :].split("\n", 1)[0]
+    assert line.count("[512, 72]") == 1, line[:3000]  # one table, embedding and head
+
+    rt = runtime.load(path)
+    ids = np.random.default_rng(5).integers(0, 512, (1, SEQ))
+    full = rt(ids)[0]
+    rt.prefill(ids[0, :8])
+    steps = np.stack([rt.decode(ids[0, p]) for p in range(8, SEQ)])  # logits of 8..SEQ-1
+    assert _rel(steps, full[8:SEQ]) < 1e-4
+    # against torch with the same dequantized weights and the float32 table: the float16
+    # table's rounding (~3e-4 of each weight) is lost in the int8 activation tables' error
+    # (these large weights: 4.03e-2 float32, 3.99e-2 float16 measured)
+    err = verify_against_torch(path, art, decode_model, ids)
+    assert err < 2 * logits_tolerance(man), err
+    if storage == "float16":
+        art32, path32 = dense_head_artifacts["float32"]
+        err32 = verify_against_torch(path32, art32, decode_model, ids)
+        assert err < 1.5 * err32, (err, err32)
+
+
 def test_decode_request_rules(tiny_model):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -265,21 +330,32 @@ def test_default_compile_has_decode(tiny_artifact):
     np.testing.assert_array_equal(rt.generate(ids, 6), want[len(ids) :])
 
 
-@pytest.mark.parametrize("n,k", [(37, 72), (5, 19), (64, 576), (3, 16)])
-def test_dense_gemv_matches_reference(n, k):
+@pytest.mark.parametrize("w_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("m,n,k", [(1, 37, 72), (1, 5, 19), (1, 64, 576), (1, 3, 16), (6, 9, 20)])
+def test_dense_gemv_matches_reference(m, n, k, w_dtype):
     """The M = 1 dense kernel (decode steps' float head) against its numpy reference, on ragged
-    N (not a multiple of the 4 interleaved rows) and K (a tail past the 16 lanes)."""
+    N (not a multiple of the 4 interleaved rows) and K (a tail past the 16 lanes); float16
+    weights (--head-storage float16) are widened exactly, so the reference is the float64
+    product of the stored halves. M = 6: the GEMM (main's head) takes float16 weights too."""
     import tvm
     from shiftadd_tvm.schedules import dense_gemm
 
-    cfg = dense_gemm.DenseGemmConfig(1, n, k)
+    cfg = dense_gemm.DenseGemmConfig(m, n, k, w_dtype)
     func = dense_gemm.make_primfunc(cfg)  # M = 1 dispatches to the GEMV
     assert func.attrs["global_symbol"] == cfg.name
+    assert cfg.name.endswith("_wf16") == (w_dtype == "float16")
     lib = tvm.compile(tvm.IRModule({cfg.name: func}), target="llvm")
     rng = np.random.default_rng(n * 1000 + k)
-    x = rng.standard_normal((1, k)).astype(np.float32)
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    y = tvm.runtime.tensor(np.full((1, n), np.nan, np.float32))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(w_dtype)
+    y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
     lib[cfg.name](tvm.runtime.tensor(x), tvm.runtime.tensor(w), y)
     ref = dense_gemm.reference(x, w)
     assert np.abs(y.numpy() - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_dense_config_rejects_other_dtypes():
+    from shiftadd_tvm.schedules import dense_gemm
+
+    with pytest.raises(ValueError, match="w_dtype"):
+        dense_gemm.DenseGemmConfig(1, 4, 4, "bfloat16")
