@@ -58,6 +58,8 @@ class ReportSpec:
     sweeps: int = 2
     tune_epochs: int = 1
     tune_windows: int = 16
+    tune_lr: float = 5e-3
+    head_storage: str = "float16"  # the dense output head (and the embedding tied to it)
     allocation_weight: str = "fisher"  # "fisher": errors weighted by loss gradients; "none"
     calib_text: str = "wiki"
     calib_start: int = 200_000
@@ -72,7 +74,7 @@ class ReportSpec:
 
 _CALIB_FIELDS = ("model", "calib_text", "calib_start", "calib_windows", "window")
 _FIT_FIELDS = (*_CALIB_FIELDS, "group_size", "terms", "iters", "rounds", "sweeps")
-_TUNE_FIELDS = ("tune_epochs", "tune_windows")
+_TUNE_FIELDS = ("tune_epochs", "tune_windows", "tune_lr", "head_storage")
 # the baselines do not use ours' fit settings beyond these (rows cached before sweeps existed)
 _BASELINE_FIELDS = (*_CALIB_FIELDS, "group_size", "terms", "iters", "rounds")
 _EVAL_FIELDS = ("model", "texts", "tokens", "window")
@@ -347,7 +349,7 @@ class _Harness:
             allocation = allocation_report(self.unique, errors, alloc, self.qcfg(1))
             allocation["error_weighting"] = s.allocation_weight
             qcfg = self.qcfg(min(4, max(2, round(budget))))
-        tuning = ScaleTuning(epochs=s.tune_epochs, windows=s.tune_windows)
+        tuning = ScaleTuning(epochs=s.tune_epochs, windows=s.tune_windows, lr=s.tune_lr)
         if tuning.epochs and imp.tuner is None:
             ids = token_ids(self.tok, s.calib_text, s.calib_start, s.calib_windows * s.window)
             attach_tuner(imp, self.model, ids.reshape(-1, s.window))
@@ -362,6 +364,7 @@ class _Harness:
             fitted=fitted,
             allocation=allocation,
             tuning=tuning,
+            head_storage=s.head_storage,
         )
         art.manifest["model"] = s.model
         art.manifest["tokenizer"] = s.model
@@ -597,6 +600,22 @@ def markdown(result: dict) -> str:
                 f"{a['bits_per_weight']:.4f} bits/weight; layers per width {a['histogram']} "
                 f"(solver {a['solver']}, error weighting {a.get('error_weighting', 'none')})"
             )
+    tuned = [r for r in result["rows"] if (r.get("scale_tuning") or {}).get("enabled")]
+    if tuned:
+        lines += [
+            "",
+            "Scale tuning (end to end, KL to the float model; kept only if the KL on 2 held-out "
+            "calibration windows drops):",
+            "",
+        ]
+        for r in tuned:
+            t = r["scale_tuning"]
+            lines.append(
+                f"- ours {r['label']}: held-out KL {t['held_out_kl_before']:.4f} -> "
+                f"{t['held_out_kl_after']:.4f}, {'kept' if t['kept'] else 'dropped (fit kept)'} "
+                f"({t['epochs']} epoch over {t['windows']} windows, lr {t['lr']:g}, "
+                f"{t['seconds']:.0f} s)"
+            )
     lines.append("")
     return "\n".join(lines)
 
@@ -772,6 +791,15 @@ def add_parser(sub) -> None:
         help="calibration windows the scale tuning trains on",
     )
     p.add_argument(
+        "--tune-lr", type=float, default=d.tune_lr, help="Adam step of the scale tuning (log-scale)"
+    )
+    p.add_argument(
+        "--head-storage",
+        choices=["float16", "float32"],
+        default=d.head_storage,
+        help="storage of the dense output head and its tied embedding in ours' artifacts",
+    )
+    p.add_argument(
         "--allocation-weight",
         choices=["fisher", "none"],
         default=d.allocation_weight,
@@ -804,6 +832,8 @@ def cmd_report(args) -> int:
         sweeps=args.sweeps,
         tune_epochs=args.tune_epochs,
         tune_windows=args.tune_windows,
+        tune_lr=args.tune_lr,
+        head_storage=args.head_storage,
         allocation_weight=args.allocation_weight,
         calib_text=args.calib_text,
         calib_start=args.calib_start,
