@@ -350,6 +350,21 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         return tirx.Cast(f"int16x{W}", look)
 
     @T.macro
+    def apply_epilogues(acc, dl, ls, yacc, task, tt, g):
+        """yacc += the epilogue of scale group g for both 16-row halves of every row block."""
+        for mi in T.unroll(MI):
+            for h in T.unroll(2):
+                yacc[T.Ramp(mi * ROWS + h * 16, 1, 16)] = epilogue(
+                    acc,
+                    dl,
+                    (((task % NC) * TPC + tt) * G + g) * BITS * TERMS * ROWS,
+                    mi * ROWS + h * 16,
+                    h,
+                    ls[((task // NC) * MI + mi) * G + g],
+                    yacc[T.Ramp(mi * ROWS + h * 16, 1, 16)],
+                )
+
+    @T.macro
     def build_tables_into(x, tab, ls):
         """Per row m of x: the scale ls[m, g] and the int8 tables of every quad (build_tables)."""
         for m in build_loop(M):
@@ -450,25 +465,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                                                     ),
                                                 )
                                             )
-                            for mi in T.unroll(MI):
-                                yacc[T.Ramp(mi * ROWS, 1, 16)] = epilogue(
-                                    acc,
-                                    dl,
-                                    (((task % NC) * TPC + tt) * G + g) * BITS * TERMS * ROWS,
-                                    mi * ROWS,
-                                    0,
-                                    ls[((task // NC) * MI + mi) * G + g],
-                                    yacc[T.Ramp(mi * ROWS, 1, 16)],
-                                )
-                                yacc[T.Ramp(mi * ROWS + 16, 1, 16)] = epilogue(
-                                    acc,
-                                    dl,
-                                    (((task % NC) * TPC + tt) * G + g) * BITS * TERMS * ROWS,
-                                    mi * ROWS + 16,
-                                    1,
-                                    ls[((task // NC) * MI + mi) * G + g],
-                                    yacc[T.Ramp(mi * ROWS + 16, 1, 16)],
-                                )
+                            apply_epilogues(acc, dl, ls, yacc, task, tt, g)
                         for mi in T.unroll(MI):
                             if full_n:
                                 y[(task // NC) * MI + mi, T.Ramp(((task % NC) * TPC + tt) * ROWS, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]  # fmt: skip
@@ -560,25 +557,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                                                     True,
                                                 )
                                             )
-                            for mi in T.unroll(MI):
-                                yacc[T.Ramp(mi * ROWS, 1, 16)] = epilogue(
-                                    acc,
-                                    dl,
-                                    (((task % NC) * TPC + tt) * G + g) * BITS * TERMS * ROWS,
-                                    mi * ROWS,
-                                    0,
-                                    ls[((task // NC) * MI + mi) * G + g],
-                                    yacc[T.Ramp(mi * ROWS, 1, 16)],
-                                )
-                                yacc[T.Ramp(mi * ROWS + 16, 1, 16)] = epilogue(
-                                    acc,
-                                    dl,
-                                    (((task % NC) * TPC + tt) * G + g) * BITS * TERMS * ROWS,
-                                    mi * ROWS + 16,
-                                    1,
-                                    ls[((task // NC) * MI + mi) * G + g],
-                                    yacc[T.Ramp(mi * ROWS + 16, 1, 16)],
-                                )
+                            apply_epilogues(acc, dl, ls, yacc, task, tt, g)
                         for mi in T.unroll(MI):
                             if full_n:
                                 y[(task // NC) * MI + mi, T.Ramp(((task % NC) * TPC + tt) * ROWS, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]  # fmt: skip
