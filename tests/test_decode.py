@@ -40,13 +40,13 @@ def decode_model():
     return spread_llama()
 
 
-@pytest.fixture(scope="module")
-def decode_artifact(decode_model, tmp_path_factory):
+def _compile_decode(model, **extra):
+    """The tiny decode build every fixture here shares (3 bits, group 32, steps of 1 and 8)."""
     import shiftadd_tvm
 
     calib = np.random.default_rng(0).integers(0, 512, (4, SEQ))
-    art = shiftadd_tvm.compile(
-        decode_model,
+    return shiftadd_tvm.compile(
+        model,
         target="llvm",
         bits=3,
         group_size=32,
@@ -57,8 +57,14 @@ def decode_artifact(decode_model, tmp_path_factory):
         decode=True,
         max_context=CONTEXT,
         decode_steps=(1, 8),
-        head_bits=4,  # the output head too (tied to the embedding, which stays float)
+        **extra,
     )
+
+
+@pytest.fixture(scope="module")
+def decode_artifact(decode_model, tmp_path_factory):
+    # the output head too (tied to the embedding, which stays float)
+    art = _compile_decode(decode_model, head_bits=4)
     path = art.export(tmp_path_factory.mktemp("dec") / "tiny_decode.so")
     return art, path
 
@@ -237,27 +243,9 @@ def test_weights_stored_once(decode_artifact):
 @pytest.fixture(scope="module")
 def dense_head_artifacts(decode_model, tmp_path_factory):
     """The tiny LLaMA with its (tied) head kept dense, per --head-storage: {storage: (art, path)}."""
-    import shiftadd_tvm
-
-    calib = np.random.default_rng(0).integers(0, 512, (4, SEQ))
     out = {}
     for storage in ("float16", "float32"):
-        art = shiftadd_tvm.compile(
-            decode_model,
-            target="llvm",
-            bits=3,
-            group_size=32,
-            seq_len=SEQ,
-            iters=3,
-            calib_ids=calib,
-            progress=False,
-            decode=True,
-            max_context=CONTEXT,
-            decode_steps=(1, 8),
-            sweeps=0,
-            scale_tuning=False,
-            head_storage=storage,
-        )
+        art = _compile_decode(decode_model, sweeps=0, scale_tuning=False, head_storage=storage)
         out[storage] = art, art.export(tmp_path_factory.mktemp("dense") / f"head_{storage}.so")
     return out
 
