@@ -191,6 +191,8 @@ class Runner:
     def __init__(self, rpc: str | None = None, tracker: str | None = None, key: str | None = None):
         self.remote = None
         self.where = "local"
+        self._libs: dict[str, object] = {}  # built file -> its loaded module (see _load)
+        self._uploads = 0
         if rpc or tracker:
             from tvm import rpc as tvm_rpc
 
@@ -216,16 +218,34 @@ class Runner:
             rng.integers(-70, 70, (cfg.bits, cfg.n, g, cfg.terms), dtype=np.int8),
             np.zeros((cfg.m, cfg.n), np.float32),
         ]
-        if self.remote is not None:
-            self.remote.upload(so_path)
-            lib = self.remote.load_module(Path(so_path).name)
-            dev = self.remote.cpu()
-        else:
-            lib = tvm.runtime.load_module(so_path)
-            dev = tvm.cpu()
+        lib = self._load(so_path)
+        dev = self.remote.cpu() if self.remote is not None else tvm.cpu()
         args = [tvm.runtime.tensor(a, dev) for a in arrays]
         timer = lib.time_evaluator(cfg.name, dev, number=number, repeat=repeat, min_repeat_ms=50)
         return float(np.median(timer(*args).results)) * 1e6
+
+    def _load(self, so_path: str):
+        """The module of a built file, loaded once per file and uploaded under a name used once:
+        uploading a file again over one the RPC server has loaded rewrites a mapped library and
+        the server dies (SIGSEGV), so the second measurement round and any later ``tune`` call
+        on the same session (whose files have the same names) used to fail."""
+        import tvm
+
+        lib = self._libs.get(so_path)
+        if lib is None:
+            if self.remote is not None:
+                self._uploads += 1
+                name = f"u{self._uploads}_{Path(so_path).name}"
+                self.remote.upload(so_path, name)
+                lib = self.remote.load_module(name)
+            else:
+                lib = tvm.runtime.load_module(so_path)
+            self._libs[so_path] = lib
+        return lib
+
+    def release(self) -> None:
+        """Drop the loaded modules (``tune`` does after each kernel: their files are deleted)."""
+        self._libs.clear()
 
 
 def tune(
@@ -302,6 +322,7 @@ def tune(
                     times[i] = min(times[i], us)
                     if _round == 0:
                         bar.update(1)
+            runner.release()
             default_us = times[0]
             best = min(range(len(cands)), key=lambda i: times[i])
             if not times[best] < default_us * (1 - NOISE_MARGIN):
