@@ -3,9 +3,20 @@ locally or on a remote device through TVM's RPC, with records in ``tuning_logs/`
 reuses. The CUDA kernels' records (measured on a GPU by ``scripts/gpu_check.sh``) are looked up here
 too (``load_cuda_records``, ``tuned_cuda_knobs``).
 
-Why not MetaSchedule: our kernels are TVMScript templates whose schedule is fixed by a few knobs
-(``schedules/lut_gemm.py: LutGemmKnobs``: rows per table vector, interleaved output rows, parallel
-chunks), not a generic loop nest for MetaSchedule's schedule rules to transform; its generic design
+Two kernel families, each with its own knobs, and a record of one never stands in for the other:
+
+* ``float``: the float-table kernel (``schedules/lut_gemm.py: LutGemmKnobs``: rows per table
+  vector, interleaved output rows, parallel chunks), what targets without an int8 ISA get;
+* ``int8-<isa>``: the int8-table kernels (``schedules/lut_gemm_int8.py: Int8Knobs``: rows per
+  weight load, parallel chunks of 32-row tiles, parallel table build) that ``compile()`` uses when
+  the target's kernel ISA (``cpu_features.kernel_isa``) is avx512, avx2 or neon.
+
+``tune(kernel="auto")`` tunes what ``compile()`` would use on the target, per configuration
+(``kernel_family``). Records carry a ``kernel`` field; the Database is keyed by (kernel, config),
+and records without the field (logs written before the int8 kernels were tuned) are ``float``.
+
+Why not MetaSchedule: our kernels are TVMScript templates whose schedule is fixed by a few knobs,
+not a generic loop nest for MetaSchedule's schedule rules to transform; its generic design
 space gave no speedup on this kernel in 64 trials (``../shared/TVM_NOTES.md`` section 4). So the
 search enumerates the knob grid, keeps the default schedule as the first candidate, measures a
 seeded random sample of the rest (``trials`` per kernel), and keeps the fastest only when it beats
@@ -37,10 +48,39 @@ from ._files import write_text_atomic
 from .errors import ConfigError
 from .schedules import lut_gemm_cuda
 from .schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs
+from .schedules.lut_gemm_int8 import ROWS, Int8Knobs, default_int8_knobs, unsupported_reason
 
 log = logging.getLogger(__name__)
 
 NOISE_MARGIN = 0.03  # a candidate must beat the default by 3% to replace it
+FLOAT = "float"  # kernel family of the float-table kernel (and of records without a "kernel")
+KERNEL_CHOICES = ("auto", "float", "int8")  # what ``tune(kernel=...)`` accepts
+
+
+def int8_family(isa: str) -> str:
+    """Kernel family (record ``kernel`` field) of ``isa``'s int8 kernel, e.g. ``int8-avx512``."""
+    return f"int8-{isa}"
+
+
+def kernel_family(cfg: LutGemmConfig, isa: str, kernel: str = "auto") -> str:
+    """The family tuned for ``cfg`` on a target whose kernel ISA is ``isa``
+    (``cpu_features.kernel_isa``): ``kernel="auto"`` gives what ``compile()`` builds (the int8
+    kernel of ``isa`` unless ``isa`` is generic or that kernel cannot run ``cfg``), ``"float"`` the
+    float-table kernel, ``"int8"`` the int8 kernel or ConfigError naming why there is none."""
+    if kernel not in KERNEL_CHOICES:
+        raise ConfigError(f"kernel={kernel!r}: one of {', '.join(KERNEL_CHOICES)}")
+    if kernel == FLOAT:
+        return FLOAT
+    why = (
+        "the target enables no AVX2, AVX-512 VBMI+VNNI or NEON"
+        if isa == "generic"
+        else unsupported_reason(cfg, isa)
+    )
+    if why is None:
+        return int8_family(isa)
+    if kernel == "int8":
+        raise ConfigError(f"{cfg.name}: no int8 kernel to tune ({why}); use --kernel float or auto")
+    return FLOAT
 
 
 def tuning_log_dir() -> Path:
@@ -64,46 +104,70 @@ def threads_of(spec: dict) -> int:
 
 # ----------------------------------------------------------------------------- database
 class Database:
-    """Tuning records of one target: ``{config JSON: record}``, saved atomically."""
+    """Tuning records of one target: ``{(kernel family, config JSON): record}``, saved atomically.
+
+    A record's ``kernel`` field names its family (``"float"``, ``"int8-avx512"``, ...); records
+    without one (older logs) are float-table records and get the field on load."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.records: dict[str, dict] = {}
+        self.records: dict[tuple[str, str], dict] = {}
         if path.is_file():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                self.records = {json.dumps(r["config"], sort_keys=True): r for r in data["records"]}
-            except (ValueError, KeyError, TypeError) as e:
+                for r in data["records"]:
+                    r = {"kernel": r.get("kernel", FLOAT), **r}
+                    self.records[(r["kernel"], json.dumps(r["config"], sort_keys=True))] = r
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ConfigError(
                     f"tuning log {path} is unreadable ({e}); delete it or restore it from git"
                 ) from e
 
-    def get(self, cfg: LutGemmConfig) -> dict | None:
-        return self.records.get(cfg.to_json())
+    def get(self, cfg: LutGemmConfig, kernel: str = FLOAT) -> dict | None:
+        """The record of ``cfg``'s ``kernel`` family, or None."""
+        return self.records.get((kernel, cfg.to_json()))
 
     def put(self, cfg: LutGemmConfig, record: dict, meta: dict) -> None:
-        self.records[cfg.to_json()] = record
+        """Store ``record`` under its ``kernel`` field (absent: float) and rewrite the file."""
+        record = {"kernel": record.get("kernel", FLOAT), **record}
+        self.records[(record["kernel"], cfg.to_json())] = record
         body = {
             **meta,
-            "records": sorted(self.records.values(), key=lambda r: json.dumps(r["config"])),
+            "records": sorted(
+                self.records.values(), key=lambda r: (r["kernel"], json.dumps(r["config"]))
+            ),
         }
         write_text_atomic(self.path, json.dumps(body, indent=1) + "\n")
 
 
-def lookup_knobs(cfg: LutGemmConfig, db: Database | None, threads: int):
-    """(knobs, how) for ``cfg``: the tuned record, else the default rule with the reason."""
-    default = default_knobs(cfg, threads)
+def _lookup(cfg: LutGemmConfig, db: Database | None, kernel: str, knobs_type, default):
+    """(knobs, how): ``cfg``'s record of the ``kernel`` family if it fits, else ``default``."""
     if db is None:
         return default, "default rule (no tuning log for this target)"
-    rec = db.get(cfg)
+    rec = db.get(cfg, kernel)
     if rec is None:
-        return default, "default rule (no record for this kernel)"
+        family = "" if kernel == FLOAT else f"{kernel} "
+        return default, f"default rule (no {family}record for this kernel)"
     try:
-        kn = LutGemmKnobs(**rec["knobs"])
+        kn = knobs_type(**rec["knobs"])
         kn.validate(cfg)
-    except (TypeError, ValueError) as e:
+        times = f"{rec['us']:.0f} us vs default {rec['default_us']:.0f} us"
+    except (TypeError, ValueError, KeyError) as e:
         return default, f"default rule (record in {db.path.name} is incompatible: {e})"
-    return kn, f"tuned ({db.path.name}: {rec['us']:.0f} us vs default {rec['default_us']:.0f} us)"
+    return kn, f"tuned ({db.path.name}: {times})"
+
+
+def lookup_knobs(cfg: LutGemmConfig, db: Database | None, threads: int):
+    """(knobs, how) for ``cfg``'s float-table kernel: the tuned record, else the default rule
+    with the reason."""
+    return _lookup(cfg, db, FLOAT, LutGemmKnobs, default_knobs(cfg, threads))
+
+
+def lookup_int8_knobs(cfg: LutGemmConfig, db: Database | None, threads: int, isa: str):
+    """(knobs, how) for ``cfg``'s ``isa`` int8 kernel: the tuned ``int8-<isa>`` record, else the
+    default rule (``default_int8_knobs``) with the reason, as ``lookup_knobs``."""
+    default = default_int8_knobs(cfg, isa, threads)
+    return _lookup(cfg, db, int8_family(isa), Int8Knobs, default)
 
 
 # ----------------------------------------------------------------------------- CUDA records
@@ -168,18 +232,59 @@ def candidates(cfg: LutGemmConfig, threads: int, trials: int, seed: int = 0) -> 
     return [default] + grid[: max(0, trials - 1)]
 
 
+def int8_candidates(
+    cfg: LutGemmConfig, isa: str, threads: int, trials: int, seed: int = 0
+) -> list[Int8Knobs]:
+    """The int8 kernel's default knobs (``default_int8_knobs``) first, then a seeded sample of the
+    rest of the grid: ``m_inner`` dividing M in (1, 2, 4, 8, 16), ``n_chunks`` in
+    {1, threads, 2, 4, 8 x threads} capped at the number of 32-row tiles, ``build_parallel``."""
+    default = default_int8_knobs(cfg, isa, threads)
+    n_tiles = -(-cfg.n // ROWS)
+    chunks = sorted({min(c, n_tiles) for c in (1, threads, 2 * threads, 4 * threads, 8 * threads)})
+    grid = []
+    for mi in (v for v in (1, 2, 4, 8, 16) if cfg.m % v == 0):
+        for c in chunks:
+            for bp in (False, True):
+                kn = Int8Knobs(m_inner=mi, n_chunks=c, build_parallel=bp)
+                if kn != default and kn not in grid:
+                    grid.append(kn)
+    random.Random(seed).shuffle(grid)
+    return [default] + grid[: max(0, trials - 1)]
+
+
+def _candidates(cfg: LutGemmConfig, family: str, threads: int, trials: int) -> list:
+    if family == FLOAT:
+        return candidates(cfg, threads, trials)
+    return int8_candidates(cfg, _isa_of(family), threads, trials)
+
+
+def _isa_of(family: str) -> str:
+    return family.removeprefix("int8-")
+
+
+def _function_name(cfg: LutGemmConfig, family: str) -> str:
+    """The exported function of a candidate: ``make_int8_primfunc``'s ``<cfg.name>_<isa>``."""
+    return cfg.name if family == FLOAT else f"{cfg.name}_{_isa_of(family)}"
+
+
 # ----------------------------------------------------------------------------- build + measure
-def _build(cfg_json: str, knobs_json: str, target_json: str, out: str) -> str:
-    """Worker: build one candidate to a shared library (runs in a separate process)."""
+def _build(cfg_json: str, knobs_json: str, target_json: str, out: str, family: str = FLOAT) -> str:
+    """Worker: build one candidate of ``family``'s kernel to a shared library (runs in a separate
+    process); its function is named as ``_function_name`` says."""
     import tvm
 
-    from .schedules.lut_gemm import make_primfunc
-
     cfg = LutGemmConfig(**json.loads(cfg_json))
-    kn = LutGemmKnobs(**json.loads(knobs_json))
-    func = make_primfunc(cfg, kn)
+    if family == FLOAT:
+        from .schedules.lut_gemm import make_primfunc
+
+        func = make_primfunc(cfg, LutGemmKnobs(**json.loads(knobs_json)))
+    else:
+        from .schedules.lut_gemm_int8 import make_int8_primfunc
+
+        func = make_int8_primfunc(cfg, Int8Knobs(**json.loads(knobs_json)), _isa_of(family))
     lib = tvm.compile(
-        tvm.IRModule({cfg.name: func}), target=tvm.target.Target(json.loads(target_json))
+        tvm.IRModule({_function_name(cfg, family): func}),
+        target=tvm.target.Target(json.loads(target_json)),
     )
     lib.export_library(out)
     return out
@@ -207,21 +312,31 @@ class Runner:
                 self.remote = tvm_rpc.connect(host, int(port))
                 self.where = f"rpc {rpc}"
 
-    def time_us(self, so_path: str, cfg: LutGemmConfig, number: int, repeat: int) -> float:
+    def time_us(
+        self, so_path: str, cfg: LutGemmConfig, number: int, repeat: int, family: str = FLOAT
+    ) -> float:
+        """Median time of one call of the built kernel on random weights, in microseconds."""
         import tvm
 
         rng = np.random.default_rng(0)
         g = cfg.groups
-        arrays = [
-            rng.standard_normal((cfg.m, cfg.k)).astype(np.float32),
-            rng.integers(0, 256, (cfg.bits, cfg.n, cfg.kp // 8), dtype=np.uint8),
-            rng.integers(-70, 70, (cfg.bits, cfg.n, g, cfg.terms), dtype=np.int8),
-            np.zeros((cfg.m, cfg.n), np.float32),
-        ]
+        x = rng.standard_normal((cfg.m, cfg.k)).astype(np.float32)
+        planes = rng.integers(0, 256, (cfg.bits, cfg.n, cfg.kp // 8), dtype=np.uint8)
+        # term codes -70..70: exponents -64..5, within what the int8 kernels accept (max_exp)
+        scales = rng.integers(-70, 70, (cfg.bits, cfg.n, g, cfg.terms), dtype=np.int8)
+        if family == FLOAT:
+            weights = [planes, scales]
+        else:
+            from .schedules.lut_gemm_int8 import pack_int8
+
+            weights = list(pack_int8(planes, scales, cfg, _isa_of(family)))
+        arrays = [x, *weights, np.zeros((cfg.m, cfg.n), np.float32)]
         lib = self._load(so_path)
         dev = self.remote.cpu() if self.remote is not None else tvm.cpu()
         args = [tvm.runtime.tensor(a, dev) for a in arrays]
-        timer = lib.time_evaluator(cfg.name, dev, number=number, repeat=repeat, min_repeat_ms=50)
+        timer = lib.time_evaluator(
+            _function_name(cfg, family), dev, number=number, repeat=repeat, min_repeat_ms=50
+        )
         return float(np.median(timer(*args).results)) * 1e6
 
     def _load(self, so_path: str):
@@ -257,28 +372,49 @@ def tune(
     retune: bool = False,
     max_tasks: int | None = None,
     progress: bool = True,
+    kernel: str = "auto",
 ) -> dict:
-    """Tune each distinct configuration; returns a summary (per kernel: default vs tuned time)."""
+    """Tune each distinct configuration; returns a summary (per kernel: default vs tuned time).
+
+    ``kernel``: which kernel family to tune (``kernel_family``): ``"auto"`` what ``compile()``
+    builds for ``target`` (the int8 kernel of its ISA where it has one), ``"float"`` the
+    float-table kernel, ``"int8"`` the int8 kernel (ConfigError where the target has none)."""
+    from .cpu_features import kernel_isa, require_host_isa
+
     key = target_key(target)
+    if kernel not in KERNEL_CHOICES:
+        raise ConfigError(f"kernel={kernel!r}: one of {', '.join(KERNEL_CHOICES)}")
+    isa = kernel_isa(target)  # as compile() detects it: what LLVM enables for the target
+    families = {cfg: kernel_family(cfg, isa, kernel) for cfg in dict.fromkeys(configs)}
     db = Database(tuning_log_dir() / f"{key}.json")
     threads = threads_of(target)
     runner = runner or Runner()
+    if runner.remote is None and any(f != FLOAT for f in families.values()):
+        require_host_isa(isa, f"tuning locally for target {target}")  # else SIGILL, not an error
     meta = {
         "target": target,
         "key": key,
         "cpu": _cpu_name(),
         "measured_with": runner.where,
-        "source": "shiftadd-tvm tune (random search over schedules/lut_gemm.py knobs)",
+        "source": "shiftadd-tvm tune (random search over the knobs of schedules/lut_gemm.py "
+        "(kernel float) and schedules/lut_gemm_int8.py (kernel int8-<isa>))",
     }
     todo = []
-    for cfg in dict.fromkeys(configs):  # distinct, in order
-        if db.get(cfg) is not None and not retune:
-            log.info("skip %s: already tuned (%s)", cfg.name, db.path.name)
+    for cfg, family in families.items():  # distinct, in order
+        if db.get(cfg, family) is not None and not retune:
+            log.info("skip %s (%s): already tuned (%s)", cfg.name, family, db.path.name)
             continue
-        todo.append(cfg)
+        todo.append((cfg, family))
     if max_tasks is not None:
         todo = todo[:max_tasks]
-    summary = {"target_key": key, "log": str(db.path), "runner": runner.where, "kernels": []}
+    summary = {
+        "target_key": key,
+        "log": str(db.path),
+        "runner": runner.where,
+        "kernel": kernel,
+        "isa": isa,
+        "kernels": [],
+    }
     t_start = time.time()
     spec_json = json.dumps(target, sort_keys=True)
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding TVM's threads
@@ -287,8 +423,8 @@ def tune(
         ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool,
     ):
         bar = tqdm(total=len(todo) * trials, desc="tuning", unit="trial", disable=not progress)
-        for ti, cfg in enumerate(todo):
-            cands = candidates(cfg, threads, trials)
+        for ti, (cfg, family) in enumerate(todo):
+            cands = _candidates(cfg, family, threads, trials)
             futures = [
                 pool.submit(
                     _build,
@@ -296,6 +432,7 @@ def tune(
                     json.dumps(dataclasses.asdict(kn)),
                     spec_json,
                     str(Path(tmp) / f"t{ti}_c{ci}.so"),
+                    family,
                 )  # fmt: skip
                 for ci, kn in enumerate(cands)
             ]
@@ -305,7 +442,7 @@ def tune(
                 try:
                     built.append(fut.result())
                 except Exception as e:  # noqa: BLE001 - a failed candidate is skipped, and logged
-                    log.warning("%s %s failed to build: %s", cfg.name, kn, e)
+                    log.warning("%s (%s) %s failed to build: %s", cfg.name, family, kn, e)
                     built.append(None)
             times = [float("inf")] * len(cands)
             for _round in range(2):  # two rounds in alternating order: no order bias
@@ -314,9 +451,9 @@ def tune(
                     if built[i] is None:
                         continue
                     try:
-                        us = runner.time_us(built[i], cfg, number=5, repeat=5)
+                        us = runner.time_us(built[i], cfg, number=5, repeat=5, family=family)
                     except Exception as e:  # noqa: BLE001
-                        log.warning("%s %s failed to run: %s", cfg.name, cands[i], e)
+                        log.warning("%s (%s) %s failed to run: %s", cfg.name, family, cands[i], e)
                         built[i] = None
                         continue
                     times[i] = min(times[i], us)
@@ -324,10 +461,14 @@ def tune(
                         bar.update(1)
             runner.release()
             default_us = times[0]
+            if default_us == float("inf"):  # no baseline to beat: record nothing (a rerun retries)
+                log.warning("%s (%s): the default schedule failed; no record", cfg.name, family)
+                continue
             best = min(range(len(cands)), key=lambda i: times[i])
             if not times[best] < default_us * (1 - NOISE_MARGIN):
                 best = 0  # within noise of the default: keep the default
             rec = {
+                "kernel": family,
                 "config": dataclasses.asdict(cfg),
                 "knobs": dataclasses.asdict(cands[best]),
                 "us": times[best],
@@ -337,8 +478,8 @@ def tune(
             db.put(cfg, rec, meta)
             summary["kernels"].append({**rec, "name": cfg.name})
             log.info(
-                "%s: default %.0f us -> tuned %.0f us (%s)",
-                cfg.name, default_us, times[best], cands[best],
+                "%s (%s): default %.0f us -> tuned %.0f us (%s)",
+                cfg.name, family, default_us, times[best], cands[best],
             )  # fmt: skip
         bar.close()
     summary["tuning_s"] = round(time.time() - t_start, 1)

@@ -1,17 +1,26 @@
-"""CPU tuning: search through a real TVM RPC server on localhost, resume, records reused by compile."""
+"""CPU tuning: search through a real TVM RPC server on localhost, resume, records reused by compile;
+the int8 kernels' knobs (their own records beside the float-table kernel's)."""
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import TINY_SEQ, tiny_llama
+from shiftadd_tvm.schedules import lut_gemm_int8 as L
 from shiftadd_tvm.schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs
+from shiftadd_tvm.schedules.packing import encode_terms, pack_planes
 
 import shiftadd_tvm
-from shiftadd_tvm import tuning
+from shiftadd_tvm import cpu_features, tuning
+from shiftadd_tvm.errors import ConfigError
 
 TARGET = {"kind": "llvm", "num-cores": 2}
+ZEN4 = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}  # LLVM enables AVX-512 VBMI/VNNI
+needs_avx512 = pytest.mark.skipif(
+    bool(cpu_features.host_missing("avx512")), reason="this CPU cannot run avx512 code"
+)
 
 
 @pytest.fixture()
@@ -95,3 +104,133 @@ def test_compile_reuses_records_and_explains_incompatible_ones(logs, caplog):
     a = shiftadd_tvm.runtime.load(base.export(logs / "a.so"))(ids)
     b = shiftadd_tvm.runtime.load(art.export(logs / "b.so"))(ids)
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-5
+
+
+# ----------------------------------------------------------------------------- int8 kernels
+def test_int8_candidates_start_with_default_and_are_valid():
+    for cfg, size in (
+        (LutGemmConfig(1, 96, 256, 3, 128, 3), 6),
+        (LutGemmConfig(8, 64, 128, 2, 32, 3), 7),
+    ):
+        cands = tuning.int8_candidates(cfg, "avx512", threads=2, trials=7)
+        assert cands[0] == L.default_int8_knobs(cfg, "avx512", 2)
+        assert len(cands) == size == len(set(cands))  # M=1, 3 tiles: the whole grid is 6
+        n_tiles = -(-cfg.n // L.ROWS)
+        for kn in cands:
+            kn.validate(cfg)
+            assert kn.m_inner in (1, 2, 4, 8, 16) and 1 <= kn.n_chunks <= n_tiles
+
+
+def test_kernel_family_follows_the_target_isa():
+    cfg = LutGemmConfig(1, 64, 128, 3, 32, 3)
+    assert tuning.kernel_family(cfg, cpu_features.kernel_isa(ZEN4)) == "int8-avx512"
+    assert tuning.kernel_family(cfg, cpu_features.kernel_isa(TARGET)) == "float"  # generic
+    assert tuning.kernel_family(cfg, "avx512", "float") == "float"
+    with pytest.raises(ConfigError, match="no int8 kernel to tune"):
+        tuning.kernel_family(cfg, "generic", "int8")
+    odd = LutGemmConfig(1, 64, 128, 3, 40, 3)  # group 40: the AVX-512 kernel cannot run it
+    assert tuning.kernel_family(odd, "avx512") == "float"  # as compile() falls back
+    with pytest.raises(ConfigError, match="not a multiple of 16"):
+        tuning.kernel_family(odd, "avx512", "int8")
+
+
+def _float_record(cfg):
+    kn = LutGemmKnobs(m_inner=1, n_unroll=2, n_chunks=2)
+    return {"config": vars(cfg), "knobs": vars(kn), "us": 5.0, "default_us": 6.0, "trials": 3}
+
+
+def test_database_float_and_int8_records_coexist_and_old_logs_load(logs):
+    cfg = LutGemmConfig(8, 64, 256, 2, 128, 3)
+    path = logs / "llvm_znver4_2c.json"
+    # a log written before records had a "kernel" field: its records are float-table records
+    path.write_text(json.dumps({"target": ZEN4, "records": [_float_record(cfg)]}))
+    db = tuning.Database(path)
+    assert db.get(cfg)["kernel"] == "float" and db.get(cfg, "int8-avx512") is None
+    assert tuning.lookup_knobs(cfg, db, 2)[1].startswith("tuned")
+    kn, how = tuning.lookup_int8_knobs(cfg, db, 2, "avx512")
+    assert kn == L.default_int8_knobs(cfg, "avx512", 2)
+    assert how == "default rule (no int8-avx512 record for this kernel)"
+    chosen = L.Int8Knobs(m_inner=2, n_chunks=2, build_parallel=False)
+    rec = {"kernel": "int8-avx512", "config": vars(cfg), "knobs": vars(chosen), "us": 3.0}
+    db.put(cfg, {**rec, "default_us": 4.0, "trials": 3}, {"target": ZEN4})
+    db = tuning.Database(path)  # round trip through the file
+    records = json.loads(path.read_text())["records"]
+    assert [r["kernel"] for r in records] == ["float", "int8-avx512"]
+    assert tuning.lookup_knobs(cfg, db, 2)[0] == LutGemmKnobs(m_inner=1, n_unroll=2, n_chunks=2)
+    kn, how = tuning.lookup_int8_knobs(cfg, db, 2, "avx512")
+    assert kn == chosen and how == "tuned (llvm_znver4_2c.json: 3 us vs default 4 us)"
+    # another ISA's int8 record does not stand in for this one
+    assert "no int8-avx2 record" in tuning.lookup_int8_knobs(cfg, db, 2, "avx2")[1]
+    # incompatible records fall back to the default rule, with the reason
+    bad = {**rec, "knobs": {"m_inner": 3, "n_chunks": 1, "build_parallel": False}}
+    db.put(cfg, {**bad, "default_us": 4.0}, {"target": ZEN4})
+    kn, how = tuning.lookup_int8_knobs(cfg, db, 2, "avx512")
+    assert kn == L.default_int8_knobs(cfg, "avx512", 2)
+    assert "incompatible" in how and "m_inner=3 does not divide m=8" in how
+    db.put(cfg, {**rec, "knobs": {"m_inner": 2, "n_unroll": 2, "n_chunks": 1}}, {})
+    assert "incompatible" in tuning.lookup_int8_knobs(cfg, db, 2, "avx512")[1]
+    assert tuning.lookup_knobs(cfg, db, 2)[1].startswith("tuned")  # the float record is intact
+
+
+def test_shipped_log_loads():
+    path = Path(tuning.__file__).resolve().parents[1] / "tuning_logs" / "llvm_znver4_2c.json"
+    db = tuning.Database(path)
+    assert db.records and all(k[0] in ("float", "int8-avx512") for k in db.records)
+    for (kernel, _), rec in db.records.items():
+        cfg = LutGemmConfig(**rec["config"])
+        if kernel == "float":
+            kn, how = tuning.lookup_knobs(cfg, db, 2)
+        else:
+            kn, how = tuning.lookup_int8_knobs(cfg, db, 2, "avx512")
+        assert how.startswith("tuned"), how
+
+
+def _run_int8(cfg, knobs, seed=0):
+    """(kernel output, reference_int8) of ``cfg``'s AVX-512 kernel with ``knobs``."""
+    import tvm
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((cfg.m, cfg.k)).astype(np.float32)
+    planes = pack_planes(rng.random((cfg.bits, cfg.n, cfg.k)) < 0.5, cfg.group_size)
+    shape = (cfg.bits, cfg.n, cfg.groups, cfg.terms)
+    scales = encode_terms(rng.choice([-1, 0, 1], shape), rng.integers(-12, 3, shape))
+    func = L.make_int8_primfunc(cfg, knobs, "avx512")
+    ex = tvm.compile(tvm.IRModule({"k": func}), target=tvm.target.Target(ZEN4))
+    args = [x, *L.pack_int8(planes, scales, cfg, "avx512"), np.zeros((cfg.m, cfg.n), np.float32)]
+    args = [tvm.runtime.tensor(a) for a in args]
+    ex.jit()[f"{cfg.name}_avx512"](*args)
+    return args[-1].numpy(), L.reference_int8(x, planes, scales, cfg)
+
+
+@needs_avx512
+def test_tune_int8_beside_float_and_tuned_kernels_match_reference(logs):
+    cfgs = [LutGemmConfig(1, 96, 128, 3, 128, 3), LutGemmConfig(8, 64, 256, 2, 128, 3)]
+    first = tuning.tune(cfgs[1:], ZEN4, trials=2, kernel="float", progress=False)
+    assert [k["kernel"] for k in first["kernels"]] == ["float"]
+    # auto on an AVX-512 target: the int8 kernels; the float record of cfgs[1] does not skip it
+    summary = tuning.tune(cfgs, ZEN4, trials=3, progress=False)
+    assert summary["isa"] == "avx512"
+    assert [(k["name"], k["kernel"]) for k in summary["kernels"]] == [
+        (c.name, "int8-avx512") for c in cfgs
+    ]
+    path = logs / "llvm_znver4_2c.json"
+    records = json.loads(path.read_text())["records"]
+    assert sorted(r["kernel"] for r in records) == ["float", "int8-avx512", "int8-avx512"]
+    db = tuning.Database(path)
+    assert db.get(cfgs[1])["kernel"] == "float"
+    for cfg in cfgs:
+        rec = db.get(cfg, "int8-avx512")
+        assert 0 < rec["us"] <= rec["default_us"] < float("inf") and rec["trials"] == 3
+        kn, how = tuning.lookup_int8_knobs(cfg, db, 2, "avx512")
+        assert kn == L.Int8Knobs(**rec["knobs"]) and how.startswith("tuned")
+    # the rerun skips both families' records
+    assert tuning.tune(cfgs, ZEN4, trials=3, progress=False)["kernels"] == []
+    # kernels built with tuned knobs compute what the numpy model says (one not the default)
+    chosen = L.Int8Knobs(m_inner=2, n_chunks=2, build_parallel=False)
+    assert chosen != L.default_int8_knobs(cfgs[1], "avx512", 2)
+    rec = {"kernel": "int8-avx512", "config": vars(cfgs[1]), "knobs": vars(chosen)}
+    db.put(cfgs[1], {**rec, "us": 1.0, "default_us": 2.0}, {"target": ZEN4})
+    for cfg in cfgs:
+        kn, _ = tuning.lookup_int8_knobs(cfg, tuning.Database(path), 2, "avx512")
+        y, ref = _run_int8(cfg, kn)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
