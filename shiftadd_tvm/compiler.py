@@ -708,7 +708,6 @@ def build_imported(
             return kn, how
 
         from .cpu_features import kernel_isa
-        from .schedules.lut_gemm_int8 import default_int8_knobs
 
         cpu_isa = kernel_isa(spec)  # from what LLVM enables for the target, not from this host
         log.info(
@@ -719,8 +718,7 @@ def build_imported(
         )
 
         def int8_knobs(cfg):
-            kn = default_int8_knobs(cfg, cpu_isa, tuning.threads_of(spec))
-            how = "default rule (tuning records cover the float-table kernel only)"
+            kn, how = tuning.lookup_int8_knobs(cfg, db, tuning.threads_of(spec), cpu_isa)
             log.info("  %s: %s %s (%s)", cfg.name, cpu_isa, kn, how)
             return kn, how
 

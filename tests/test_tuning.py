@@ -234,3 +234,34 @@ def test_tune_int8_beside_float_and_tuned_kernels_match_reference(logs):
         kn, _ = tuning.lookup_int8_knobs(cfg, tuning.Database(path), 2, "avx512")
         y, ref = _run_int8(cfg, kn)
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@needs_avx512
+def test_compile_uses_int8_records(logs, caplog):
+    model = tiny_llama()
+    cfgs = tuning.model_configs(model, [3], 32, 3, TINY_SEQ)  # what compile() builds (M=16)
+    db = tuning.Database(logs / "llvm_znver4_2c.json")
+    chosen = L.Int8Knobs(m_inner=2, n_chunks=4, build_parallel=False)
+    for cfg in cfgs[1:]:  # the first one keeps the default rule
+        rec = {"kernel": "int8-avx512", "config": vars(cfg), "knobs": vars(chosen)}
+        db.put(cfg, {**rec, "us": 1.0, "default_us": 2.0}, {"target": ZEN4})
+    calib = np.random.default_rng(0).integers(0, 256, (2, TINY_SEQ))
+    with caplog.at_level(logging.INFO, logger="shiftadd_tvm"):
+        art = shiftadd_tvm.compile(
+            model, method="bcq", progress=False, target=json.dumps(ZEN4), bits=3, group_size=32,
+            seq_len=TINY_SEQ, calib_ids=calib, decode=False,
+        )  # fmt: skip
+    kernels = art.manifest["rewrite"]["kernels"]
+    for cfg in cfgs:
+        k = kernels[cfg.name]
+        assert k["kind"] == "lut-int8" and k["isa"] == "avx512"
+        if cfg == cfgs[0]:
+            assert k["schedule"] == "default rule (no int8-avx512 record for this kernel)"
+        else:
+            assert k["knobs"] == vars(chosen)
+            assert k["schedule"] == "tuned (llvm_znver4_2c.json: 1 us vs default 2 us)"
+    assert f"{len(cfgs) - 1} tuning records from llvm_znver4_2c.json" in caplog.text
+    assert f"{cfgs[1].name}: avx512 {chosen} (tuned" in caplog.text
+    ids = np.random.default_rng(3).integers(0, 256, (1, TINY_SEQ))
+    logits = shiftadd_tvm.runtime.load(art.export(logs / "a.so"))(ids)
+    assert np.isfinite(logits).all()
