@@ -367,7 +367,8 @@ def _add_tune(sub) -> None:
         "then a seeded sample of the knob grid), build candidates in parallel processes, time "
         "them here or through TVM RPC, and write the best records to "
         "tuning_logs/llvm_<cpu>_<cores>c.json (atomically, after every kernel: an interrupted run "
-        "resumes where it stopped). compile() reads them.",
+        "resumes where it stopped). compile() reads them. The int8-table kernels (AVX-512, AVX2, "
+        "NEON) and the float-table kernel have their own knobs and records (--kernel).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="smollm2", help="'smollm2', a HF folder or a .gguf file")
@@ -377,6 +378,17 @@ def _add_tune(sub) -> None:
     p.add_argument("--terms", type=int, default=3, help="power-of-two terms per scale")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per call (the kernels' M)")
     p.add_argument("--trials", type=int, default=16, help="candidates measured per kernel")
+    p.add_argument(
+        "--kernel",
+        choices=["auto", "float", "int8"],
+        default="auto",
+        help="kernel family to tune: 'auto' = what compile() builds for the target (the int8-table "
+        "kernel of its ISA, AVX-512 VBMI+VNNI / AVX2 / NEON as LLVM enables them for the target's "
+        "mcpu; the float-table kernel where the target has none, or for a configuration the int8 "
+        "kernel cannot run); 'float' = the float-table kernel (what targets without those ISAs "
+        "get); 'int8' = the int8 kernel (an error where the target has none). "
+        "Each family keeps its own records in the same log",
+    )
     p.add_argument("--workers", type=int, default=2, help="parallel build processes")
     p.add_argument("--rpc", help="measure on an RPC server HOST:PORT (tvm.exec.rpc_server)")
     p.add_argument("--rpc-tracker", help="measure on a device from an RPC tracker HOST:PORT")
@@ -394,11 +406,15 @@ def cmd_tune(args) -> int:
     model, _ = load_model(args.model)
     cfgs = tuning.model_configs(model, args.bits, args.group_size, args.terms, args.seq_len)
     runner = tuning.Runner(args.rpc, args.rpc_tracker, args.rpc_key)
-    summary = tuning.tune(cfgs, spec, args.trials, runner, args.workers, args.retune)
-    print(f"{'kernel':45s} {'default us':>11s} {'tuned us':>10s} {'speedup':>8s}  knobs")
+    summary = tuning.tune(
+        cfgs, spec, args.trials, runner, args.workers, args.retune, kernel=args.kernel
+    )
+    print(
+        f"{'kernel':45s} {'family':12s} {'default us':>11s} {'tuned us':>10s} {'speedup':>8s}  knobs"
+    )
     for k in summary["kernels"]:
         print(
-            f"{k['name']:45s} {k['default_us']:11.0f} {k['us']:10.0f} "
+            f"{k['name']:45s} {k['kernel']:12s} {k['default_us']:11.0f} {k['us']:10.0f} "
             f"{k['default_us'] / k['us']:7.2f}x  {k['knobs']}"
         )
     print(f"tuned {len(summary['kernels'])} kernels in {summary['tuning_s']} s -> {summary['log']}")

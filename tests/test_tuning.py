@@ -265,3 +265,13 @@ def test_compile_uses_int8_records(logs, caplog):
     ids = np.random.default_rng(3).integers(0, 256, (1, TINY_SEQ))
     logits = shiftadd_tvm.runtime.load(art.export(logs / "a.so"))(ids)
     assert np.isfinite(logits).all()
+
+
+def test_cli_tune_kernel_flag():
+    from shiftadd_tvm.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["tune"]).kernel == "auto"
+    assert parser.parse_args(["tune", "--kernel", "int8", "--seq-len", "1"]).kernel == "int8"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["tune", "--kernel", "int4"])
