@@ -58,7 +58,7 @@ class ReportSpec:
     sweeps: int = 2
     tune_epochs: int = 1
     tune_windows: int = 16
-    tune_lr: float = 5e-3
+    tune_lr: float = 1e-4
     head_storage: str = "float16"  # the dense output head (and the embedding tied to it)
     allocation_weight: str = "fisher"  # "fisher": errors weighted by loss gradients; "none"
     calib_text: str = "wiki"
@@ -791,7 +791,11 @@ def add_parser(sub) -> None:
         help="calibration windows the scale tuning trains on",
     )
     p.add_argument(
-        "--tune-lr", type=float, default=d.tune_lr, help="Adam step of the scale tuning (log-scale)"
+        "--tune-lr",
+        type=float,
+        default=d.tune_lr,
+        help="scale tuning step: root-mean-square change of the log-scales per step "
+        "(normalized momentum descent; see finetune.py)",
     )
     p.add_argument(
         "--head-storage",

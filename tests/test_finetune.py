@@ -8,7 +8,7 @@ from conftest import TINY_SEQ, tiny_llama
 
 from shiftadd_tvm.calibrate import activation_stats, target_linears
 from shiftadd_tvm.errors import ConfigError
-from shiftadd_tvm.finetune import ScaleTuning, _kl, tune_scales
+from shiftadd_tvm.finetune import ScaleTuning, _kl, _NormalizedMomentum, tune_scales
 from shiftadd_tvm.gptq import gptq_bcq
 from shiftadd_tvm.quant import QuantConfig
 
@@ -44,7 +44,7 @@ def test_tuning_lowers_kl_keeps_format_and_model(setup):
     # random tokens through a random model carry nothing to generalize from, so the two judging
     # windows are copies of training windows here: the test checks the mechanics, not the data
     data = np.concatenate([windows[2:4], windows[2:]])
-    cfg = ScaleTuning(epochs=3, windows=6, held_out=2, lr=1e-2)
+    cfg = ScaleTuning(epochs=3, windows=6, held_out=2, lr=3e-3)
     tuned, rep = tune_scales(model, fits, data, cfg, progress=False)
     assert rep["kept"] and rep["held_out_kl_after"] < rep["held_out_kl_before"]
     assert _kl_with(model, tuned, windows[2:]) < 0.9 * _kl_with(model, fits, windows[2:])
@@ -64,7 +64,7 @@ def test_tuning_lowers_kl_keeps_format_and_model(setup):
 
 def test_tuning_that_hurts_the_held_out_windows_is_dropped(setup):
     model, windows, fits = setup
-    out, rep = tune_scales(model, fits, windows, ScaleTuning(epochs=2, lr=3.0), progress=False)
+    out, rep = tune_scales(model, fits, windows, ScaleTuning(epochs=2, lr=0.3), progress=False)
     assert not rep["kept"] and rep["held_out_kl_after"] >= rep["held_out_kl_before"]
     assert out is fits
 
@@ -75,5 +75,37 @@ def test_tuning_settings_are_checked(setup):
         tune_scales(model, fits, windows[:2], ScaleTuning(held_out=2), progress=False)
     with pytest.raises(ConfigError, match="lr"):
         ScaleTuning(lr=0)
+    with pytest.raises(ConfigError, match="momentum"):
+        ScaleTuning(momentum=1.0)
     same, rep = tune_scales(model, fits, windows, ScaleTuning(epochs=0), progress=False)
     assert same is fits and rep == {"enabled": False}
+
+
+def test_normalized_momentum_step():
+    """Step RMS over all parameters is lr; a parameter moves in proportion to its averaged
+    gradient (zero gradient: no move); momentum adds the previous steps' gradients."""
+    a = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = _NormalizedMomentum([a, b], lr=0.1, momentum=0.5)
+    g1a, g1b = (
+        torch.tensor([3.0, 0.0, -1.0], dtype=torch.float64),
+        torch.tensor([1.0, 0.0], dtype=torch.float64),
+    )
+    a.grad, b.grad = g1a.clone(), g1b.clone()
+    opt.step()
+    rms = torch.cat([g1a, g1b]).pow(2).mean().sqrt()
+    torch.testing.assert_close(a.detach(), -0.1 * g1a / rms)
+    torch.testing.assert_close(b.detach(), -0.1 * g1b / rms)
+    step = torch.cat([a.detach(), b.detach()])
+    assert abs(step.pow(2).mean().sqrt().item() - 0.1) < 1e-12 and a[1].item() == 0.0
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    g2a, g2b = (
+        torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64),
+        torch.tensor([0.0, 0.0], dtype=torch.float64),
+    )
+    a.grad, b.grad = g2a.clone(), g2b.clone()
+    opt.step()
+    buf = torch.cat([0.5 * g1a + g2a, 0.5 * g1b + g2b])
+    torch.testing.assert_close(
+        torch.cat([a.detach() - a0, b.detach() - b0]), -0.1 * buf / buf.pow(2).mean().sqrt()
+    )
