@@ -82,7 +82,7 @@ def _add_compile(sub) -> None:
     p.add_argument(
         "--tune-windows",
         type=int,
-        default=16,
+        default=30,
         help="calibration windows the scale tuning trains on (2 more judge the result)",
     )
     p.add_argument(

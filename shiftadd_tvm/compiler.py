@@ -414,7 +414,7 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     for ``Runtime.generate``. ``None``: on for LLaMA-family torch models on CPU targets, off (and
     logged) otherwise; ``True`` makes an unsupported model an error.
     ``sweeps``: coordinate-descent passes over the codes after the GPTQ loop (``gptq.py``).
-    ``scale_tuning``: a ``finetune.ScaleTuning`` (default: one epoch over 16 calibration windows)
+    ``scale_tuning``: a ``finetune.ScaleTuning`` (default: one epoch over 30 calibration windows)
     that tunes every scale end to end against the float model after the layer-wise fit; ``False``
     or ``ScaleTuning(epochs=0)`` turns it off. Torch models with calibration text only.
     ``head_storage``: ``"float16"`` (default) stores a dense output head as float16 (rounded

@@ -47,7 +47,7 @@ class ScaleTuning:
     """Settings of the end-to-end scale tuning (``epochs=0``: off)."""
 
     epochs: int = 1
-    windows: int = 16  # calibration windows trained on (after the held-out ones)
+    windows: int = 30  # calibration windows trained on (after the held-out ones; 32 by default)
     held_out: int = 2  # calibration windows that judge the result
     lr: float = 1e-4  # root-mean-square step of the log-scales
     momentum: float = 0.9

@@ -57,7 +57,7 @@ class ReportSpec:
     rounds: int = 1
     sweeps: int = 2
     tune_epochs: int = 1
-    tune_windows: int = 16
+    tune_windows: int = 30
     tune_lr: float = 1e-4
     head_storage: str = "float16"  # the dense output head (and the embedding tied to it)
     allocation_weight: str = "fisher"  # "fisher": errors weighted by loss gradients; "none"
