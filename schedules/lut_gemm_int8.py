@@ -90,6 +90,11 @@ class Int8Knobs:
             raise ValueError("n_chunks must be >= 1")
 
 
+def int8_symbol(cfg: LutGemmConfig, isa: str) -> str:
+    """Global symbol of ``isa``'s int8 kernel for ``cfg`` (``make_int8_primfunc``)."""
+    return f"{cfg.name}_{isa}"
+
+
 def unsupported_reason(cfg: LutGemmConfig, isa: str) -> str | None:
     """Why ``isa``'s int8 kernel cannot run ``cfg`` (None if it can)."""
     if isa not in ISAS:
@@ -568,4 +573,4 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                                         y[(task // NC) * MI + mi, ((task % NC) * TPC + tt) * ROWS + r] = ybuf[r]  # fmt: skip
 
     body = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", kernel.body))
-    return kernel.with_body(body).with_attr("global_symbol", f"{cfg.name}_{isa}")
+    return kernel.with_body(body).with_attr("global_symbol", int8_symbol(cfg, isa))

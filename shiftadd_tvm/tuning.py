@@ -48,7 +48,13 @@ from ._files import write_text_atomic
 from .errors import ConfigError
 from .schedules import lut_gemm_cuda
 from .schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs
-from .schedules.lut_gemm_int8 import ROWS, Int8Knobs, default_int8_knobs, unsupported_reason
+from .schedules.lut_gemm_int8 import (
+    ROWS,
+    Int8Knobs,
+    default_int8_knobs,
+    int8_symbol,
+    unsupported_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +269,8 @@ def _isa_of(family: str) -> str:
 
 
 def _function_name(cfg: LutGemmConfig, family: str) -> str:
-    """The exported function of a candidate: ``make_int8_primfunc``'s ``<cfg.name>_<isa>``."""
-    return cfg.name if family == FLOAT else f"{cfg.name}_{_isa_of(family)}"
+    """The exported function of a candidate: ``make_int8_primfunc``'s ``int8_symbol``."""
+    return cfg.name if family == FLOAT else int8_symbol(cfg, _isa_of(family))
 
 
 # ----------------------------------------------------------------------------- build + measure
