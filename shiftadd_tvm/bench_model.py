@@ -345,6 +345,8 @@ def print_table(out: dict) -> None:
 
 
 def add_parser(sub) -> None:
+    from .schedules.dense_gemm import WEIGHT_DTYPES
+
     p = sub.add_parser(
         "model",
         help="prefill/decode tokens/s of the compiled default model vs torch fp32 + KV cache",
@@ -361,7 +363,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--head-storage",
-        choices=("float16", "float32"),
+        choices=WEIGHT_DTYPES,
         default="float16",
         help="storage of the dense output head and tied embedding (when compiling; see "
         "`compile --help`)",

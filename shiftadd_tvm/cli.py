@@ -15,6 +15,8 @@ log = logging.getLogger("shiftadd_tvm")
 
 
 def _add_compile(sub) -> None:
+    from .schedules.dense_gemm import WEIGHT_DTYPES
+
     p = sub.add_parser(
         "compile",
         help="reparameterize a model and export a multiplication-free .so",
@@ -143,7 +145,7 @@ def _add_compile(sub) -> None:
     )
     p.add_argument(
         "--head-storage",
-        choices=("float16", "float32"),
+        choices=WEIGHT_DTYPES,
         default="float16",
         help="storage of the dense output head (and of the embedding table when tied to it): "
         "float16 (rounded once; float32 products and sums; half the bytes each decode step "

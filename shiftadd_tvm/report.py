@@ -741,6 +741,8 @@ def _strs(s: str) -> tuple[str, ...]:
 
 
 def add_parser(sub) -> None:
+    from .schedules.dense_gemm import WEIGHT_DTYPES
+
     d = ReportSpec()
     p = sub.add_parser(
         "report",
@@ -799,7 +801,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--head-storage",
-        choices=["float16", "float32"],
+        choices=WEIGHT_DTYPES,
         default=d.head_storage,
         help="storage of the dense output head and its tied embedding in ours' artifacts",
     )
