@@ -369,40 +369,50 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                     yacc[T.Ramp(mi * ROWS + h * 16, 1, 16)],
                 )
 
+    def quad_sum(xbuf, m, g, j, c):
+        """Entry c of quad j's float table: sum_t (bit t of c ? +x : -x)[4j + t] of group g."""
+        return (
+            sgn(c, 0) * xv(xbuf, m, g * GS + 4 * j)
+            + sgn(c, 1) * xv(xbuf, m, g * GS + 4 * j + 1)
+            + sgn(c, 2) * xv(xbuf, m, g * GS + 4 * j + 2)
+            + sgn(c, 3) * xv(xbuf, m, g * GS + 4 * j + 3)
+        )
+
     @T.macro
     def build_tables_into(x, tab, ls):
-        """Per row m of x: the scale ls[m, g] and the int8 tables of every quad (build_tables)."""
+        """Per row m of x: the scale ls[m, g] and the int8 tables of every quad (build_tables).
+
+        Two passes per group: the float entries of every quad's table (into ``tot``) and their
+        lane-wise max, then the int8 entries. A quad's largest entry is the one whose signs match
+        the activations': exactly ``((|x0| + |x1|) + |x2|) + |x3|`` (same order, and rounding is
+        symmetric in the sign), so ``mx`` is bit-exact with ``build_tables``. The second pass is
+        written as explicit vector ops: inside ``T.vectorized`` TVM 0.27 scalarized it (a load of
+        ``tot`` next to the store to ``tab``) and LLVM then vectorized over j with gathers.
+        Measured against the former one-pass build (max of |x| sums in a scalar loop, entries
+        computed once), M=1, one thread, bit-identical output: 576x576 2 bits 5.47 -> 3.05 us,
+        1536x576 8.99 -> 6.55 us, 4096x4096 unchanged (102.7 us)."""
         for m in build_loop(M):
             mx = T.alloc_buffer((1,), "float32", scope="local")
+            inv = T.alloc_buffer((1,), "float32", scope="local")
+            vmx = T.alloc_buffer((TB,), "float32", scope="local")
+            tot = T.alloc_buffer((JG * TB,), "float32")
             for g in range(G):
-                mx[0] = T.float32(0)
-                for j in range(JG):
-                    mx[0] = T.max(
-                        mx[0],
-                        T.fabs(xv(x, m, g * GS + 4 * j))
-                        + T.fabs(xv(x, m, g * GS + 4 * j + 1))
-                        + T.fabs(xv(x, m, g * GS + 4 * j + 2))
-                        + T.fabs(xv(x, m, g * GS + 4 * j + 3)),
-                    )
-                ls[m * G + g] = mx[0] * T.float32(2.0**-SHIFT / QMAX)  # ls * 2^-SHIFT, exact
+                vmx[T.Ramp(0, 1, TB)] = T.Broadcast(T.float32(0), TB)
                 for j in range(JG):
                     for c in T.vectorized(TB):
-                        tab[(m * Q + g * JG + j) * TB + c] = T.Cast(
-                            "int8",
-                            T.nearbyint(
-                                T.if_then_else(
-                                    mx[0] > T.float32(0),
-                                    T.float32(QMAX) / mx[0],
-                                    T.float32(0),
-                                )
-                                * (
-                                    sgn(c, 0) * xv(x, m, g * GS + 4 * j)
-                                    + sgn(c, 1) * xv(x, m, g * GS + 4 * j + 1)
-                                    + sgn(c, 2) * xv(x, m, g * GS + 4 * j + 2)
-                                    + sgn(c, 3) * xv(x, m, g * GS + 4 * j + 3)
-                                )
-                            ),
-                        )
+                        tot[j * TB + c] = quad_sum(x, m, g, j, c)
+                    for c in T.vectorized(TB):
+                        vmx[c] = T.max(vmx[c], tot[j * TB + c])
+                mx[0] = T.float32(0)
+                for c in range(TB):
+                    mx[0] = T.max(mx[0], vmx[c])
+                ls[m * G + g] = mx[0] * T.float32(2.0**-SHIFT / QMAX)  # ls * 2^-SHIFT, exact
+                inv[0] = T.if_then_else(mx[0] > T.float32(0), T.float32(QMAX) / mx[0], T.float32(0))
+                for j in range(JG):
+                    tab[T.Ramp((m * Q + g * JG + j) * TB, 1, TB)] = T.Cast(
+                        f"int8x{TB}",
+                        T.nearbyint(T.Broadcast(inv[0], TB) * tot[T.Ramp(j * TB, 1, TB)]),
+                    )
 
     if avx512:
 
