@@ -179,6 +179,7 @@ class OurKernel:
     weights: list  # per copy: list of tvm tensors (kernel layout)
     nbytes: int  # packed bytes read per call (weights + scales)
     err: float  # relative L2 error vs the float64 reference of the same weights
+    schedule: str  # where the knobs came from: "tuned (<log>: ...)" or "default rule (...)"
 
 
 def resolve_isa(isa: str, target_spec: dict) -> str:
@@ -191,22 +192,35 @@ def resolve_isa(isa: str, target_spec: dict) -> str:
     return kernel_isa(target_spec)
 
 
-def build_ours(cfg, isa: str, threads: int, target, copies: int, x: np.ndarray, seed: int):
-    """Compile our kernel for ``cfg`` and make ``copies`` weight copies in its layout."""
+def tuning_database(target_spec: dict):
+    """The target's tuning log (``tuning.Database``) if there is one, else None."""
+    from . import tuning
+
+    path = tuning.tuning_log_dir() / f"{tuning.target_key(target_spec)}.json"
+    return tuning.Database(path) if path.is_file() else None
+
+
+def build_ours(cfg, isa: str, threads: int, target, copies: int, x: np.ndarray, seed: int, db=None):
+    """Compile our kernel for ``cfg`` and make ``copies`` weight copies in its layout. The knobs
+    are ``db``'s tuned record for ``cfg`` where it has one (as ``compile()`` picks them), else the
+    default rule for ``threads`` threads."""
     import tvm
 
+    from . import tuning
     from .schedules import lut_gemm
 
     dev = tvm.cpu()
     if isa == "generic":
-        func = lut_gemm.make_primfunc(cfg, lut_gemm.default_knobs(cfg, threads))
+        knobs, how = tuning.lookup_knobs(cfg, db, threads)
+        func = lut_gemm.make_primfunc(cfg, knobs)
 
         def pack(planes, scales):
             return (planes, scales)
     else:
         from .schedules import lut_gemm_int8 as k8
 
-        func = k8.make_int8_primfunc(cfg, k8.default_int8_knobs(cfg, isa, threads), isa)
+        knobs, how = tuning.lookup_int8_knobs(cfg, db, threads, isa)
+        func = k8.make_int8_primfunc(cfg, knobs, isa)
 
         def pack(planes, scales):
             return k8.pack_int8(planes, scales, cfg, isa)
@@ -228,7 +242,7 @@ def build_ours(cfg, isa: str, threads: int, target, copies: int, x: np.ndarray, 
             f(tvm.runtime.tensor(x, dev), *weights[0], y)
             ref = lut_gemm.reference(x, planes, scales, cfg)
             err = float(np.linalg.norm(y.numpy() - ref) / max(np.linalg.norm(ref), 1e-30))
-    return OurKernel(isa, f, weights, nbytes, err)
+    return OurKernel(isa, f, weights, nbytes, err, how)
 
 
 # ----------------------------------------------------------------------------- onnxruntime
@@ -367,6 +381,15 @@ def run(args) -> dict:
     isa = resolve_isa(args.isa, spec.to_dict())
     llc = llc_bytes()
     log.info("CPU %s, last-level cache %d MiB, kernel variant %s", cpu_model(), llc >> 20, isa)
+    db = None if args.default_schedules else tuning_database(spec.to_dict())
+    log.info(
+        "our kernels' schedules: %s",
+        "default rule (--default-schedules)"
+        if args.default_schedules
+        else f"tuned records from {db.path.name} where they exist, else the default rule"
+        if db
+        else "default rule (no tuning log for this target)",
+    )
     bw = measure_read_bandwidth(target, threads_list)
     log.info("read bandwidth: %s", ", ".join(f"{t} thr {v:.1f} GB/s" for t, v in bw.items()))
 
@@ -416,7 +439,7 @@ def run(args) -> dict:
             cfg = LutGemmConfig(m, n, k, bits, args.group_size, args.terms)
             probe = random_packed(n, k, bits, args.group_size, args.terms, 0)
             copies = copies_for(probe[0].nbytes + probe[1].nbytes, cold, llc)
-            ker = build_ours(cfg, isa, t, target, copies, x, args.seed)
+            ker = build_ours(cfg, isa, t, target, copies, x, args.seed, db)
             yv = tvm.runtime.tensor(np.zeros((m, n), np.float32), tvm.cpu())
             xv = tvm.runtime.tensor(x, tvm.cpu())
             ours[bits] = ker
@@ -440,6 +463,7 @@ def run(args) -> dict:
                 "isa": ker.isa,
                 "ours_ms": ms_ours,
                 "ours_rel_err": ker.err,
+                "ours_schedule": ker.schedule,
                 "ours_bytes": ker.nbytes,
                 "bw_floor_ms": floor_ms,
                 "bw_floor_frac": floor_ms / ms_ours,
@@ -483,9 +507,9 @@ def _ort_version() -> str:
 def format_table(result: dict) -> str:
     head = (
         "| N x K | M | bits | thr | mode | ours ms | fp32 ms | bf16 ms | ort4 ms | ort2 ms "
-        "| x fp32 | x bf16 | x ort4 | x ort2 | BW floor | rel err |"
+        "| x fp32 | x bf16 | x ort4 | x ort2 | BW floor | rel err | sched |"
     )
-    lines = [head, "|" + "---|" * 16]
+    lines = [head, "|" + "---|" * 17]
 
     def f(row, key, fmt="{:.3f}"):
         return fmt.format(row[key]) if key in row else "-"
@@ -497,7 +521,8 @@ def format_table(result: dict) -> str:
             f"| {f(r, 'ort_4bit_ms')} | {f(r, 'ort_2bit_ms')} "
             f"| {f(r, 'speedup_vs_torch_fp32', '{:.1f}x')} | {f(r, 'speedup_vs_torch_bf16', '{:.1f}x')} "
             f"| {f(r, 'speedup_vs_ort_4bit', '{:.2f}x')} | {f(r, 'speedup_vs_ort_2bit', '{:.2f}x')} "
-            f"| {r['bw_floor_frac'] * 100:.0f}% | {r['ours_rel_err']:.1e} |"
+            f"| {r['bw_floor_frac'] * 100:.0f}% | {r['ours_rel_err']:.1e} "
+            f"| {'tuned' if r.get('ours_schedule', '').startswith('tuned') else 'default'} |"
         )
     return "\n".join(lines)
 
@@ -533,6 +558,13 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
     p.add_argument(
         "--budget-ms", type=float, default=20.0, help="target duration of one timing repeat"
+    )
+    p.add_argument(
+        "--default-schedules",
+        action="store_true",
+        help="time our kernels with the default schedule rule even where the target's tuning log "
+        "(tuning_logs/, written by `shiftadd-tvm tune`) has a record; by default a kernel takes its "
+        "record, as compile() does (each row's 'ours_schedule' says which)",
     )
     p.add_argument("--no-ort", action="store_true", help="skip onnxruntime (e.g. not installed)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")

@@ -57,3 +57,25 @@ def test_bad_options_name_the_fix():
         bench_kernel.parse_shapes("4096by4096")
     with pytest.raises(ConfigError, match="bits"):
         bench_kernel.parse_ints("2,5", "bits", (1, 2, 3, 4))
+
+
+def test_build_ours_takes_the_tuned_record(tmp_path):
+    """`bench kernel` times the schedule compile() would pick: the tuning log's record if the
+    shape has one (its row says "tuned"), else the default rule."""
+    import tvm
+    from shiftadd_tvm import tuning
+    from shiftadd_tvm.schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs
+
+    cfg = LutGemmConfig(2, 40, 96, 2, 32, 3)
+    x = np.random.default_rng(0).standard_normal((2, 96)).astype(np.float32)
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+    ker = bench_kernel.build_ours(cfg, "generic", 1, target, 1, x, 0, db=None)
+    assert ker.schedule == "default rule (no tuning log for this target)"
+    db = tuning.Database(tmp_path / "llvm_generic_1c.json")
+    chosen = LutGemmKnobs(m_inner=1, n_unroll=1, n_chunks=2)
+    assert chosen != default_knobs(cfg, 1)
+    rec = {"config": vars(cfg), "knobs": vars(chosen), "us": 1.0, "default_us": 2.0}
+    db.put(cfg, rec, {"target": {"kind": "llvm"}})
+    ker = bench_kernel.build_ours(cfg, "generic", 1, target, 1, x, 0, db=db)
+    assert ker.schedule == "tuned (llvm_generic_1c.json: 1 us vs default 2 us)"
+    assert ker.err < 1e-5  # the tuned schedule computes the same product
