@@ -59,6 +59,7 @@ class ReportSpec:
     tune_epochs: int = 1
     tune_windows: int = 30
     tune_lr: float = 1e-4
+    tune_kl_ref: float = 0.15
     head_storage: str = "float16"  # the dense output head (and the embedding tied to it)
     allocation_weight: str = "fisher"  # "fisher": errors weighted by loss gradients; "none"
     calib_text: str = "wiki"
@@ -74,7 +75,7 @@ class ReportSpec:
 
 _CALIB_FIELDS = ("model", "calib_text", "calib_start", "calib_windows", "window")
 _FIT_FIELDS = (*_CALIB_FIELDS, "group_size", "terms", "iters", "rounds", "sweeps")
-_TUNE_FIELDS = ("tune_epochs", "tune_windows", "tune_lr", "head_storage")
+_TUNE_FIELDS = ("tune_epochs", "tune_windows", "tune_lr", "tune_kl_ref", "head_storage")
 # the baselines do not use ours' fit settings beyond these (rows cached before sweeps existed)
 _BASELINE_FIELDS = (*_CALIB_FIELDS, "group_size", "terms", "iters", "rounds")
 _EVAL_FIELDS = ("model", "texts", "tokens", "window")
@@ -349,7 +350,9 @@ class _Harness:
             allocation = allocation_report(self.unique, errors, alloc, self.qcfg(1))
             allocation["error_weighting"] = s.allocation_weight
             qcfg = self.qcfg(min(4, max(2, round(budget))))
-        tuning = ScaleTuning(epochs=s.tune_epochs, windows=s.tune_windows, lr=s.tune_lr)
+        tuning = ScaleTuning(
+            epochs=s.tune_epochs, windows=s.tune_windows, lr=s.tune_lr, kl_ref=s.tune_kl_ref
+        )
         if tuning.epochs and imp.tuner is None:
             ids = token_ids(self.tok, s.calib_text, s.calib_start, s.calib_windows * s.window)
             attach_tuner(imp, self.model, ids.reshape(-1, s.window))
@@ -797,7 +800,14 @@ def add_parser(sub) -> None:
         type=float,
         default=d.tune_lr,
         help="scale tuning step: root-mean-square change of the log-scales per step "
-        "(normalized momentum descent; see finetune.py)",
+        "(normalized momentum descent; see finetune.py), for fits whose held-out KL is at most "
+        "--tune-kl-ref",
+    )
+    p.add_argument(
+        "--tune-kl-ref",
+        type=float,
+        default=d.tune_kl_ref,
+        help="the step is tune-lr * sqrt(KL / tune-kl-ref) for fits farther from float (0 = fixed)",
     )
     p.add_argument(
         "--head-storage",
@@ -839,6 +849,7 @@ def cmd_report(args) -> int:
         tune_epochs=args.tune_epochs,
         tune_windows=args.tune_windows,
         tune_lr=args.tune_lr,
+        tune_kl_ref=args.tune_kl_ref,
         head_storage=args.head_storage,
         allocation_weight=args.allocation_weight,
         calib_text=args.calib_text,

@@ -47,6 +47,7 @@ def test_tuning_lowers_kl_keeps_format_and_model(setup):
     cfg = ScaleTuning(epochs=3, windows=6, held_out=2, lr=3e-3)
     tuned, rep = tune_scales(model, fits, data, cfg, progress=False)
     assert rep["kept"] and rep["held_out_kl_after"] < rep["held_out_kl_before"]
+    assert rep["lr_used"] == pytest.approx(cfg.step_for(rep["held_out_kl_before"]), rel=1e-3)
     assert _kl_with(model, tuned, windows[2:]) < 0.9 * _kl_with(model, fits, windows[2:])
     for n, r in tuned.items():
         assert torch.equal(r.codes, fits[n].codes)  # codes fixed
@@ -77,8 +78,18 @@ def test_tuning_settings_are_checked(setup):
         ScaleTuning(lr=0)
     with pytest.raises(ConfigError, match="momentum"):
         ScaleTuning(momentum=1.0)
+    with pytest.raises(ConfigError, match="kl_ref"):
+        ScaleTuning(kl_ref=-1)
     same, rep = tune_scales(model, fits, windows, ScaleTuning(epochs=0), progress=False)
     assert same is fits and rep == {"enabled": False}
+
+
+def test_step_grows_with_the_distance_from_float():
+    cfg = ScaleTuning(lr=1e-4, kl_ref=0.15)
+    assert cfg.step_for(0.1) == cfg.step_for(0.15) == 1e-4  # near float: the base step
+    assert cfg.step_for(0.6) == pytest.approx(2e-4)  # sqrt(0.6 / 0.15) = 2
+    assert cfg.step_for(1.4) == pytest.approx(1e-4 * (1.4 / 0.15) ** 0.5)
+    assert ScaleTuning(lr=1e-4, kl_ref=0).step_for(5.0) == 1e-4  # fixed step
 
 
 def test_normalized_momentum_step():
