@@ -613,11 +613,13 @@ def markdown(result: dict) -> str:
         ]
         for r in tuned:
             t = r["scale_tuning"]
+            step = f"step {t.get('lr_used', t['lr']):.3g}"
+            if "lr_used" in t:  # rows since the step grows with the held-out KL
+                step += f" from lr {t['lr']:g}, kl_ref {t['kl_ref']:g}"
             lines.append(
                 f"- ours {r['label']}: held-out KL {t['held_out_kl_before']:.4f} -> "
                 f"{t['held_out_kl_after']:.4f}, {'kept' if t['kept'] else 'dropped (fit kept)'} "
-                f"({t['epochs']} epoch over {t['windows']} windows, lr {t['lr']:g}, "
-                f"{t['seconds']:.0f} s)"
+                f"({t['epochs']} epoch over {t['windows']} windows, {step}, {t['seconds']:.0f} s)"
             )
     lines.append("")
     return "\n".join(lines)
