@@ -63,8 +63,9 @@ def test_build_ours_takes_the_tuned_record(tmp_path):
     """`bench kernel` times the schedule compile() would pick: the tuning log's record if the
     shape has one (its row says "tuned"), else the default rule."""
     import tvm
-    from shiftadd_tvm import tuning
     from shiftadd_tvm.schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs
+
+    from shiftadd_tvm import tuning
 
     cfg = LutGemmConfig(2, 40, 96, 2, 32, 3)
     x = np.random.default_rng(0).standard_normal((2, 96)).astype(np.float32)
