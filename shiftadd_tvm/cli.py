@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import defaults
 from .errors import ShiftAddError
 
 log = logging.getLogger("shiftadd_tvm")
@@ -69,14 +70,14 @@ def _add_compile(sub) -> None:
     p.add_argument(
         "--sweeps",
         type=int,
-        default=2,
+        default=defaults.SWEEPS,
         help="gptq: coordinate-descent passes over the codes against the full output error after "
         "the column loop, each followed by a scale refit (0 = plain GPTQ loop)",
     )
     p.add_argument(
         "--tune-epochs",
         type=int,
-        default=1,
+        default=defaults.TUNE_EPOCHS,
         help="end-to-end scale tuning after the fit: epochs over the calibration windows, every "
         "scale adjusted (codes fixed, power-of-two rounding in the loop) to match the float "
         "model's next-token distributions; 0 = off (torch models with calibration text only)",
@@ -84,13 +85,13 @@ def _add_compile(sub) -> None:
     p.add_argument(
         "--tune-windows",
         type=int,
-        default=30,
+        default=defaults.TUNE_WINDOWS,
         help="calibration windows the scale tuning trains on (2 more judge the result)",
     )
     p.add_argument(
         "--tune-lr",
         type=float,
-        default=1e-4,
+        default=defaults.TUNE_LR,
         help="scale tuning step: root-mean-square change of the log-scales per step (normalized "
         "momentum descent; larger steps were measured to hurt at 4 bits), for fits whose "
         "held-out KL to the float model is at most --tune-kl-ref",
@@ -98,7 +99,7 @@ def _add_compile(sub) -> None:
     p.add_argument(
         "--tune-kl-ref",
         type=float,
-        default=0.15,
+        default=defaults.TUNE_KL_REF,
         help="farther from float, larger steps: the step is tune-lr * sqrt(KL / tune-kl-ref) when "
         "the fit's held-out KL exceeds this (measured: 2 bits gain from ~3x the step); 0 = always "
         "tune-lr",

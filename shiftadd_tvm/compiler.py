@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, defaults
 from ._files import atomic_path
 from .calibrate import activation_stats, target_linears
 from .errors import ConfigError, UnsupportedModelError
@@ -390,7 +390,7 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     decode: bool | None = None,
     max_context: int | None = None,
     decode_steps: tuple[int, ...] = (1, 128),
-    sweeps: int = 2,
+    sweeps: int = defaults.SWEEPS,
     scale_tuning=None,
     head_storage: str = "float16",
 ) -> Artifact:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import defaults
 from .errors import ConfigError
 from .quant import BCQResult, pow2_value, round_pow2_terms
 
@@ -52,13 +53,14 @@ log = logging.getLogger(__name__)
 class ScaleTuning:
     """Settings of the end-to-end scale tuning (``epochs=0``: off)."""
 
-    epochs: int = 1
-    windows: int = 30  # calibration windows trained on (after the held-out ones; 32 by default)
+    epochs: int = defaults.TUNE_EPOCHS
+    # calibration windows trained on (after the held-out ones; 32 by default)
+    windows: int = defaults.TUNE_WINDOWS
     held_out: int = 2  # calibration windows that judge the result
-    lr: float = 1e-4  # root-mean-square step of the log-scales (at a held-out KL <= kl_ref)
+    lr: float = defaults.TUNE_LR  # root-mean-square step of the log-scales (held-out KL <= kl_ref)
     momentum: float = 0.9
     seed: int = 0
-    kl_ref: float = 0.15  # step = lr * max(1, sqrt(held-out KL before / kl_ref)); 0: step = lr
+    kl_ref: float = defaults.TUNE_KL_REF  # step lr * max(1, sqrt(KL before / kl_ref)); 0: lr
 
     def step_for(self, kl_before: float) -> float:
         """The step RMS for a fit whose held-out KL to the float model is ``kl_before``."""

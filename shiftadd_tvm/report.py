@@ -27,6 +27,8 @@ import logging
 import time
 from pathlib import Path
 
+from . import defaults
+
 log = logging.getLogger(__name__)
 
 OURS = "ours"
@@ -55,11 +57,11 @@ class ReportSpec:
     terms: int = 3
     iters: int = 15
     rounds: int = 1
-    sweeps: int = 2
-    tune_epochs: int = 1
-    tune_windows: int = 30
-    tune_lr: float = 1e-4
-    tune_kl_ref: float = 0.15
+    sweeps: int = defaults.SWEEPS
+    tune_epochs: int = defaults.TUNE_EPOCHS
+    tune_windows: int = defaults.TUNE_WINDOWS
+    tune_lr: float = defaults.TUNE_LR
+    tune_kl_ref: float = defaults.TUNE_KL_REF
     head_storage: str = "float16"  # the dense output head (and the embedding tied to it)
     allocation_weight: str = "fisher"  # "fisher": errors weighted by loss gradients; "none"
     calib_text: str = "wiki"

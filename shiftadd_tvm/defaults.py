@@ -1,0 +1,10 @@
+"""Defaults shared by the library, the command line and the report, in one torch-free module
+(``--help`` imports neither torch nor TVM)."""
+
+SWEEPS = 2  # gptq: coordinate-descent passes over the codes after the column loop
+
+# end-to-end scale tuning (finetune.ScaleTuning)
+TUNE_EPOCHS = 1
+TUNE_WINDOWS = 30  # calibration windows trained on (2 more are held out)
+TUNE_LR = 1e-4  # step RMS of the log-scales near float
+TUNE_KL_REF = 0.15  # step = lr * max(1, sqrt(held-out KL / kl_ref))
