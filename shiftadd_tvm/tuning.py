@@ -385,7 +385,7 @@ def tune(
     ``kernel``: which kernel family to tune (``kernel_family``): ``"auto"`` what ``compile()``
     builds for ``target`` (the int8 kernel of its ISA where it has one), ``"float"`` the
     float-table kernel, ``"int8"`` the int8 kernel (ConfigError where the target has none)."""
-    from .cpu_features import kernel_isa, require_host_isa
+    from .cpu_features import host_missing, kernel_isa
 
     key = target_key(target)
     if kernel not in KERNEL_CHOICES:
@@ -395,8 +395,13 @@ def tune(
     db = Database(tuning_log_dir() / f"{key}.json")
     threads = threads_of(target)
     runner = runner or Runner()
-    if runner.remote is None and any(f != FLOAT for f in families.values()):
-        require_host_isa(isa, f"tuning locally for target {target}")  # else SIGILL, not an error
+    missing = host_missing(isa) if runner.remote is None else []
+    if missing:  # LLVM emits these for every kernel of the target, float-table ones too: SIGILL
+        raise ConfigError(
+            f"tuning locally for target {target}: LLVM enables {isa} instructions for it and this "
+            f"machine lacks CPU features {missing}, so the candidates would crash here; tune on a "
+            "machine that has them (--rpc / --rpc-tracker) or for a target this CPU supports"
+        )
     meta = {
         "target": target,
         "key": key,

@@ -275,3 +275,15 @@ def test_cli_tune_kernel_flag():
     assert parser.parse_args(["tune", "--kernel", "int8", "--seq-len", "1"]).kernel == "int8"
     with pytest.raises(SystemExit):
         parser.parse_args(["tune", "--kernel", "int4"])
+
+
+def test_local_tuning_refuses_a_target_this_cpu_cannot_run(logs, monkeypatch):
+    """Float-table kernels built for an AVX-512 target use AVX-512 too: refused before any build,
+    for every kernel family, rather than crashing the timing process."""
+    no_vbmi = frozenset(cpu_features.host_flags() - {"avx512vbmi", "avx512_vnni", "avx512vnni"})
+    monkeypatch.setattr(cpu_features, "host_flags", lambda: no_vbmi)
+    cfg = LutGemmConfig(1, 64, 256, 2, 128, 3)
+    for kernel in ("float", "int8", "auto"):
+        with pytest.raises(ConfigError, match="avx512vbmi"):
+            tuning.tune([cfg], ZEN4, trials=1, kernel=kernel, progress=False)
+    assert not (logs / "llvm_znver4_2c.json").exists()  # nothing written
