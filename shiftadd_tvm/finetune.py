@@ -176,6 +176,16 @@ def tune_scales(
             "raise the calibration windows or turn scale tuning off"
         )
     held, train = windows[: cfg.held_out], windows[cfg.held_out : cfg.held_out + cfg.windows]
+    if len(train) < cfg.windows:
+        log.warning(
+            "scale tuning: %d training windows asked for, the calibration has %d after the %d "
+            "held-out ones; training on %d (raise the calibration windows, e.g. --calib-windows %d)",
+            cfg.windows,
+            len(train),
+            cfg.held_out,
+            len(train),
+            cfg.windows + cfg.held_out,
+        )
     t0 = time.time()
     wrapped: dict[str, _TunedLinear] = {}
     saved_grad = {p: p.requires_grad for p in model.parameters()}
@@ -239,6 +249,7 @@ def tune_scales(
         "enabled": True,
         **dataclasses.asdict(cfg),
         "lr_used": lr,
+        "windows_used": len(train),
         "held_out_kl_before": round(before, 5),
         "held_out_kl_after": round(after, 5),
         "kept": kept,

@@ -63,11 +63,16 @@ def test_tuning_lowers_kl_keeps_format_and_model(setup):
     assert all(torch.equal(again[n].term_exps, tuned[n].term_exps) for n in tuned)
 
 
-def test_tuning_that_hurts_the_held_out_windows_is_dropped(setup):
+def test_tuning_that_hurts_the_held_out_windows_is_dropped(setup, caplog):
     model, windows, fits = setup
-    out, rep = tune_scales(model, fits, windows, ScaleTuning(epochs=2, lr=0.3), progress=False)
+    cfg = ScaleTuning(epochs=2, lr=0.3, windows=len(windows))  # asks for more than there are
+    with caplog.at_level("WARNING", logger="shiftadd_tvm.finetune"):
+        out, rep = tune_scales(model, fits, windows, cfg, progress=False)
     assert not rep["kept"] and rep["held_out_kl_after"] >= rep["held_out_kl_before"]
     assert out is fits
+    # fewer training windows than asked for is said, not silent
+    assert rep["windows_used"] == len(windows) - 2
+    assert f"training on {len(windows) - 2}" in caplog.text and "--calib-windows" in caplog.text
 
 
 def test_tuning_settings_are_checked(setup):
