@@ -107,12 +107,17 @@ def host_missing(isa: str) -> list[str]:
     return [f for f in ISA_FEATURES[isa] if f not in flags]
 
 
-def require_host_isa(isa: str, what: str = "this kernel") -> None:
-    """Raise ConfigError if this machine cannot run code built for ``isa``."""
+def require_host_isa(
+    isa: str,
+    what: str = "this kernel",
+    fix: str = "run it on a CPU that has them, or compile for this machine (target 'llvm', or a "
+    "target JSON whose mcpu/mattr this CPU supports)",
+) -> None:
+    """Raise ConfigError (naming ``what``, the missing features and ``fix``) if this machine
+    cannot run code built for ``isa``: such code would die of SIGILL, not raise."""
     missing = host_missing(isa)
     if missing:
         raise ConfigError(
-            f"{what} uses the {isa} int8 LUT kernel, which needs CPU features {missing} that this "
-            "machine lacks; run it on a CPU that has them, or compile for this machine "
-            "(target 'llvm', or a target JSON whose mcpu/mattr this CPU supports)"
+            f"{what} uses {isa} instructions, which need CPU features {missing} that this "
+            f"machine lacks; {fix}"
         )

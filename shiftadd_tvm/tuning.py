@@ -385,7 +385,7 @@ def tune(
     ``kernel``: which kernel family to tune (``kernel_family``): ``"auto"`` what ``compile()``
     builds for ``target`` (the int8 kernel of its ISA where it has one), ``"float"`` the
     float-table kernel, ``"int8"`` the int8 kernel (ConfigError where the target has none)."""
-    from .cpu_features import host_missing, kernel_isa
+    from .cpu_features import kernel_isa, require_host_isa
 
     key = target_key(target)
     if kernel not in KERNEL_CHOICES:
@@ -395,12 +395,12 @@ def tune(
     db = Database(tuning_log_dir() / f"{key}.json")
     threads = threads_of(target)
     runner = runner or Runner()
-    missing = host_missing(isa) if runner.remote is None else []
-    if missing:  # LLVM emits these for every kernel of the target, float-table ones too: SIGILL
-        raise ConfigError(
-            f"tuning locally for target {target}: LLVM enables {isa} instructions for it and this "
-            f"machine lacks CPU features {missing}, so the candidates would crash here; tune on a "
-            "machine that has them (--rpc / --rpc-tracker) or for a target this CPU supports"
+    if runner.remote is None:  # LLVM emits the target's ISA in every kernel, float-table ones too
+        require_host_isa(
+            isa,
+            f"tuning locally for target {target}",
+            "tune on a machine that has them (--rpc / --rpc-tracker) or for a target this CPU "
+            "supports",
         )
     meta = {
         "target": target,
