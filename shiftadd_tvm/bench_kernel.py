@@ -192,14 +192,6 @@ def resolve_isa(isa: str, target_spec: dict) -> str:
     return kernel_isa(target_spec)
 
 
-def tuning_database(target_spec: dict):
-    """The target's tuning log (``tuning.Database``) if there is one, else None."""
-    from . import tuning
-
-    path = tuning.tuning_log_dir() / f"{tuning.target_key(target_spec)}.json"
-    return tuning.Database(path) if path.is_file() else None
-
-
 def build_ours(cfg, isa: str, threads: int, target, copies: int, x: np.ndarray, seed: int, db=None):
     """Compile our kernel for ``cfg`` and make ``copies`` weight copies in its layout. The knobs
     are ``db``'s tuned record for ``cfg`` where it has one (as ``compile()`` picks them), else the
@@ -366,6 +358,7 @@ def run(args) -> dict:
     import tvm
     from tqdm import tqdm
 
+    from . import tuning
     from .schedules.lut_gemm import LutGemmConfig
     from .targets import resolve_target
 
@@ -381,7 +374,7 @@ def run(args) -> dict:
     isa = resolve_isa(args.isa, spec.to_dict())
     llc = llc_bytes()
     log.info("CPU %s, last-level cache %d MiB, kernel variant %s", cpu_model(), llc >> 20, isa)
-    db = None if args.default_schedules else tuning_database(spec.to_dict())
+    db = None if args.default_schedules else tuning.load_database(spec.to_dict())
     log.info(
         "our kernels' schedules: %s",
         "default rule (--default-schedules)"

@@ -692,8 +692,8 @@ def build_imported(
         from . import tuning
 
         spec = tgt.to_dict()
-        db_path = tuning.tuning_log_dir() / f"{tuning.target_key(spec)}.json"
-        db = tuning.Database(db_path) if db_path.is_file() else None
+        db_path = tuning.log_path(spec)
+        db = tuning.load_database(spec)
         log.info(
             "CPU schedules: %s",
             f"{len(db.records)} tuning records from {db_path.name}"

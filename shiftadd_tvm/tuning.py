@@ -104,6 +104,17 @@ def target_key(spec: dict) -> str:
     return f"llvm_{spec.get('mcpu', 'generic')}_{spec.get('num-cores', 1)}c"
 
 
+def log_path(spec: dict) -> Path:
+    """The tuning log of a target: ``tuning_log_dir() / <target_key>.json``."""
+    return tuning_log_dir() / f"{target_key(spec)}.json"
+
+
+def load_database(spec: dict) -> Database | None:
+    """The target's records (``Database``) if its tuning log exists, else None."""
+    path = log_path(spec)
+    return Database(path) if path.is_file() else None
+
+
 def threads_of(spec: dict) -> int:
     return int(spec.get("num-cores", 2))  # the default rule assumed 2 threads before tuning existed
 
@@ -392,7 +403,7 @@ def tune(
         raise ConfigError(f"kernel={kernel!r}: one of {', '.join(KERNEL_CHOICES)}")
     isa = kernel_isa(target)  # as compile() detects it: what LLVM enables for the target
     families = {cfg: kernel_family(cfg, isa, kernel) for cfg in dict.fromkeys(configs)}
-    db = Database(tuning_log_dir() / f"{key}.json")
+    db = Database(log_path(target))
     threads = threads_of(target)
     runner = runner or Runner()
     if runner.remote is None:  # LLVM emits the target's ISA in every kernel, float-table ones too
