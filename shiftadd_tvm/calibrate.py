@@ -26,11 +26,18 @@ log = logging.getLogger(__name__)
 
 
 def target_linears(model) -> dict[str, torch.nn.Linear]:
-    """The Linear layers of the transformer blocks (the output head stays dense)."""
+    """The Linear layers of the transformer blocks (the output head stays dense, as does a Linear
+    flagged ``rotate.DENSE_FLAG``)."""
+    from .rotate import DENSE_FLAG
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and mod is not head:
+        if (
+            isinstance(mod, torch.nn.Linear)
+            and mod is not head
+            and not getattr(mod, DENSE_FLAG, False)
+        ):
             out[name] = mod
     return out
 

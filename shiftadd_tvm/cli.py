@@ -181,6 +181,15 @@ def _add_compile(sub) -> None:
         help="compile only main (no KV-cache step functions; they are added by default for "
         "LLaMA-family models on CPU targets)",
     )
+    p.add_argument(
+        "--rotate",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="rotate the model before calibration (an orthogonal residual stream folded into the "
+        "weights plus an add/subtract Hadamard transform before each MLP down projection; same "
+        "float function, weights easier to quantize: 4 bits 1.17x -> see README). auto: on for "
+        "LLaMA-family torch models, logged otherwise; on: an unsupported model is an error",
+    )
     p.add_argument("--output", "-o", required=True, help="artifact path (.so); written atomically")
     p.add_argument(
         "--report", help="also write the compile report (manifest + verification) as JSON here"
@@ -260,6 +269,7 @@ def cmd_compile(args) -> int:
             kl_ref=args.tune_kl_ref,
         ),
         head_storage=args.head_storage,
+        rotate={"auto": None, "on": True, "off": False}[args.rotate],
     )
     art.manifest["model"] = args.model
     art.manifest["tokenizer"] = args.tokenizer or (None if is_onnx else args.model)

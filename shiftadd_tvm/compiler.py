@@ -64,8 +64,15 @@ class Artifact:
         return {f"{name}.weight": r.dequantize().float() for name, r in self.quantized.items()}
 
     def apply_to(self, model):
-        """A copy of ``model`` carrying the dequantized weights (for checks against the artifact)."""
+        """A copy of ``model`` carrying the dequantized weights (for checks against the artifact).
+        ``model`` is the float model given to ``compile``: if the artifact was compiled rotated,
+        the copy is rotated the same way first (``rotate.apply`` is deterministic)."""
         clone = copy.deepcopy(model)
+        how = self.manifest.get("rotation")
+        if how and not getattr(clone, "_shiftadd_rotated", False):
+            from . import rotate
+
+            rotate.apply(clone, how)
         state = self.dequantized_state()
         _untie(clone, state)  # a quantized head must not overwrite the tied (float) embedding
         missing = clone.load_state_dict(state, strict=False).unexpected_keys
@@ -240,6 +247,9 @@ def import_torch(
     if decode is not None:
         mod, decode_info, step_params = _add_step_functions(mod, params, model, decode)
     by_weight = {f"{name}.weight": name for name in layers}
+    from .rotate import DENSE_FLAG
+
+    kept = {f"{n}.weight" for n, m in model.named_modules() if getattr(m, DENSE_FLAG, False)}
     candidates, policy, energy = {}, {}, {}
     for key, tname in names.items():
         if key not in params or params[key].ndim != 2:
@@ -249,6 +259,8 @@ def import_torch(
             candidates[key] = (lname, params[key])
             if energy_by_name is not None:
                 energy[key] = energy_by_name[lname]
+        elif tname in kept:
+            policy[key] = "the rotation's mix matrix after the final norm (rotate.py): kept dense"
         else:
             policy[key] = "not a transformer-block Linear (output head / embedding): kept dense"
     cfg = model.config
@@ -393,6 +405,7 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     sweeps: int = defaults.SWEEPS,
     scale_tuning=None,
     head_storage: str = "float16",
+    rotate: bool | None = None,
 ) -> Artifact:
     """Reparameterize ``model`` to binary planes with power-of-two scales and build it with TVM.
 
@@ -421,6 +434,13 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     once; the kernels widen it, products and sums stay float32): half the bytes each decode step
     streams for it. A tied embedding reads the same float16 table, so it is stored once, at half
     the size. ``"float32"`` keeps the float32 table. CPU targets only (CUDA keeps float32).
+    ``rotate``: rotate a LLaMA-family torch model before calibration (``rotate.py``: an orthogonal
+    residual stream and value heads, folded into the weights, plus an add/subtract Hadamard
+    transform in front of each MLP down projection), which makes the weights easier to quantize
+    and leaves the float model's function unchanged. ``None``: on where supported (logged
+    otherwise; also off when the fit is not the GPTQ loop with calibration, which a rotation needs);
+    ``True``: an unsupported model is an error; ``False``: off. ``model`` itself is not modified
+    (a rotated copy is compiled).
     """
     from .models import load_model
 
@@ -471,11 +491,26 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     tune_calibration, tune_ids = calibration, calib_ids  # windows for scale tuning
     if stats_in:
         calibration, calib_ids = "stats-file", None  # statistics come from the file
+    if onnx_proto is not None and rotate:
+        raise ConfigError("rotate=True is supported for torch models only (not the ONNX path)")
     if onnx_proto is not None:
         imp = import_onnx(
             onnx_proto, model_spec, tokenizer, seq_len, calibration, calib_ids, progress, full
         )
     elif isinstance(model, torch.nn.Module):
+        from . import rotate as rot
+
+        if rotate is None and (
+            qcfg.method != "gptq" or (calibration is None and calib_ids is None)
+        ):
+            # without the full-Hessian GPTQ loop a rotation hurts: the rotated inputs' energy sits
+            # in cross terms that a diag(H)-weighted fit does not see (SmolLM2, bcq, 3 bits:
+            # perplexity 36 -> 8514 with rotation)
+            log.info("no rotation: it needs the GPTQ fit with calibration (method=%s)", qcfg.method)
+            rotate = False
+        how = rot.plan(model, rotate)
+        if how is not None:
+            model = rot.apply(copy.deepcopy(model), how)
         dec = _decode_request(model, tgt, decode, max_context or seq_len, decode_steps)
         imp = import_torch(
             model,
@@ -490,6 +525,8 @@ def compile(  # noqa: A001 - the public API name the issue asks for
         )
         if model_spec:
             imp.info["model"] = model_spec
+        if how is not None:
+            imp.info["rotation"] = how
         if scale_tuning.epochs > 0 and (tune_ids is not None or tune_calibration is not None):
             windows = _calibration_windows(tokenizer, tune_calibration, tune_ids)[0]
             if len(windows) > scale_tuning.held_out or not tuning_by_default:

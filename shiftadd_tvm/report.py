@@ -68,6 +68,9 @@ class ReportSpec:
     calib_start: int = 200_000
     calib_windows: int = 32
     target: str = "llvm"
+    rotate: bool = (
+        True  # ours rows: the model rotated as compile() does (rotate.py); baselines never
+    )
 
     def digest(self, *fields: str) -> str:
         d = dataclasses.asdict(self)
@@ -159,7 +162,11 @@ def _ppl_texts(logits_fn, windows: dict, desc: str, progress: bool) -> dict:
 
 
 class _Harness:
-    def __init__(self, spec: ReportSpec, work: Path, progress: bool):
+    """The model, its calibration and fits for one set of rows. ``rotated``: the model rotated as
+    ``compile`` does (``rotate.py``; our rows when ``spec.rotate``); its cached files carry a
+    ``-rot`` suffix, since the statistics and fits of a rotated model are different numbers."""
+
+    def __init__(self, spec: ReportSpec, work: Path, progress: bool, rotated: bool = False):
         from .calibrate import target_linears
         from .models import load_model
         from .text import token_ids
@@ -168,6 +175,13 @@ class _Harness:
         work.mkdir(parents=True, exist_ok=True)
         (work / "rows").mkdir(exist_ok=True)
         self.model, self.tok = load_model(spec.model)
+        self.rotation = None
+        if rotated:
+            from . import rotate
+
+            self.rotation = rotate.plan(self.model, True)
+            rotate.apply(self.model, self.rotation)
+        self.suffix = "-rot" if rotated else ""
         _check_disjoint(spec)
         self.windows = {
             t: token_ids(self.tok, t, 0, spec.tokens).reshape(-1, spec.window) for t in spec.texts
@@ -183,7 +197,7 @@ class _Harness:
             from .compiler import CalibrationSpec, _load_stats, _save_stats, import_torch
 
             s = self.spec
-            stats = self.work / f"calib-{s.digest(*_CALIB_FIELDS)}.npz"
+            stats = self.work / f"calib-{s.digest(*_CALIB_FIELDS)}{self.suffix}.npz"
             calib = CalibrationSpec(s.calib_text, s.calib_start, s.calib_windows, s.window)
             have = stats.is_file()
             imp = import_torch(
@@ -200,6 +214,8 @@ class _Harness:
             else:
                 _save_stats(imp, stats)
             imp.calib_info = {"source": "text", **dataclasses.asdict(calib)}
+            if self.rotation is not None:
+                imp.info["rotation"] = self.rotation
             unique: dict[str, str] = {}
             for key, (name, _) in imp.candidates.items():
                 unique.setdefault(name, key)
@@ -213,7 +229,7 @@ class _Harness:
             from .compiler import quantize_candidates
 
             imp, cfg = self.imp, self.qcfg(bits)
-            path = self.work / f"fit-b{bits}-{self.spec.digest(*_FIT_FIELDS)}.npz"
+            path = self.work / f"fit-b{bits}-{self.spec.digest(*_FIT_FIELDS)}{self.suffix}.npz"
             if path.is_file():
                 self._fits[bits] = _load_fits(path, cfg)
             else:
@@ -272,7 +288,7 @@ class _Harness:
         from .text import token_ids
 
         s = self.spec
-        path = self.work / f"fisher-{s.digest(*_CALIB_FIELDS)}.npz"
+        path = self.work / f"fisher-{s.digest(*_CALIB_FIELDS)}{self.suffix}.npz"
         names = {k: n for k, (n, _) in self.unique.items()}
         if path.is_file():
             with np.load(path) as z:
@@ -326,7 +342,7 @@ class _Harness:
         s = self.spec
         # a budget row never shares its label (file name) with a uniform row: 3.0 is not 3
         label = f"{bits}" if budget is None else f"{budget:g}" if budget % 1 else f"{budget:.1f}"
-        fields = (*_FIT_FIELDS, *_EVAL_FIELDS, *_TUNE_FIELDS, "target")
+        fields = (*_FIT_FIELDS, *_EVAL_FIELDS, *_TUNE_FIELDS, "target", "rotate")
         if budget is not None:
             fields += ("allocation_weight",)
         digest = s.digest(*fields) + f"-{OURS}-{label}"
@@ -501,12 +517,15 @@ def run_report(spec: ReportSpec, out: str | Path, work: str | Path, progress: bo
     rows = []
     errors = None
     need_ours = bool(spec.bits or spec.budgets)
+    ours = h
     if need_ours:
-        errors = h.layer_errors() if spec.budgets else None
+        if spec.rotate:
+            ours = _Harness(spec, work, progress, rotated=True)
+        errors = ours.layer_errors() if spec.budgets else None
         for b in spec.bits:
-            rows.append(h.ours_row(b, None, errors))
+            rows.append(ours.ours_row(b, None, errors))
         for budget in spec.budgets:
-            rows.append(h.ours_row(None, budget, errors))
+            rows.append(ours.ours_row(None, budget, errors))
     for method in spec.baselines:
         for b in spec.bits:
             rows.append(h.baseline_row(method, b))
@@ -516,10 +535,10 @@ def run_report(spec: ReportSpec, out: str | Path, work: str | Path, progress: bo
             r["torch_sim_ratio"] = {t: r["torch_sim_ppl"][t] / float_ppl[t] for t in spec.texts}
     layers = None
     if errors is not None:
-        names = {k: n for k, (n, _) in h.unique.items()}
+        names = {k: n for k, (n, _) in ours.unique.items()}
         layers = {
             names[k]: {
-                "size": int(h.unique[k][1].size),
+                "size": int(ours.unique[k][1].size),
                 "output_error": {str(b): e for b, e in errs.items()},
                 **{
                     f"bits@{r['label']}": r["layer_bits"][names[k]]
@@ -589,6 +608,14 @@ def markdown(result: dict) -> str:
     present = {r["method"] for r in result["rows"]}
     lines += ["", "Methods:", ""]
     lines += [f"- `{m}`: {d}" for m, d in METHOD_LABELS.items() if m in present]
+    if OURS in present:
+        rot = result["spec"].get("rotate")
+        lines += [
+            f"- `{OURS}` rows {'rotate' if rot else 'do not rotate'} the model first (`rotate.py`: "
+            "orthogonal residual stream and value heads folded into the weights, an add/subtract "
+            "Hadamard transform before each down projection; the float model is unchanged); the "
+            "baselines quantize the unrotated weights."
+        ]
     allocs = [r for r in result["rows"] if r.get("allocation")]
     if allocs:
         lines += [
@@ -826,6 +853,12 @@ def add_parser(sub) -> None:
         help="weigh each layer's output error by the loss gradient of each output channel "
         "(fisher) or not (none) when allocating bits to a budget",
     )
+    p.add_argument(
+        "--no-rotate",
+        action="store_true",
+        help="fit ours on the unrotated model (default: rotated as compile does; the baselines "
+        "always quantize the unrotated weights)",
+    )
     p.add_argument("--calib-text", default=d.calib_text)
     p.add_argument("--calib-start", type=int, default=d.calib_start)
     p.add_argument("--calib-windows", type=int, default=d.calib_windows)
@@ -860,6 +893,7 @@ def cmd_report(args) -> int:
         calib_start=args.calib_start,
         calib_windows=args.calib_windows,
         target=args.target,
+        rotate=not args.no_rotate,
     )
     res = run_report(spec, args.out, args.work)
     print(markdown(res))

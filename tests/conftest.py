@@ -9,14 +9,14 @@ import torch
 TINY_SEQ = 16
 
 
-def tiny_llama(seed: int = 0, vocab: int = 256):
+def tiny_llama(seed: int = 0, vocab: int = 256, intermediate: int = 200):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab,
         hidden_size=72,  # not a multiple of the group size: ragged last group
-        intermediate_size=200,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -121,15 +121,18 @@ def test_cuda_kernel_builds_for_ragged_shapes_and_both_archs():
 @needs_nvcc
 def test_compile_tiny_model_for_cuda(tmp_path):
     calib = np.random.default_rng(0).integers(0, 256, (2, TINY_SEQ))
+    # intermediate 192: the rotation's add/subtract Hadamard (blocks of 64) runs on the GPU too
     art = shiftadd_tvm.compile(
-        tiny_llama(), target="cuda", bits=3, group_size=32, seq_len=TINY_SEQ, calib_ids=calib,
-        method="bcq", progress=False,
+        tiny_llama(intermediate=192), target="cuda", bits=3, group_size=32, seq_len=TINY_SEQ,
+        calib_ids=calib, method="bcq", progress=False,
     )  # fmt: skip
     m = art.manifest
     assert m["target"] == {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}}
+    assert m["rotation"] == {"seed": 0, "down_block": 64}
     assert m["rewrite"]["rewritten"] == 14 and m["rewrite"]["dense_fallbacks"] == 0
     kinds = [k["kind"] for k in m["rewrite"]["kernels"].values()]
-    assert kinds.count("lut-cuda") == 4 and kinds.count("dense") == 1  # dense: the head
+    # dense: the head and the rotation's mix matrix
+    assert kinds.count("lut-cuda") == 4 and kinds.count("dense") == 2
     (img,) = m["cuda_images"]
     path = art.export(tmp_path / "tiny_cuda.so")
     manifest = shiftadd_tvm.runtime.read_manifest(path)

@@ -76,14 +76,20 @@ def _rel(a, b) -> float:
 def test_head_bits_quantizes_the_tied_head_only(decode_model, decode_artifact):
     """--head-bits: lm_head becomes a 4-bit LUT matmul; the tied embedding stays float, in the
     artifact and in the torch reference (apply_to unties them)."""
-    from shiftadd_tvm import runtime
+    import copy
+
+    from shiftadd_tvm import rotate, runtime
     from shiftadd_tvm.compiler import logits_tolerance, verify_against_torch
 
     art, path = decode_artifact
     assert art.manifest["layers"]["lm_head"]["bits"] == 4
-    assert not art.manifest["rewrite"]["dense"]  # no dense matmul left
+    # no dense matmul left but the rotation's mix matrix (compiled rotated by default; the online
+    # Hadamard transform runs in every step function: intermediate 160 -> blocks of 32)
+    assert [d["weight"] for d in art.manifest["rewrite"]["dense"]] == ["model.norm.mix.weight"]
+    assert art.manifest["rotation"] == {"seed": 0, "down_block": 32}
+    rotated = rotate.apply(copy.deepcopy(decode_model), art.manifest["rotation"])
     ref = art.apply_to(decode_model)
-    emb = decode_model.get_input_embeddings().weight
+    emb = rotated.get_input_embeddings().weight
     assert torch.equal(ref.get_input_embeddings().weight, emb)
     assert not torch.equal(ref.get_output_embeddings().weight, emb)
     ids = np.random.default_rng(2).integers(0, 512, (1, SEQ))
@@ -91,7 +97,7 @@ def test_head_bits_quantizes_the_tied_head_only(decode_model, decode_artifact):
     # int8 activation tables now also feed the head, straight into the logits: 5e-2 measured here
     # (the default tolerance, 3e-2, is for dense heads); the float head is much further off
     assert err < 2 * logits_tolerance(art.manifest), err
-    ref.lm_head.weight = decode_model.lm_head.weight  # dequantized body, float head
+    ref.lm_head.weight = rotated.lm_head.weight  # dequantized body, float (rotated) head
     got = runtime.load(path)(ids)[0]
     with torch.no_grad():
         float_head = ref(input_ids=torch.from_numpy(ids), use_cache=False).logits[0].numpy()
@@ -234,9 +240,10 @@ def test_weights_stored_once(decode_artifact):
     sizes = [int(np.prod([int(d) for d in s.split(",")])) for s in shapes]
     big = [n for n in sizes if n >= 500]  # the smallest weight tensor here has 864 elements
     n_layers = len(man["layers"])
-    # one or two tensors (planes, scales) per weight, + the embedding; duplicates per function
-    # would give three times as many
-    assert n_layers + 1 <= len(big) <= 2 * n_layers + 1, (len(big), n_layers, shapes)
+    # one or two tensors (planes, scales) per weight, + the embedding and the rotation's mix
+    # matrix; duplicates per function would give three times as many
+    assert n_layers + 2 <= len(big) <= 2 * n_layers + 2, (len(big), n_layers, shapes)
+    assert shapes.count("72, 72") == 1  # the mix matrix (rotate.py), once
     assert shapes.count("512, 72") == 1  # embedding and tied head: one table
 
 
@@ -264,8 +271,15 @@ def test_head_storage(decode_model, dense_head_artifacts, storage):
     assert man["head_storage"] == storage
     assert {d["weight_dtype"] for d in man["rewrite"]["dense"]} == {storage}
     dense = {n: k for n, k in man["rewrite"]["kernels"].items() if k["kind"] == "dense"}
+    # per dense weight (the head, n = 512, and the rotation's mix matrix, n = 72, stored alike):
     # main (M = 24) and one GEMV (M = 1) shared by both step functions
-    assert len(dense) == 2 and {k["weight_dtype"] for k in dense.values()} == {storage}, dense
+    assert sorted((k["config"]["n"], k["config"]["m"]) for k in dense.values()) == [
+        (72, 1),
+        (72, 24),
+        (512, 1),
+        (512, 24),
+    ], dense
+    assert {k["weight_dtype"] for k in dense.values()} == {storage}, dense
     stats = art.executable.stats()
     line = stats[stats.index("Constant pool") :].split("\n", 1)[0]
     assert line.count("[512, 72]") == 1, line[:3000]  # one table, embedding and head

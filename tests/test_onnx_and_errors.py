@@ -32,6 +32,8 @@ def test_onnx_artifact_matches_torch_artifact(tiny_onnx, tmp_path, calibrated):
     model, path = tiny_onnx
     # scale tuning needs the float torch model, which the ONNX path does not have: off for both
     kw = dict(bits=3, group_size=32, seq_len=TINY_SEQ, progress=False, scale_tuning=False)
+    # the ONNX path does not rotate, so the torch one must not either
+    kw["rotate"] = False
     if calibrated:  # onnxruntime-recorded activations vs torch hooks, same windows
         kw["calib_ids"] = np.random.default_rng(5).integers(0, 256, (3, TINY_SEQ))
     else:
@@ -231,6 +233,7 @@ def test_shared_calibration_stats_make_paths_identical(tiny_onnx, tmp_path):
         progress=False,
         calib_stats=stats,
         scale_tuning=False,  # the ONNX path has no float torch model to tune against
+        rotate=False,  # nor rotates it
     )
     a_torch = shiftadd_tvm.compile(model, calib_ids=calib, **kw)
     assert stats.is_file() and a_torch.manifest["calibration"]["source"] == "ids"

@@ -37,7 +37,15 @@ def test_record_lists_rewritten_and_dense(tiny_artifact):
     art, _ = tiny_artifact
     rw = art.manifest["rewrite"]
     assert rw["rewritten"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
-    assert [d["weight"] for d in rw["dense"]] in (["lm_head.weight"], ["model.embed_tokens.weight"])
+    dense = sorted(d["weight"] for d in rw["dense"])
+    # the tied head (named after either tied parameter) and the rotation's mix matrix
+    assert dense in (
+        ["lm_head.weight", "model.norm.mix.weight"],
+        ["model.embed_tokens.weight", "model.norm.mix.weight"],
+    )
+    reasons = {d["weight"]: d["reason"] for d in rw["dense"]}
+    assert "rotation's mix matrix" in reasons["model.norm.mix.weight"]
+    assert art.manifest["rotation"] == {"seed": 0, "down_block": 0}  # intermediate 200: 8 < 16
     assert set(art.manifest["layers"]) == set(art.quantized)
     assert all(name.endswith("_proj") for name in art.quantized)
     # every rewritten kernel handles the ragged K (72 = 2 x 32 + 8, 200 = 6 x 32 + 8)

@@ -38,6 +38,7 @@ def test_real_model_rewrite_record(real):
     man = art.manifest
     assert man["rewrite"]["rewritten"] == 210  # 30 blocks x 7 Linear
     assert [d["weight"] for d in man["rewrite"]["dense"]] == ["lm_head.weight"]
+    assert "rotation" not in man  # method bcq: no rotation by default (it needs the GPTQ loop)
     assert man["calibration"]["source"] == "text"
 
 
