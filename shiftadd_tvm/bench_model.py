@@ -52,15 +52,21 @@ class BuildSpec:
     steps: tuple[int, ...] = (1, 128)
     seq_len: int = 512
     head_storage: str = "float16"  # the dense head / tied embedding (compile --head-storage)
+    rotate: bool = True  # rotated as compile() does by default (rotate.py)
 
     def fit_digest(self) -> str:
         keep = (self.model, self.bits, self.group_size, self.terms)
-        return hashlib.sha1(repr(keep).encode()).hexdigest()[:12]
+        return hashlib.sha1(repr(keep).encode()).hexdigest()[:12] + self.rot_suffix()
+
+    def rot_suffix(self) -> str:
+        return "-rot" if self.rotate else ""
 
     def artifact_name(self) -> str:
         head = f"-h{self.head_bits}" if self.head_bits else f"-{self.head_storage}head"
         steps = "-".join(str(t) for t in self.steps)
-        return f"{self.model}-b{self.bits}{head}-ctx{self.max_context}-t{steps}.so"
+        return (
+            f"{self.model}-b{self.bits}{head}-ctx{self.max_context}-t{steps}{self.rot_suffix()}.so"
+        )
 
 
 def default_work_dir() -> Path:
@@ -85,8 +91,14 @@ def build_artifact(spec: BuildSpec, work: Path, progress: bool = True) -> Path:
         return out
     t_start = time.time()
     model, tok = load_model(spec.model)
+    how = None
+    if spec.rotate:
+        from . import rotate
+
+        how = rotate.plan(model, True)
+        rotate.apply(model, how)
     tgt = resolve_target("llvm")
-    stats = work / f"calib-{spec.model}.npz"
+    stats = work / f"calib-{spec.model}{spec.rot_suffix()}.npz"
     have_stats = stats.is_file()
     calib = compiler.CalibrationSpec()
     if have_stats and spec.head_bits:
@@ -109,6 +121,8 @@ def build_artifact(spec: BuildSpec, work: Path, progress: bool = True) -> Path:
         compiler._save_stats(imp, stats)
     imp.calib_info = {"source": "text", **dataclasses.asdict(calib), "stats_file": str(stats)}
     imp.info["model"] = spec.model
+    if how is not None:
+        imp.info["rotation"] = how
     qcfg = QuantConfig(bits=spec.bits, group_size=spec.group_size, terms=spec.terms)
     head = {k: c for k, c in imp.candidates.items() if c[0] in imp.bits_by_name}
     unique: dict[str, str] = {}
@@ -282,6 +296,7 @@ def run(args) -> dict:
             head_bits=args.head_bits,
             max_context=args.max_context,
             head_storage=args.head_storage,
+            rotate=not args.no_rotate,
         )
         artifact = build_artifact(spec, Path(args.work))
     cfg = {
@@ -367,6 +382,11 @@ def add_parser(sub) -> None:
         default="float16",
         help="storage of the dense output head and tied embedding (when compiling; see "
         "`compile --help`)",
+    )
+    p.add_argument(
+        "--no-rotate",
+        action="store_true",
+        help="compile the unrotated model (default: rotated as compile does; when compiling)",
     )
     p.add_argument("--max-context", type=int, default=256, help="KV cache tokens (when compiling)")
     p.add_argument("--text", default="wiki", help="prompt / perplexity text: wiki, lee or a file")

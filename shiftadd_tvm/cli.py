@@ -186,9 +186,10 @@ def _add_compile(sub) -> None:
         choices=("auto", "on", "off"),
         default="auto",
         help="rotate the model before calibration (an orthogonal residual stream folded into the "
-        "weights plus an add/subtract Hadamard transform before each MLP down projection; same "
-        "float function, weights easier to quantize: 4 bits 1.17x -> see README). auto: on for "
-        "LLaMA-family torch models, logged otherwise; on: an unsupported model is an error",
+        "weights plus an add/subtract Hadamard transform before each MLP down projection; the "
+        "same float function with weights that are easier to quantize). auto: on for "
+        "LLaMA-family torch models fitted with --method gptq and calibration text, logged "
+        "otherwise; on: an unsupported model is an error; off: never",
     )
     p.add_argument("--output", "-o", required=True, help="artifact path (.so); written atomically")
     p.add_argument(
