@@ -124,7 +124,7 @@ def test_compile_tiny_model_for_cuda(tmp_path):
     # intermediate 192: the rotation's add/subtract Hadamard (blocks of 64) runs on the GPU too
     art = shiftadd_tvm.compile(
         tiny_llama(intermediate=192), target="cuda", bits=3, group_size=32, seq_len=TINY_SEQ,
-        calib_ids=calib, method="bcq", progress=False,
+        calib_ids=calib, method="bcq", progress=False, rotate=True,  # bcq: off unless asked
     )  # fmt: skip
     m = art.manifest
     assert m["target"] == {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}}
