@@ -22,11 +22,11 @@ import logging
 import numpy as np
 import torch
 
+from .decode import SUPPORTED_TYPES  # the same pre-norm, RoPE, GQA, SiLU-MLP layout
 from .errors import UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 DENSE_FLAG = "_shiftadd_keep_dense"  # Linear modules with this attribute are never quantized
 
 
