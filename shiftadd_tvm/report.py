@@ -68,9 +68,8 @@ class ReportSpec:
     calib_start: int = 200_000
     calib_windows: int = 32
     target: str = "llvm"
-    rotate: bool = (
-        True  # ours rows: the model rotated as compile() does (rotate.py); baselines never
-    )
+    # ours rows: the model rotated as compile() does (rotate.py); the baselines never
+    rotate: bool = True
 
     def digest(self, *fields: str) -> str:
         d = dataclasses.asdict(self)

@@ -8,11 +8,12 @@ the same function. Each attention head's values and the matching input columns o
 rotated by a ``head_dim`` Hadamard as well. Quantizing the rotated weights is easier: the outlier
 input channels of the stream are spread over all channels.
 
-Nothing is added to the graph except one dense ``hidden x hidden`` matrix after the final norm:
-the output head is tied to the embedding (``E Q`` now), and the final norm's weight cannot be
-folded into a tied head, so ``logits = norm(x Q) (Q^T diag(g) Q) (E Q)^T``. That matrix stays
-dense (``target_linears`` skips it); it costs ``hidden^2`` multiply-adds per token, against
-``vocab x hidden`` for the head.
+Two things are added to the graph. ``rotate_down_inputs`` puts ``BlockHadamard`` (adds and
+subtracts only) before every MLP down projection, whose input no offline rotation reaches. And
+one dense ``hidden x hidden`` matrix follows the final norm: the output head is tied to the
+embedding (``E Q`` now), and the final norm's weight cannot be folded into a tied head, so
+``logits = norm(x Q) (Q^T diag(g) Q) (E Q)^T``. That matrix stays dense (``target_linears`` skips
+it); it costs ``hidden^2`` multiply-adds per token, against ``vocab x hidden`` for the head.
 """
 
 from __future__ import annotations
