@@ -301,7 +301,7 @@ def _add_step_functions(mod, params: dict, model, decode: dict):
             raise ConfigError(
                 f"decode step length {tokens} must lie in [1, max_context={geo['max_context']}]"
             )
-        func, step_params, n_inputs = dec.import_step(model, tokens, geo["max_context"])
+        func, step_params, n_inputs, kernels = dec.import_step(model, tokens, geo["max_context"])
         for name, value in step_params.items():
             if name.startswith("p_") and name in params:
                 if not np.array_equal(params[name], value):
@@ -311,6 +311,8 @@ def _add_step_functions(mod, params: dict, model, decode: dict):
         funcs[name] = {"tokens": tokens, "inputs": n_inputs}
         mod = tvm.IRModule(dict(mod.functions))
         mod[name] = func.with_attr("global_symbol", name)
+        for gv, kernel in kernels.items():
+            mod[gv] = kernel
     return mod, {**geo, "functions": funcs}, all_params
 
 
@@ -823,7 +825,9 @@ def build_imported(
         mod = _bind_used_params(mod, imp.step_params[name], name, spec["inputs"])
 
     from .schedules.cpu_rules import cpu_pipeline
+    from .schedules.hadamard import retarget
 
+    mod = retarget(mod, cuda)
     t0 = time.time()
     target_obj = tgt.tvm_target()
     with tvm.transform.PassContext(opt_level=3):

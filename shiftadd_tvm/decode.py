@@ -176,19 +176,21 @@ def example_inputs(step: KVStep):
 
 
 def import_step(model, tokens: int, max_context: int):
-    """Export one step function; returns ``(relax Function, params)`` where the function takes
-    ``3 + 2 * layers`` inputs followed by the weights (named like ``frontend.import_causal_lm``'s)
-    and ``params`` maps weight parameter names to numpy values."""
+    """Export one step function; returns ``(relax Function, params, n_inputs, kernels)`` where the
+    function takes ``n_inputs = 3 + 2 * layers`` inputs followed by the weights (named like
+    ``frontend.import_causal_lm``'s), ``params`` maps weight parameter names to numpy values and
+    ``kernels`` (GlobalVar -> PrimFunc) are the kernels the function calls (the online Hadamard's,
+    named after the step)."""
     from tvm.relax.frontend.torch import from_exported_program
 
-    from .frontend import _cumsum_bool_fix
+    from .frontend import converters
 
     step = KVStep(model, tokens, max_context).eval()
     t0 = time.time()
     with torch.no_grad():
         ep = torch.export.export(step, example_inputs(step))
     mod = from_exported_program(
-        ep, keep_params_as_input=True, custom_convert_map={"cumsum.default": _cumsum_bool_fix}
+        ep, keep_params_as_input=True, custom_convert_map=converters(f"{step_name(tokens)}_")
     )
     log.info("step T=%d: torch.export + Relax import in %.1fs", tokens, time.time() - t0)
     state = ep.state_dict
@@ -204,4 +206,5 @@ def import_step(model, tokens: int, max_context: int):
     missing = [p for p in weights if p not in params]
     if missing:
         raise RuntimeError(f"step T={tokens}: exported parameters without values: {missing[:5]}")
-    return func, params, n_inputs
+    kernels = {gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"}
+    return func, params, n_inputs, kernels

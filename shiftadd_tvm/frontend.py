@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,50 @@ def _cumsum_bool_fix(node, importer):
     return importer.block_builder.emit(relax.op.cumsum(x, axis=dim))
 
 
+def hadamard_converter(prefix: str = ""):
+    """Converter of ``shiftadd::hadamard`` (``rotate.BlockHadamard``): one ``call_tir`` of the CPU
+    kernel of ``schedules/hadamard.py`` on the flattened rows (``retarget_hadamard`` swaps in the
+    CUDA kernel at build). ``prefix`` keeps the kernel names of different imports apart."""
+
+    def convert(node, importer):
+        from tvm import relax
+
+        from .errors import UnsupportedModelError
+        from .schedules.hadamard import HadamardConfig, make_primfunc
+
+        x = importer.env[node.args[0]]
+        block, transpose = int(node.args[1]), bool(node.args[2])
+        sinfo = x.ty
+        if sinfo.dtype != "float32" or any(not isinstance(d, int) for d in _dims(sinfo)):
+            raise UnsupportedModelError(
+                f"online Hadamard on {sinfo}: only static float32 shapes are supported; compile "
+                "with --rotate off"
+            )
+        shape = _dims(sinfo)
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        cfg = HadamardConfig(rows, shape[-1], block, transpose)
+        bb = importer.block_builder
+        name = prefix + cfg.name
+        gv = bb.add_func(make_primfunc(cfg, name=name), name)
+        flat = bb.emit(relax.op.reshape(x, (rows, shape[-1])))
+        out_ty = relax.TensorType((rows, shape[-1]), "float32")
+        out = bb.emit(relax.call_tir(gv, [flat], out_ty=out_ty))
+        return bb.emit(relax.op.reshape(out, shape))
+
+    return convert
+
+
+def _dims(sinfo) -> list:
+    from tvm import tirx
+
+    return [int(d) if isinstance(d, tirx.IntImm) else d for d in sinfo.shape.values]
+
+
+def converters(prefix: str = "") -> dict:
+    """``custom_convert_map`` of every torch import of a causal LM."""
+    return {"cumsum.default": _cumsum_bool_fix, "hadamard.default": hadamard_converter(prefix)}
+
+
 def import_causal_lm(model, batch: int, seq_len: int):
     """Export ``model`` for fixed ``[batch, seq_len]`` input ids.
 
@@ -46,9 +91,7 @@ def import_causal_lm(model, batch: int, seq_len: int):
     t0 = time.time()
     with torch.no_grad():
         ep = torch.export.export(wrapper, (ids,))
-    mod = from_exported_program(
-        ep, keep_params_as_input=True, custom_convert_map={"cumsum.default": _cumsum_bool_fix}
-    )
+    mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=converters())
     log.info("torch.export + Relax import in %.1fs", time.time() - t0)
     names = {}
     for spec in ep.graph_signature.input_specs:

@@ -25,41 +25,11 @@ import torch
 
 from .decode import SUPPORTED_TYPES  # the same pre-norm, RoPE, GQA, SiLU-MLP layout
 from .errors import UnsupportedModelError
+from .schedules.hadamard import BASES, hadamard, split_order
 
 log = logging.getLogger(__name__)
 
 DENSE_FLAG = "_shiftadd_keep_dense"  # Linear modules with this attribute are never quantized
-
-
-def _paley(q: int) -> np.ndarray:
-    """Hadamard matrix of order q + 1 (Paley construction I, q prime, q = 3 mod 4)."""
-    squares = {(i * i) % q for i in range(1, q)}
-    chi = np.array([0] + [1 if i in squares else -1 for i in range(1, q)])
-    jac = np.array([[chi[(j - i) % q] for j in range(q)] for i in range(q)])
-    h = np.ones((q + 1, q + 1), np.int64)
-    h[1:, 0] = -1
-    h[1:, 1:] = jac + np.eye(q, dtype=np.int64)
-    return h
-
-
-_BASES = {1: np.ones((1, 1), np.int64), 12: _paley(11), 20: _paley(19)}
-
-
-def hadamard(n: int) -> np.ndarray | None:
-    """A Hadamard matrix of order n (entries +-1, ``H H^T = n I``) built from Sylvester doubling
-    and the Paley orders 12 and 20, or None if ``n`` is not of that form."""
-    if n in _BASES:
-        return _BASES[n]
-    for base in (12, 20):
-        if n % base == 0 and n // base > 1:
-            rest = hadamard(n // base)
-            if rest is not None:
-                return np.kron(_BASES[base], rest)
-    if n % 2 == 0:
-        half = hadamard(n // 2)
-        if half is not None:
-            return np.kron(np.array([[1, 1], [1, -1]]), half)
-    return None
 
 
 def orthogonal(n: int, seed: int) -> np.ndarray:
@@ -167,25 +137,61 @@ def rotate_model(model, seed: int = 0):
     return model
 
 
+def _hadamard_torch(x: torch.Tensor, block: int, transpose: bool) -> torch.Tensor:
+    """``x [..., N] @ blockdiag(H)`` (``H^T`` when ``transpose``), ``H = hadamard(block) =
+    kron(A, H_P)``: butterfly stages of adds and subtracts over each run of ``P``, then the runs of
+    a block mixed by the +-1 matrix ``A`` (Paley order 12 or 20; nothing for order 1)."""
+    base, p = split_order(block)
+    shape = x.shape
+    h = 1
+    while h < p:
+        v = x.reshape(*shape[:-1], shape[-1] // (2 * h), 2, h)
+        a, b = v[..., 0, :], v[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2).reshape(shape)
+        h *= 2
+    if base == 1:
+        return x
+    mix = torch.from_numpy(BASES[base]).to(x.dtype).to(x.device)
+    z = x.reshape(*shape[:-1], shape[-1] // block, base, p)
+    eq = "...mj,im->...ij" if transpose else "...mj,mi->...ij"
+    return torch.einsum(eq, z, mix).reshape(shape)
+
+
+@torch.library.custom_op("shiftadd::hadamard", mutates_args=())
+def hadamard_op(x: torch.Tensor, block: int, transpose: bool) -> torch.Tensor:
+    """The online Hadamard transform as one op: the Relax import maps it to one TensorIR kernel
+    (``schedules/hadamard.py``) instead of ``log2(block)`` passes over the activations."""
+    return _hadamard_torch(x, block, transpose).contiguous()
+
+
+@hadamard_op.register_fake
+def _(x, block, transpose):
+    return torch.empty_like(x)
+
+
+def _hadamard_setup(ctx, inputs, output):
+    ctx.block, ctx.transpose = inputs[1], inputs[2]
+
+
+def _hadamard_backward(ctx, grad):
+    return hadamard_op(grad, ctx.block, not ctx.transpose), None, None
+
+
+hadamard_op.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
+
+
 class BlockHadamard(torch.nn.Module):
-    """``x -> x blockdiag(H_B, ..., H_B)`` on the last dim with an unnormalized Sylvester ``H_B``
-    (entries +-1): log2(B) butterfly stages of adds and subtracts, no multiplication."""
+    """``x -> x blockdiag(H_B, ..., H_B)`` on the last dim with the unnormalized ``H_B =
+    hadamard(B)`` (entries +-1; ``B`` = 2^a, 12 * 2^a or 20 * 2^a): adds and subtracts only, one
+    custom op (``shiftadd::hadamard``)."""
 
     def __init__(self, block: int):
         super().__init__()
-        if block < 2 or block & (block - 1):
-            raise ValueError(f"block={block} must be a power of two >= 2")
+        split_order(block)  # ValueError for an order without an online transform
         self.block = block
 
     def forward(self, x):
-        shape = x.shape
-        h = 1
-        while h < self.block:
-            v = x.reshape(*shape[:-1], shape[-1] // (2 * h), 2, h)
-            a, b = v[..., 0, :], v[..., 1, :]
-            x = torch.stack((a + b, a - b), dim=-2).reshape(shape)
-            h *= 2
-        return x
+        return hadamard_op(x, self.block, False)
 
 
 class RotatedDown(torch.nn.Module):

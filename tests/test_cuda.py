@@ -134,6 +134,11 @@ def test_compile_tiny_model_for_cuda(tmp_path):
     # dense: the head and the rotation's mix matrix
     assert kinds.count("lut-cuda") == 4 and kinds.count("dense") == 2
     (img,) = m["cuda_images"]
+    from shiftadd_tvm.cuda_build import cuda_sources
+
+    (src,) = cuda_sources(art.executable.mod)
+    # the online Hadamard: one kernel (retargeted for CUDA: a thread block per row, shared memory)
+    assert f"hadamard_r{TINY_SEQ}_n192_b64_kernel" in src
     path = art.export(tmp_path / "tiny_cuda.so")
     manifest = shiftadd_tvm.runtime.read_manifest(path)
     assert manifest["cuda_images"][0]["fatbin_sha256"] == img["fatbin_sha256"]

@@ -15,6 +15,7 @@ from shiftadd_tvm.rotate import (
     BlockHadamard,
     RotatedDown,
     hadamard,
+    hadamard_op,
     orthogonal,
     rotate_down_inputs,
     rotate_model,
@@ -37,13 +38,34 @@ def test_no_hadamard_gives_random_orthogonal(n):
     assert not np.allclose(q, orthogonal(n, seed=2))
 
 
-def test_block_hadamard_matches_the_matrix():
-    x = torch.randn(3, 5, 256, dtype=torch.float64)
-    h = torch.from_numpy(hadamard(64).astype(np.float64))
-    want = x @ torch.block_diag(*([h] * 4))
-    torch.testing.assert_close(BlockHadamard(64)(x), want, rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="power of two"):
-        BlockHadamard(12)
+@pytest.mark.parametrize("block", [2, 64, 12, 24, 20, 40, 1536])
+def test_block_hadamard_matches_the_matrix(block):
+    x = torch.randn(3, 5, 2 * block, dtype=torch.float64)
+    h = torch.from_numpy(hadamard(block).astype(np.float64))
+    want = x @ torch.block_diag(h, h)
+    torch.testing.assert_close(BlockHadamard(block)(x), want, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(hadamard_op(x, block, True), x @ torch.block_diag(h.T, h.T))
+
+
+@pytest.mark.parametrize("block", [6, 36, 240, 1])
+def test_block_hadamard_refuses_orders_without_a_transform(block):
+    with pytest.raises(ValueError, match="no online Hadamard of order"):
+        BlockHadamard(block)
+
+
+@pytest.mark.parametrize("block", [16, 24])
+def test_block_hadamard_gradient_is_the_transpose(block):
+    x = torch.randn(4, 2 * block, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2 * block, dtype=torch.float64)
+    (BlockHadamard(block)(x) * w).sum().backward()
+    h = torch.from_numpy(hadamard(block).astype(np.float64))
+    torch.testing.assert_close(x.grad, w @ torch.block_diag(h.T, h.T))
+
+
+def test_block_hadamard_exports_as_one_op():
+    ep = torch.export.export(BlockHadamard(24), (torch.randn(2, 48),))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets == ["shiftadd.hadamard.default"]
 
 
 def _logits(model, ids):
