@@ -21,6 +21,7 @@ run. This module imports only numpy at the top: the GPU side needs neither TVM n
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -161,6 +162,26 @@ def build_tiny_model(out_dir: Path, arch: str) -> tuple[Path, Path]:
         with torch.no_grad():
             refs[f"{name}:ids"] = ids
             refs[f"{name}:logits"] = art.apply_to(model)(input_ids=torch.from_numpy(ids)).logits
+    # the online Hadamard's Paley path too: the model rotated beforehand with one transform over
+    # the whole intermediate width (320 = 20 x 16: butterflies, then the 20-way add/subtract mix)
+    from .rotate import rotate_down_inputs, rotate_model
+
+    paley = rotate_down_inputs(rotate_model(copy.deepcopy(model)), 320)
+    art = compile_model(
+        paley,
+        target={"kind": "cuda", "arch": arch},
+        bits=3,
+        seq_len=4,
+        calib_ids=calib[:, :4],
+        progress=False,
+        rotate=False,  # already rotated
+    )
+    name = "tiny_cuda_paley_s4.so"
+    paths.append(art.export(out_dir / name))
+    ids = rng.integers(0, 256, (2, 4))
+    with torch.no_grad():
+        refs[f"{name}:ids"] = ids
+        refs[f"{name}:logits"] = art.apply_to(paley)(input_ids=torch.from_numpy(ids)).logits
     name = "tiny_float_cuda.so"
     paths.append(
         _build_float_control(
