@@ -35,8 +35,8 @@ def _cumsum_bool_fix(node, importer):
 
 def hadamard_converter(prefix: str = ""):
     """Converter of ``shiftadd::hadamard`` (``rotate.BlockHadamard``): one ``call_tir`` of the CPU
-    kernel of ``schedules/hadamard.py`` on the flattened rows (``retarget_hadamard`` swaps in the
-    CUDA kernel at build). ``prefix`` keeps the kernel names of different imports apart."""
+    kernel of ``schedules/hadamard.py`` on the flattened rows (``schedules.hadamard.retarget``
+    swaps in the CUDA kernel at build). ``prefix`` keeps the kernel names of imports apart."""
 
     def convert(node, importer):
         from tvm import relax
