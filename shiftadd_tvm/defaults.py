@@ -8,3 +8,7 @@ TUNE_EPOCHS = 1
 TUNE_WINDOWS = 30  # calibration windows trained on (2 more are held out)
 TUNE_LR = 1e-4  # step RMS of the log-scales near float
 TUNE_KL_REF = 0.15  # step = lr * max(1, sqrt(held-out KL / kl_ref))
+
+# CPU LUT kernel tables: "auto" = int8 tables where the target has the ISA (AVX-512 VBMI+VNNI,
+# AVX2, NEON), float tables elsewhere; "float" = float tables everywhere (exact activations)
+TABLES = ("auto", "float")

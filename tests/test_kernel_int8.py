@@ -258,3 +258,23 @@ def test_pass_falls_back_to_float_kernel_and_counts_it():
     (info,) = rec.kernels.values()
     assert info["kind"] == "lut-float" and "multiple of 16" in info["int8_fallback"]
     assert rec.int8_fallbacks == 1 and "1 on the float-table kernel" in rec.summary()
+
+
+def test_tables_float_uses_the_float_kernel_on_any_target(tiny_model, tmp_path):
+    """compile(tables="float") runs every LUT matmul on the float-table kernel even where the
+    target has the int8 instructions, and its logits match torch at the float tolerance."""
+    import shiftadd_tvm
+    from shiftadd_tvm.compiler import logits_tolerance, verify_against_torch
+
+    calib = np.random.default_rng(0).integers(0, 256, (4, 16))
+    kw = dict(bits=3, group_size=32, seq_len=16, calib_ids=calib, progress=False, decode=False)
+    with pytest.raises(ConfigError, match="tables='int4': one of auto, float"):
+        shiftadd_tvm.compile(tiny_model, tables="int4", **kw)
+    art = shiftadd_tvm.compile(tiny_model, tables="float", **kw)
+    lut = [k for k in art.manifest["rewrite"]["kernels"].values() if k.get("kind") != "dense"]
+    assert lut and all(k["kind"] != "lut-int8" for k in lut)
+    assert logits_tolerance(art.manifest) == 1e-3
+    path = art.export(tmp_path / "float.so")
+    ids = np.random.default_rng(1).integers(0, 256, (1, 16))
+    # float32 activations and sums: the float16 head is the rounding left (int8: INT8_LOGITS_RTOL)
+    assert verify_against_torch(path, art, tiny_model, ids) < 1e-3
