@@ -70,6 +70,7 @@ class ReportSpec:
     target: str = "llvm"
     # ours rows: the model rotated as compile() does (rotate.py); the baselines never
     rotate: bool = True
+    tables: str = "auto"  # ours rows: compile(tables=...), the CPU LUT kernel's tables
 
     def digest(self, *fields: str) -> str:
         d = dataclasses.asdict(self)
@@ -344,6 +345,8 @@ class _Harness:
         fields = (*_FIT_FIELDS, *_EVAL_FIELDS, *_TUNE_FIELDS, "target", "rotate")
         if budget is not None:
             fields += ("allocation_weight",)
+        if s.tables != "auto":  # (rows cached before the option keep their digest)
+            fields += ("tables",)
         digest = s.digest(*fields) + f"-{OURS}-{label}"
         path = self.work / "rows" / f"{OURS}-{label}.json"
         got = _load_json(path, digest)
@@ -385,6 +388,7 @@ class _Harness:
             allocation=allocation,
             tuning=tuning,
             head_storage=s.head_storage,
+            tables=s.tables,
         )
         art.manifest["model"] = s.model
         art.manifest["tokenizer"] = s.model
@@ -615,6 +619,8 @@ def markdown(result: dict) -> str:
             "Hadamard transform before each down projection; the float model is unchanged); the "
             "baselines quantize the unrotated weights."
         ]
+        if result["spec"].get("tables", "auto") != "auto":
+            lines += [f"- `{OURS}` rows run the float-table LUT kernel (`--tables float`)."]
     allocs = [r for r in result["rows"] if r.get("allocation")]
     if allocs:
         lines += [
@@ -862,6 +868,13 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-start", type=int, default=d.calib_start)
     p.add_argument("--calib-windows", type=int, default=d.calib_windows)
     p.add_argument("--target", default=d.target)
+    p.add_argument(
+        "--tables",
+        choices=defaults.TABLES,
+        default=d.tables,
+        help="activation tables of ours' CPU LUT kernel (compile --tables): auto (int8 where "
+        "the target has the instructions) or float",
+    )
     p.add_argument("--out", default="reports/smollm2", help="folder for results.{json,md,png}")
     p.add_argument(
         "--work", default="out/report-work", help="folder for resumable intermediate results"
@@ -893,6 +906,7 @@ def cmd_report(args) -> int:
         calib_windows=args.calib_windows,
         target=args.target,
         rotate=not args.no_rotate,
+        tables=args.tables,
     )
     res = run_report(spec, args.out, args.work)
     print(markdown(res))
