@@ -156,19 +156,25 @@ def _source(cfg: HadamardConfig, cuda: bool, threads: int) -> str:
     def ref(name: str, idx: str) -> str:
         return f"{name}[row, {idx}]" if name in ("x", "y") else f"{name}[{idx}]"
 
-    for h, src, dst in stages:
-        pairs = n // 2
-        if cuda:
-            per = -(-pairs // threads)
-            lines += [
+    def cuda_loop(total: int) -> tuple[str, str]:
+        """Append a loop spreading ``total`` items over the block's threads; returns the body's
+        indent and the item index expression."""
+        per = -(-total // threads)
+        lines.extend(
+            [
                 f"{ind}for tx in T.thread_binding({threads}, thread='threadIdx.x'):",
                 f"{ind}    for it in range({per}):",
             ]
-            body = ind + " " * 8
-            if per * threads != pairs:
-                lines.append(f"{body}if it * {threads} + tx < {pairs}:")
-                body += "    "
-            pidx = f"(it * {threads} + tx)"
+        )
+        body = ind + " " * 8
+        if per * threads != total:
+            lines.append(f"{body}if it * {threads} + tx < {total}:")
+            body += "    "
+        return body, f"(it * {threads} + tx)"
+
+    for h, src, dst in stages:
+        if cuda:
+            body, pidx = cuda_loop(n // 2)
             lo = f"{pidx} // {h} * {2 * h} + {pidx} % {h}"
         else:
             lines.append(f"{ind}for o in range({n // (2 * h)}):")
@@ -185,36 +191,22 @@ def _source(cfg: HadamardConfig, cuda: bool, threads: int) -> str:
         signs = _signs(cfg)
         blocks = n // cfg.block
         for i in range(base):
+            if cuda:
+                body, t = cuda_loop(blocks * p)
+                blk, j = f"({t} // {p})", f"{t} % {p}"
+            else:
+                loop = "T.vectorized" if p >= 4 else "range"
+                lines += [f"{ind}for blk in range({blocks}):", f"{ind}    for j in {loop}({p}):"]
+                body, blk, j = ind + " " * 8, "blk", "j"
             terms = []
             for m in range(base):
-                idx = f"blk * {cfg.block} + {m * p} + j"
-                term = ref(mix_src, idx)
+                term = ref(mix_src, f"{blk} * {cfg.block} + {m * p} + {j}")
                 if not terms:
                     terms.append(term if signs[i][m] > 0 else f"T.float32(0) - {term}")
                 else:
                     terms.append(("+ " if signs[i][m] > 0 else "- ") + term)
-            out = ref("y", f"blk * {cfg.block} + {i * p} + j")
-            if cuda:
-                per = -(-(blocks * p) // threads)
-                lines += [
-                    f"{ind}for tx in T.thread_binding({threads}, thread='threadIdx.x'):",
-                    f"{ind}    for it in range({per}):",
-                    f"{ind}        if it * {threads} + tx < {blocks * p}:",
-                ]
-                body = ind + " " * 12
-                expr = " ".join(terms)
-                expr = expr.replace("blk", f"((it * {threads} + tx) // {p})")
-                expr = expr.replace("+ j", f"+ (it * {threads} + tx) % {p}")
-                out = out.replace("blk", f"((it * {threads} + tx) // {p})")
-                out = out.replace("+ j", f"+ (it * {threads} + tx) % {p}")
-                lines.append(f"{body}{out} = {expr}")
-            else:
-                loop = "T.vectorized" if p >= 4 else "range"
-                lines += [
-                    f"{ind}for blk in range({blocks}):",
-                    f"{ind}    for j in {loop}({p}):",
-                    f"{ind}        {out} = {' '.join(terms)}",
-                ]
+            out = ref("y", f"{blk} * {cfg.block} + {i * p} + {j}")
+            lines.append(f"{body}{out} = {' '.join(terms)}")
     return "\n".join(lines) + "\n"
 
 
