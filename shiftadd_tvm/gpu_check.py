@@ -146,42 +146,32 @@ def build_tiny_model(out_dir: Path, arch: str) -> tuple[Path, Path]:
     rng = np.random.default_rng(0)
     calib = rng.integers(0, 256, (4, 64))
     paths, refs = [], {}
+    # the online Hadamard's Paley path too: a copy rotated beforehand with one transform over the
+    # whole intermediate width (320 = 20 x 16: butterflies, then the 20-way add/subtract mix)
+    from .rotate import rotate_down_inputs, rotate_model
+
+    paley = rotate_down_inputs(rotate_model(copy.deepcopy(model)), 320)
     # 64 tokens: M=64 takes the dequantize + dense GEMM path; 4 tokens: the LUT kernel
-    for seq in (64, 4):
+    builds = (
+        ("tiny_cuda_s64.so", model, 64, None),  # rotate=None: as compile() does by default
+        ("tiny_cuda_s4.so", model, 4, None),
+        ("tiny_cuda_paley_s4.so", paley, 4, False),  # already rotated
+    )
+    for name, m, seq, rotate in builds:
         art = compile_model(
-            model,
+            m,
             target={"kind": "cuda", "arch": arch},
             bits=3,
             seq_len=seq,
             calib_ids=calib[:, :seq],
             progress=False,
+            rotate=rotate,
         )
-        name = f"tiny_cuda_s{seq}.so"
         paths.append(art.export(out_dir / name))
         ids = rng.integers(0, 256, (2, seq))
         with torch.no_grad():
             refs[f"{name}:ids"] = ids
-            refs[f"{name}:logits"] = art.apply_to(model)(input_ids=torch.from_numpy(ids)).logits
-    # the online Hadamard's Paley path too: the model rotated beforehand with one transform over
-    # the whole intermediate width (320 = 20 x 16: butterflies, then the 20-way add/subtract mix)
-    from .rotate import rotate_down_inputs, rotate_model
-
-    paley = rotate_down_inputs(rotate_model(copy.deepcopy(model)), 320)
-    art = compile_model(
-        paley,
-        target={"kind": "cuda", "arch": arch},
-        bits=3,
-        seq_len=4,
-        calib_ids=calib[:, :4],
-        progress=False,
-        rotate=False,  # already rotated
-    )
-    name = "tiny_cuda_paley_s4.so"
-    paths.append(art.export(out_dir / name))
-    ids = rng.integers(0, 256, (2, 4))
-    with torch.no_grad():
-        refs[f"{name}:ids"] = ids
-        refs[f"{name}:logits"] = art.apply_to(paley)(input_ids=torch.from_numpy(ids)).logits
+            refs[f"{name}:logits"] = art.apply_to(m)(input_ids=torch.from_numpy(ids)).logits
     name = "tiny_float_cuda.so"
     paths.append(
         _build_float_control(
@@ -415,23 +405,33 @@ def _bandwidth(torch) -> float:
 
 def run_checks(bundle: Path, out_json: Path | None, graph: bool = True) -> dict:
     import torch
-    import torch.nn.functional as F  # noqa: N812
 
     from . import runtime
 
     props = torch.cuda.get_device_properties(0)
     report = {"device": props.name, "sm": f"{props.major}{props.minor}",
               "l2_bytes": getattr(props, "L2_cache_size", None), "torch": torch.__version__}  # fmt: skip
-    if not (bundle / "kernels.so").is_file():  # a bundle built with --models-only
+    rows = []
+    if (bundle / "kernels.so").is_file():
+        rows = _kernel_table(bundle, report, props, graph, runtime)
+    else:  # a bundle built with --models-only
         log.warning("no kernels.so in %s: checking the models only (no kernel table)", bundle)
-        report["kernels"] = []
-        report["model"] = _check_tiny_model(bundle, runtime)
-        report["all_ok"] = report["model"].get("ok", False)
-        if out_json:
-            from ._files import write_text_atomic
+    report["kernels"] = rows
+    report["model"] = _check_tiny_model(bundle, runtime)
+    report["all_ok"] = all(r["ok"] for r in rows) and report["model"].get("ok", False)
+    if out_json:
+        from ._files import write_text_atomic
 
-            write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
-        return report
+        write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _kernel_table(bundle: Path, report: dict, props, graph: bool, runtime) -> list[dict]:
+    """Check and time every kernel of the bundle's ``kernels.so`` (rows of the table); adds the
+    copy bandwidth and the tuning records of the measured schedules to ``report``."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
     lib = runtime.KernelLibrary(bundle / "kernels.so")  # loads the TVM runtime libraries too
     ffi = runtime._import_tvm_ffi()
     dev = ffi.device("cuda", 0)
@@ -543,14 +543,7 @@ def run_checks(bundle: Path, out_json: Path | None, graph: bool = True) -> dict:
         "device": props.name,
         "records": records,
     }
-    report["kernels"] = rows
-    report["model"] = _check_tiny_model(bundle, runtime)
-    report["all_ok"] = all(r["ok"] for r in rows) and report["model"].get("ok", False)
-    if out_json:
-        from ._files import write_text_atomic
-
-        write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
-    return report
+    return rows
 
 
 def _check_tiny_model(bundle: Path, runtime) -> dict:
