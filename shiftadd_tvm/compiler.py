@@ -474,8 +474,7 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     full = qcfg.method == "gptq"
     if seq_len < 1:
         raise ConfigError(f"seq_len={seq_len} must be >= 1")
-    if tables not in defaults.TABLES:  # before the fit, not after it
-        raise ConfigError(f"tables={tables!r}: one of {', '.join(defaults.TABLES)}")
+    _check_choice("tables", tables, defaults.TABLES)  # before the fit, not after it
     tgt = resolve_target(target)
     if tgt.kind == "cuda" and group_size % 32:
         raise ConfigError(
@@ -638,6 +637,11 @@ def _load_stats(imp: Imported, path: Path) -> None:
     imp.calib_info = {"source": "stats", "file": str(path)}
 
 
+def _check_choice(what: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{what}={value!r}: one of {', '.join(choices)}")
+
+
 def build_imported(
     imp: Imported,
     qcfg,
@@ -666,10 +670,8 @@ def build_imported(
 
     from .schedules.dense_gemm import WEIGHT_DTYPES
 
-    if head_storage not in WEIGHT_DTYPES:
-        raise ConfigError(f"head_storage={head_storage!r}: one of {', '.join(WEIGHT_DTYPES)}")
-    if tables not in defaults.TABLES:
-        raise ConfigError(f"tables={tables!r}: one of {', '.join(defaults.TABLES)}")
+    _check_choice("head_storage", head_storage, WEIGHT_DTYPES)
+    _check_choice("tables", tables, defaults.TABLES)
 
     t0 = time.time()
     unique: dict[str, str] = {}  # readable name -> first key

@@ -47,12 +47,12 @@ def hadamard_converter(prefix: str = ""):
         x = importer.env[node.args[0]]
         block, transpose = int(node.args[1]), bool(node.args[2])
         sinfo = x.ty
-        if sinfo.dtype != "float32" or any(not isinstance(d, int) for d in _dims(sinfo)):
+        shape = _dims(sinfo)
+        if sinfo.dtype != "float32" or any(not isinstance(d, int) for d in shape):
             raise UnsupportedModelError(
                 f"online Hadamard on {sinfo}: only static float32 shapes are supported; compile "
                 "with --rotate off"
             )
-        shape = _dims(sinfo)
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         cfg = HadamardConfig(rows, shape[-1], block, transpose)
         bb = importer.block_builder
