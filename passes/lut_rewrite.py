@@ -21,6 +21,7 @@ back to the float kernel with a warning, and is counted in ``RewriteRecord.int8_
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable
 
@@ -29,6 +30,7 @@ import numpy as np
 from ..schedules import dense_gemm, lut_gemm_cuda, lut_gemm_int8
 from ..schedules.cpu_rules import KERNEL_ATTR
 from ..schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs, make_primfunc
+from ..schedules.packing import plane_term_counts
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +204,12 @@ def rewrite_matmuls(
                     KERNEL_ATTR, 1
                 )  # opaque: no fusion
                 self.gvars[cfg] = self.builder_.add_func(func, cfg.name)
-                record.kernels[cfg.name] = {"config": dataclasses.asdict(cfg), **info}
+                conf = (
+                    json.loads(cfg.to_json())  # (no plane_terms key when uniform)
+                    if isinstance(cfg, LutGemmConfig)
+                    else dataclasses.asdict(cfg)
+                )
+                record.kernels[cfg.name] = {"config": conf, **info}
             return self.gvars[cfg]
 
         def kernel(self, cfg: LutGemmConfig):
@@ -317,7 +324,15 @@ def rewrite_matmuls(
                 raise ValueError(
                     f"quantizer returned shape {(packed.n, packed.k)} for {key} {(n, k)}"
                 )
-            cfg = LutGemmConfig(m, n, k, packed.bits, packed.group_size, packed.terms)
+            cfg = LutGemmConfig(
+                m,
+                n,
+                k,
+                packed.bits,
+                packed.group_size,
+                packed.terms,
+                plane_term_counts(packed.scales),
+            )
             gv, kn = self.kernel(cfg)
             record.rewritten.append({**entry, "m": m, "bits": packed.bits, "kernel": cfg.name})
             planes, scales = packed.planes, packed.scales

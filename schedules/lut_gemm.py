@@ -42,11 +42,23 @@ class LutGemmConfig:
     bits: int
     group_size: int
     terms: int
+    # terms present in each plane (``packing.plane_term_counts``), when they differ from
+    # ``terms``: the kernels that read it skip the absent slots; () = ``terms`` in every plane
+    plane_terms: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for f in ("m", "n", "k", "bits", "terms"):
             if getattr(self, f) < 1:
                 raise ValueError(f"LutGemmConfig.{f} must be >= 1, got {getattr(self, f)}")
+        pt = tuple(int(t) for t in self.plane_terms)
+        if pt and (len(pt) != self.bits or any(not 0 <= t <= self.terms for t in pt)):
+            raise ValueError(
+                f"LutGemmConfig.plane_terms={pt} needs one count in 0..{self.terms} per plane "
+                f"({self.bits})"
+            )
+        if pt and all(t == self.terms for t in pt):
+            pt = ()
+        object.__setattr__(self, "plane_terms", pt)  # normalized (JSON gives a list)
         if self.group_size % LUT_GROUP or self.group_size < LUT_GROUP:
             raise ValueError(
                 f"group_size must be a positive multiple of {LUT_GROUP}, got {self.group_size}"
@@ -61,13 +73,20 @@ class LutGemmConfig:
         return self.kp // self.group_size
 
     @property
+    def term_counts(self) -> tuple[int, ...]:
+        """Terms present in each plane."""
+        return self.plane_terms or (self.terms,) * self.bits
+
+    @property
     def name(self) -> str:
-        return (
-            f"lut_gemm_b{self.bits}_g{self.group_size}_t{self.terms}_m{self.m}_n{self.n}_k{self.k}"
-        )
+        t = "".join(map(str, self.plane_terms)) if self.plane_terms else self.terms
+        return f"lut_gemm_b{self.bits}_g{self.group_size}_t{t}_m{self.m}_n{self.n}_k{self.k}"
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        d = dataclasses.asdict(self)
+        if not self.plane_terms:  # (records of uniform configs keep their keys)
+            del d["plane_terms"]
+        return json.dumps(d, sort_keys=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,8 +42,9 @@ to the group size (activations past K read as 0):
     (low nibble quad ``2j``, high nibble quad ``2j + 1``). One shuffle looks up one quad's table
     for 32 (16) rows; lookups are widened to int16 and added (|acc| <= 127 * group_size / 4).
 
-``codes: int16[PAD + NT * G * bits * terms * 32]``: ``PAD = 32`` zero words, then per tile, group,
-plane and term the 32 rows' ``delta >> 16`` (``kernel_deltas``, ``encode_deltas``; pad rows of the
+``codes: int16[PAD + NT * G * sum(counts) * 32]``: ``PAD = 32`` zero words, then per tile, group,
+plane and term the 32 rows' ``delta >> 16`` (only the ``cfg.term_counts[b]`` slots plane b uses: a
+per-plane term plan such as 4,3,3,2 costs 12 term applications, not 16) (``kernel_deltas``, ``encode_deltas``; pad rows of the
 last tile absent), row ``i`` in word ``2i + 1`` and row ``16 + i`` in word ``2i``. Applying a term
 to 16 rows is one masked 16-bit add to the high words of ``bits(f)`` with a memory operand (the
 second half loads one word early, which the leading pad keeps in bounds) and one ``vaddps``.
@@ -134,7 +135,7 @@ def max_exp(cfg: LutGemmConfig) -> int:
     (``A`` = bits of ``QMAX * group_size / 4``), a term is below ``2^(A + e + SHIFT)`` and the sum
     of ``bits * terms`` of them must stay below ``2^128``."""
     a = (QMAX * (cfg.group_size // 4)).bit_length()
-    return 127 - SHIFT - a - max(0, (cfg.bits * cfg.terms - 1).bit_length())
+    return 127 - SHIFT - a - max(0, (sum(cfg.term_counts) - 1).bit_length())
 
 
 def kernel_deltas(codes: np.ndarray, cfg: LutGemmConfig) -> np.ndarray:
@@ -147,7 +148,7 @@ def kernel_deltas(codes: np.ndarray, cfg: LutGemmConfig) -> np.ndarray:
     if np.any(e > lim):
         raise ValueError(
             f"a scale term 2^{int(e.max())} exceeds the int8 kernel's limit 2^{lim} (group size "
-            f"{cfg.group_size}, {cfg.bits * cfg.terms} terms: the shifted sums would overflow "
+            f"{cfg.group_size}, {sum(cfg.term_counts)} terms: the shifted sums would overflow "
             "float32; weights that large are not a trained network's); use the float-table kernel"
         )
     if np.any(e < -SHIFT):
@@ -187,10 +188,18 @@ def pack_int8(
         w = p.reshape(bits, nt, ROWS, kb).transpose(1, 3, 0, 2)  # [nt, kb, b, r]
     if scales.shape != (bits, n, cfg.groups, cfg.terms):
         raise ValueError(f"scales shape {scales.shape} does not match {cfg}")
+    for b, c in enumerate(cfg.term_counts):
+        if np.any(scales[b, ..., c:]):
+            raise ValueError(
+                f"plane {b} has terms in slots past its count {c} (config {cfg.term_counts}); "
+                "build the config from packing.plane_term_counts(scales)"
+            )
     sc = np.zeros((bits, nt * ROWS, cfg.groups, cfg.terms), np.int8)  # pad rows: absent terms
     sc[:, :n] = scales
     d = kernel_deltas(sc, cfg).reshape(bits, nt, ROWS, cfg.groups, cfg.terms)
-    d = np.ascontiguousarray(d.transpose(1, 3, 0, 4, 2))  # [nt, G, bits, terms, 32]
+    d = d.transpose(1, 3, 0, 4, 2)  # [nt, G, bits, terms, 32]
+    # only each plane's present slots (cfg.term_counts), plane-major: [nt, G, sum(counts), 32]
+    d = np.concatenate([d[:, :, b, :c] for b, c in enumerate(cfg.term_counts)], axis=2)
     codes = np.concatenate([np.zeros(PAD, np.int16), encode_deltas(d).reshape(-1)])
     return np.ascontiguousarray(w).reshape(-1), codes  # 1-D args
 
@@ -233,7 +242,7 @@ def reference_int8(
         fb = acc.astype(np.float32).view(np.int32)
         s = None
         for b in range(cfg.bits):
-            for t in range(cfg.terms):
+            for t in range(cfg.term_counts[b]):
                 term = (fb[b] + delta[b, ..., t]).view(np.float32)  # int32 add wraps mod 2^32
                 s = term if s is None else (s + term).astype(np.float32)
         y[m] = (s.astype(np.float64) * lsk[m][None, :]).sum(1)
@@ -256,7 +265,10 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         raise ValueError(reason)
     knobs = knobs or default_int8_knobs(cfg, isa)
     knobs.validate(cfg)
-    M, N, K, BITS, TERMS = cfg.m, cfg.n, cfg.k, cfg.bits, cfg.terms
+    M, N, K, BITS = cfg.m, cfg.n, cfg.k, cfg.bits
+    COUNTS = cfg.term_counts  # terms applied per plane
+    OFF = [sum(COUNTS[:b]) for b in range(BITS)]  # a plane's first term slot
+    NTERM = sum(COUNTS)  # term slots per (tile, group)
     GS, G, KP = cfg.group_size, cfg.groups, cfg.kp
     Q = KP // 4  # quads per row
     JG = GS // 4  # quads per group
@@ -272,7 +284,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     VPG = GS // 16 if avx512 else GS // 8  # weight vectors per group
     WSIZE = NT * KV * BITS * W
     acc_t = "int32" if avx512 else "int16"
-    DSIZE = PAD + NT * G * BITS * TERMS * ROWS
+    DSIZE = PAD + NT * G * NTERM * ROWS
     full_n = N % ROWS == 0
     build_loop = T.parallel if knobs.build_parallel else T.serial
 
@@ -306,11 +318,11 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         for b in range(BITS):
             f = tirx.Cast("float32x16", i32x16(acc[tirx.Ramp(accbase + b * MI * ROWS, 1, 16)]))
             fb = tirx.reinterpret("int32x16", f)
-            for t in range(TERMS):
-                term = tirx.reinterpret(
-                    "float32x16", shift(fb, dl, dbase + (b * TERMS + t) * ROWS, h)
-                )
+            for t in range(COUNTS[b]):
+                term = tirx.reinterpret("float32x16", shift(fb, dl, dbase + (OFF[b] + t) * ROWS, h))
                 s = term if s is None else s + term
+        if s is None:  # every scale of the layer is 0
+            return yv
         return yv + s * tirx.Broadcast(lsv, 16)
 
     def lookup_avx512(tab, tbase, wv, hi):
@@ -362,7 +374,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                 yacc[T.Ramp(mi * ROWS + h * 16, 1, 16)] = epilogue(
                     acc,
                     dl,
-                    (((task % NC) * TPC + tt) * G + g) * BITS * TERMS * ROWS,
+                    (((task % NC) * TPC + tt) * G + g) * NTERM * ROWS,
                     mi * ROWS + h * 16,
                     h,
                     ls[((task // NC) * MI + mi) * G + g],

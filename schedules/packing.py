@@ -93,3 +93,11 @@ def planes_to_cuda(planes: np.ndarray) -> np.ndarray:
 def scales_to_cuda(scales: np.ndarray) -> np.ndarray:
     """int8 scales [bits, N, G, terms] -> int8 [bits, G, terms, N]."""
     return np.ascontiguousarray(np.asarray(scales).transpose(0, 2, 3, 1))
+
+
+def plane_term_counts(scales: np.ndarray) -> tuple[int, ...]:
+    """int8 scales [bits, N, G, terms] -> per plane, the number of term slots any scale uses
+    (the last present slot + 1; 0 for a plane whose scales are all 0)."""
+    present = np.asarray(scales).reshape(scales.shape[0], -1, scales.shape[-1]) != 0
+    used = present.any(1)  # [bits, terms]
+    return tuple(int(np.nonzero(u)[0][-1]) + 1 if u.any() else 0 for u in used)

@@ -120,6 +120,13 @@ def threads_of(spec: dict) -> int:
 
 
 # ----------------------------------------------------------------------------- database
+def _config_key(config: dict) -> str:
+    """A record's config as ``LutGemmConfig.to_json`` writes it (no empty ``plane_terms``)."""
+    if not config.get("plane_terms", True):
+        config = {k: v for k, v in config.items() if k != "plane_terms"}
+    return json.dumps(config, sort_keys=True)
+
+
 class Database:
     """Tuning records of one target: ``{(kernel family, config JSON): record}``, saved atomically.
 
@@ -134,7 +141,7 @@ class Database:
                 data = json.loads(path.read_text(encoding="utf-8"))
                 for r in data["records"]:
                     r = {"kernel": r.get("kernel", FLOAT), **r}
-                    self.records[(r["kernel"], json.dumps(r["config"], sort_keys=True))] = r
+                    self.records[(r["kernel"], _config_key(r["config"]))] = r
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ConfigError(
                     f"tuning log {path} is unreadable ({e}); delete it or restore it from git"
@@ -146,7 +153,11 @@ class Database:
 
     def put(self, cfg: LutGemmConfig, record: dict, meta: dict) -> None:
         """Store ``record`` under its ``kernel`` field (absent: float) and rewrite the file."""
-        record = {"kernel": record.get("kernel", FLOAT), **record}
+        record = {
+            "kernel": record.get("kernel", FLOAT),
+            **record,
+            "config": json.loads(cfg.to_json()),
+        }
         self.records[(record["kernel"], cfg.to_json())] = record
         body = {
             **meta,
@@ -491,7 +502,7 @@ def tune(
                 best = 0  # within noise of the default: keep the default
             rec = {
                 "kernel": family,
-                "config": dataclasses.asdict(cfg),
+                "config": json.loads(cfg.to_json()),
                 "knobs": dataclasses.asdict(cands[best]),
                 "us": times[best],
                 "default_us": default_us,
@@ -520,13 +531,18 @@ def _cpu_name() -> str:
 
 
 def model_configs(
-    model, bits: list[int], group_size: int, terms: int, seq_len: int
+    model, bits: list[int], group_size: int, terms, seq_len: int
 ) -> list[LutGemmConfig]:
     """The distinct LUT kernel configurations ``compile()`` builds for ``model`` (a HF causal LM)
-    at these bit widths: one per distinct Linear shape of the transformer blocks, M = ``seq_len``."""
+    at these bit widths: one per distinct Linear shape of the transformer blocks, M = ``seq_len``.
+    ``terms``: as ``compile(terms=...)`` (a count, or per-plane counts such as ``"3,2"``)."""
     from .calibrate import target_linears
+    from .quant import QuantConfig, terms_kwargs
 
     shapes = {(lin.out_features, lin.in_features) for lin in target_linears(model).values()}
-    return [
-        LutGemmConfig(seq_len, n, k, b, group_size, terms) for b in bits for n, k in sorted(shapes)
-    ]
+    out = []
+    for b in bits:
+        counts = QuantConfig(bits=b, group_size=group_size, **terms_kwargs(terms)).term_counts
+        for n, k in sorted(shapes):
+            out.append(LutGemmConfig(seq_len, n, k, b, group_size, max(counts), counts))
+    return out

@@ -137,6 +137,45 @@ def test_codes_layout_and_absent_terms():
     assert absent == acc * 2.0**-L.SHIFT * float(ls[0, 0])
 
 
+def plan_case(cfg, seed):
+    """random_case with the slots past each plane's count absent (what a per-plane fit stores)."""
+    x, planes, scales = random_case(cfg, seed)
+    for b, c in enumerate(cfg.term_counts):
+        scales[b, ..., c:] = 0
+        scales[b, 0, 0, :c] = encode_terms(np.ones(c), -np.arange(c) - 2)  # every slot used once
+    return x, planes, scales
+
+
+@pytest.mark.parametrize("isa", [pytest.param(i, marks=runnable(i)) for i in ("avx512", "avx2")])
+@pytest.mark.parametrize("plan", [(4, 3, 3, 2), (2, 1, 0, 3)], ids=lambda p: "".join(map(str, p)))
+def test_per_plane_term_counts(isa, plan):
+    """A config with per-plane term counts (packing.plane_term_counts of the scales) stores and
+    applies only the used slots, and gives the same result as the reference of the full array."""
+    cfg = LutGemmConfig(3, 70, 200, 4, 32, 4, plan)
+    x, planes, scales = plan_case(cfg, seed=11)
+    from shiftadd_tvm.schedules.packing import plane_term_counts
+
+    assert plane_term_counts(scales) == plan
+    _, codes = L.pack_int8(planes, scales, cfg, isa)
+    assert codes.size == L.PAD + 3 * cfg.groups * sum(plan) * L.ROWS  # 3 tiles of 32 rows
+    y = run_int8(cfg, isa, x, planes, scales)
+    assert rel(y, L.reference_int8(x, planes, scales, cfg)) < RTOL_MODEL
+    assert rel(y, reference(x, planes, scales, cfg)) < RTOL_EXACT
+    full = LutGemmConfig(3, 70, 200, 4, 32, 4)  # same weights, every slot applied
+    assert rel(y, L.reference_int8(x, planes, scales, full)) < 1e-6
+    assert cfg.name != full.name
+    with pytest.raises(ValueError, match="past its count"):  # a plan that would drop terms
+        L.pack_int8(planes, scales, LutGemmConfig(3, 70, 200, 4, 32, 4, (1, 1, 1, 1)), isa)
+
+
+def test_plane_terms_config():
+    assert LutGemmConfig(1, 8, 32, 2, 32, 3, [3, 3]).plane_terms == ()  # uniform: normalized
+    assert LutGemmConfig(1, 8, 32, 2, 32, 3, [3, 1]).term_counts == (3, 1)
+    for bad in ((3,), (4, 1), (-1, 2)):
+        with pytest.raises(ValueError, match="plane_terms"):
+            LutGemmConfig(1, 8, 32, 2, 32, 3, bad)
+
+
 def test_exponent_limit():
     """Every exponent of the packed format up to max_exp passes; above it a clear ValueError."""
     cfg = LutGemmConfig(1, 32, 128, 2, 128, 3)
