@@ -308,8 +308,30 @@ def allocate_for(candidates, errors, qcfg, budget) -> Allocation:
     def cost(b: int) -> float:
         return dataclasses.replace(qcfg, bits=b).bits_per_weight()
 
-    # bits_per_weight is linear in the width: the budget in storage bits is budget * cost(1)
-    return allocate_bits(sizes, errors, budget * cost(1), cost=cost)
+    return allocate_bits(sizes, errors, _storage_budget(qcfg, budget), cost=cost)
+
+
+def _width_cost(qcfg, b: int) -> float:
+    return dataclasses.replace(qcfg, bits=b).bits_per_weight() if b > 0 else 0.0
+
+
+def _storage_budget(qcfg, budget: float) -> float:
+    """Storage bits per weight of ``budget`` bit-planes: the cost of its two neighbouring widths,
+    interpolated (``budget * cost(1)`` when every plane has the same number of scale terms)."""
+    lo = math.floor(budget)
+    c0 = _width_cost(qcfg, lo)
+    if budget == lo:
+        return c0
+    return c0 + (budget - lo) * (_width_cost(qcfg, lo + 1) - c0)
+
+
+def _budget_planes(qcfg, storage: float) -> float:
+    """The inverse of ``_storage_budget``: bit-planes per weight of a storage budget."""
+    lo = 0
+    while _width_cost(qcfg, lo + 1) < storage:
+        lo += 1
+    c0, c1 = _width_cost(qcfg, lo), _width_cost(qcfg, lo + 1)
+    return lo + (storage - c0) / (c1 - c0)
 
 
 def allocation_report(candidates, errors, alloc: Allocation, qcfg) -> dict:
@@ -318,7 +340,7 @@ def allocation_report(candidates, errors, alloc: Allocation, qcfg) -> dict:
     total = sum(sizes.values())
     avg_bits = sum(sizes[k] * b for k, b in alloc.bits.items()) / total
     return {
-        "budget_bits": alloc.budget / dataclasses.replace(qcfg, bits=1).bits_per_weight(),
+        "budget_bits": round(_budget_planes(qcfg, alloc.budget), 6),
         "average_bits": round(avg_bits, 6),
         "bits_per_weight": round(alloc.average, 6),
         "solver": alloc.solver,

@@ -159,9 +159,10 @@ def measure_read_bandwidth(target, threads: list[int], mib: int = 512) -> dict[i
 
 
 # ----------------------------------------------------------------------------- our kernel
-def random_packed(n: int, k: int, bits: int, group_size: int, terms: int, seed: int):
+def random_packed(n: int, k: int, bits: int, group_size: int, terms: int, seed: int, counts=None):
     """Random planes and power-of-two scale codes in the packed format (speed does not depend on
-    the values; correctness is checked against the reference of exactly these weights)."""
+    the values; correctness is checked against the reference of exactly these weights).
+    ``counts``: terms present per plane (slots past a plane's count are absent)."""
     from .schedules.packing import encode_terms, pack_planes, padded_k
 
     rng = np.random.default_rng(seed)
@@ -169,7 +170,18 @@ def random_packed(n: int, k: int, bits: int, group_size: int, terms: int, seed: 
     g = padded_k(k, group_size) // group_size
     exps = -rng.integers(4, 9, size=(bits, n, g, terms)) - np.arange(terms) * 2
     signs = np.where(np.arange(terms) == 0, 1, rng.choice([-1, 1], size=(bits, n, g, terms)))
+    if counts is not None:
+        signs = np.where(np.arange(terms) < np.asarray(counts)[:, None, None, None], signs, 0)
     return pack_planes(codes, group_size), encode_terms(signs, exps)
+
+
+def term_config(bits: int, group_size: int, terms: str):
+    """``--terms`` ('auto', '3' or per-plane '4,3,3,2') -> (width, per-plane counts) at
+    ``bits``, as compile() resolves it."""
+    from .quant import QuantConfig, terms_kwargs
+
+    counts = QuantConfig(bits=bits, group_size=group_size, **terms_kwargs(terms)).term_counts
+    return max(counts), counts
 
 
 @dataclasses.dataclass
@@ -225,7 +237,9 @@ def build_ours(cfg, isa: str, threads: int, target, copies: int, x: np.ndarray, 
     f = lib[name]
     weights, nbytes, err = [], 0, float("nan")
     for c in range(copies):
-        planes, scales = random_packed(cfg.n, cfg.k, cfg.bits, cfg.group_size, cfg.terms, seed + c)
+        planes, scales = random_packed(
+            cfg.n, cfg.k, cfg.bits, cfg.group_size, cfg.terms, seed + c, cfg.term_counts
+        )
         arrs = pack(planes, scales)
         nbytes = int(sum(a.nbytes for a in arrs))
         weights.append([tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrs])
@@ -429,8 +443,9 @@ def run(args) -> dict:
             ort_info[f"ort_{ob}bit"] = {"block": best[1], "rel_err": err, "bytes": best[3]}
         ours = {}
         for bits in bits_list:
-            cfg = LutGemmConfig(m, n, k, bits, args.group_size, args.terms)
-            probe = random_packed(n, k, bits, args.group_size, args.terms, 0)
+            width, counts = term_config(bits, args.group_size, args.terms)
+            cfg = LutGemmConfig(m, n, k, bits, args.group_size, width, counts)
+            probe = random_packed(n, k, bits, args.group_size, width, 0, counts)
             copies = copies_for(probe[0].nbytes + probe[1].nbytes, cold, llc)
             ker = build_ours(cfg, isa, t, target, copies, x, args.seed, db)
             yv = tvm.runtime.tensor(np.zeros((m, n), np.float32), tvm.cpu())
@@ -547,7 +562,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--target", default="llvm", help="TVM target: 'llvm' (this CPU) or a JSON dict")
     p.add_argument("--group-size", type=int, default=128, help="scale group size of our format")
-    p.add_argument("--terms", type=int, default=3, help="power-of-two terms per scale")
+    p.add_argument(
+        "--terms",
+        default="auto",
+        help="power-of-two terms per scale: 'auto' (compile's per-width default), one count for "
+        "every plane, or per-plane counts, most significant plane first, the last repeated "
+        "(compile --terms)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
     p.add_argument(
         "--budget-ms", type=float, default=20.0, help="target duration of one timing repeat"

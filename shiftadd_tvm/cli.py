@@ -64,7 +64,13 @@ def _add_compile(sub) -> None:
         help="columns sharing one scale per row (power of two >= 8); a ragged tail group is padded",
     )
     p.add_argument(
-        "--terms", type=int, default=3, help="signed powers of two per scale (1 = a pure shift)"
+        "--terms",
+        default="auto",
+        help="signed powers of two per scale (1 = a pure shift): 'auto' = per width 3,3 at 2 "
+        "bits, 3,2,2 at 3 bits, 4,3,2,2 at 4 bits (most significant plane first; each layer of a "
+        "budget allocation gets those of its width); or one count for every bit-plane (3); or "
+        "per-plane counts, the last repeated for wider layers (4,3,3,2). Fewer terms: a faster "
+        "kernel epilogue and fewer scale bytes",
     )
     p.add_argument("--iters", type=int, default=15, help="alternating refinement rounds of the fit")
     p.add_argument(
@@ -420,7 +426,12 @@ def _add_tune(sub) -> None:
     p.add_argument("--target", default="llvm", help="'llvm' (this CPU) or an llvm target JSON dict")
     p.add_argument("--bits", type=int, nargs="+", default=[3], help="bit widths to tune for")
     p.add_argument("--group-size", type=int, default=128, help="columns per scale group")
-    p.add_argument("--terms", type=int, default=3, help="power-of-two terms per scale")
+    p.add_argument(
+        "--terms",
+        default="auto",
+        help="power-of-two terms per scale, as compile --terms ('auto', one count, or per-plane "
+        "counts such as 3,2)",
+    )
     p.add_argument("--seq-len", type=int, default=512, help="tokens per call (the kernels' M)")
     p.add_argument("--trials", type=int, default=16, help="candidates measured per kernel")
     p.add_argument(

@@ -20,7 +20,7 @@ from ._files import atomic_path
 from .calibrate import activation_stats, target_linears
 from .errors import ConfigError, UnsupportedModelError
 from .passes.lut_rewrite import PackedLinear, const_key, rewrite_matmuls
-from .quant import BCQResult, QuantConfig, bcq_quantize
+from .quant import BCQResult, QuantConfig, bcq_quantize, terms_kwargs
 from .runtime import ARTIFACT_FORMAT, SUPPORTED_VERSIONS
 from .schedules.lut_gemm import default_knobs
 from .targets import resolve_target
@@ -389,7 +389,7 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     target="llvm",
     bits: float = 3,
     group_size: int = 128,
-    terms: int = 3,
+    terms: int | str | tuple[int, ...] = "auto",
     *,
     tokenizer=None,
     seq_len: int = 512,
@@ -429,6 +429,12 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     ``decode_steps``, cache of ``max_context`` tokens, default ``seq_len``) into the same module,
     for ``Runtime.generate``. ``None``: on for LLaMA-family torch models on CPU targets, off (and
     logged) otherwise; ``True`` makes an unsupported model an error.
+    ``terms``: signed powers of two per scale. ``"auto"`` (default): per width, the counts of
+    ``defaults.TERMS_AUTO`` (3,3 at 2 bits; 3,2,2 at 3 bits; 4,3,2,2 at 4 bits; each layer of a
+    mixed allocation gets those of its width); or one count for every bit-plane (``3``); or per
+    plane, most significant first, the last repeated for wider layers (``(4, 3, 3, 2)`` or
+    ``"4,3,3,2"``). Fewer terms make the kernel's scale epilogue cheaper; the largest scales need
+    the most precision.
     ``sweeps``: coordinate-descent passes over the codes after the GPTQ loop (``gptq.py``).
     ``scale_tuning``: a ``finetune.ScaleTuning`` (default: one epoch over 30 calibration windows)
     that tunes every scale end to end against the float model after the layer-wise fit; ``False``
@@ -459,7 +465,7 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     qcfg = QuantConfig(
         bits=width if width is not None else min(4, max(2, round(budget))),  # budget: template
         group_size=group_size,
-        terms=terms,
+        **terms_kwargs(terms),
         iters=iters,
         method=method,
         sweeps=sweeps,

@@ -3,6 +3,12 @@
 
 SWEEPS = 2  # gptq: coordinate-descent passes over the codes after the column loop
 
+# compile(terms="auto"): signed power-of-two terms per scale for each plane (most significant
+# first) at each width. Measured on SmolLM2-135M through the .so (README, "Terms per plane"):
+# 3 bits with 3,2,2 terms has the perplexity of 3,3,3 at 2 fewer terms (a faster kernel, 0.125
+# fewer bits per weight); 2 bits keeps 3,3 (3,2 cost 1-5%).
+TERMS_AUTO = {1: (3,), 2: (3,), 3: (3, 2), 4: (4, 3, 2)}  # the last count repeats: 4,3,2,2
+
 # end-to-end scale tuning (finetune.ScaleTuning)
 TUNE_EPOCHS = 1
 TUNE_WINDOWS = 30  # calibration windows trained on (2 more are held out)

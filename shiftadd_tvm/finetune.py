@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from . import defaults
 from .errors import ConfigError
-from .quant import BCQResult, pow2_value, round_pow2_terms
+from .quant import BCQResult, pow2_value, round_scales
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class _TunedLinear(torch.nn.Module):
     def __init__(self, lin: torch.nn.Linear, fit: BCQResult):
         super().__init__()
         self.lin = lin
-        self.gs, self.terms = fit.cfg.group_size, fit.cfg.terms
+        self.gs, self.cfg = fit.cfg.group_size, fit.cfg
         self.register_buffer("signs", fit.codes.to(torch.int8) * 2 - 1)  # [bits, N, K]
         self.register_buffer("alpha0", fit.alpha.float())  # [bits, N, G]
         self.s = torch.nn.Parameter(torch.zeros_like(self.alpha0))
@@ -129,7 +129,7 @@ class _TunedLinear(torch.nn.Module):
 
     def alpha(self) -> torch.Tensor:
         a = self.alpha0 * torch.exp(self.s)
-        signs, exps = round_pow2_terms(a.detach(), self.terms)
+        signs, exps = round_scales(a.detach(), self.cfg, 0)
         return a + (pow2_value(signs, exps).float() - a).detach()  # straight-through rounding
 
     def forward(self, x):
@@ -141,8 +141,8 @@ class _TunedLinear(torch.nn.Module):
 
     def result(self, fit: BCQResult) -> BCQResult:
         with torch.no_grad():
-            signs, exps = round_pow2_terms(
-                self.alpha0.double() * torch.exp(self.s.double()), self.terms
+            signs, exps = round_scales(
+                self.alpha0.double() * torch.exp(self.s.double()), self.cfg, 0
             )
         return dataclasses.replace(fit, term_signs=signs, term_exps=exps)
 

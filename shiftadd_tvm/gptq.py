@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from .quant import BCQResult, QuantConfig, bcq_quantize, pow2_value, round_pow2_terms
+from .quant import BCQResult, QuantConfig, bcq_quantize, pow2_value, round_scales
 
 
 def _group_values(alpha: torch.Tensor, combos: torch.Tensor) -> torch.Tensor:
@@ -242,7 +242,7 @@ def gptq_bcq(
             state = keep(state, codes, ts, te)
             if not refit:
                 break
-            ts, te = round_pow2_terms(_refit_alpha(w0, codes, h0, gs), cfg.terms)
+            ts, te = round_scales(_refit_alpha(w0, codes, h0, gs), cfg, 0)
             state = keep(state, codes, ts, te)
             ts, te = state[1], state[2]
             grid["values"] = _group_values(pow2_value(ts, te), combos)

@@ -22,6 +22,7 @@ import itertools
 import numpy as np
 import torch
 
+from . import defaults
 from .errors import ConfigError, WeightError
 from .schedules.packing import EXP_MAX, EXP_MIN, encode_terms, pack_planes, padded_k
 
@@ -40,8 +41,20 @@ class QuantConfig:
     method: str = "gptq"  # "gptq": output objective (GPTQ loop + BCQ); "bcq": weighted BCQ only
     rounds: int = 1  # gptq: column loops, each on the previous round's refitted scales
     sweeps: int = 0  # gptq: coordinate-descent passes over the codes after each loop
+    # terms per bit-plane, most significant plane first (a layer with more planes repeats the
+    # last count); () = ``terms`` for every plane. ``terms`` is then their maximum (the width of
+    # the stored term arrays; a plane's unused slots are absent terms).
+    plane_terms: tuple[int, ...] = ()
+    # True: ``terms`` / ``plane_terms`` follow ``defaults.TERMS_AUTO`` for ``bits`` (also after
+    # ``dataclasses.replace(cfg, bits=...)``, so each width of a mixed allocation gets its own)
+    auto_terms: bool = False
 
     def __post_init__(self) -> None:
+        if self.auto_terms and self.bits in defaults.TERMS_AUTO:
+            terms, plane_terms = parse_terms(defaults.TERMS_AUTO[self.bits])
+            object.__setattr__(self, "terms", terms)
+            object.__setattr__(self, "plane_terms", plane_terms)
+        object.__setattr__(self, "plane_terms", tuple(int(t) for t in self.plane_terms))
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
         gs = self.group_size
@@ -61,10 +74,32 @@ class QuantConfig:
             raise ConfigError(f"rounds={self.rounds} must be >= 1")
         if self.sweeps < 0:
             raise ConfigError(f"sweeps={self.sweeps} must be >= 0")
+        if self.plane_terms and (
+            any(not 1 <= t <= 4 for t in self.plane_terms) or max(self.plane_terms) != self.terms
+        ):
+            raise ConfigError(
+                f"plane_terms={self.plane_terms}: each count must be in 1..4 and terms={self.terms} "
+                "their maximum (use parse_terms to build both from one spec such as '4,3,3,2')"
+            )
+
+    @property
+    def term_counts(self) -> tuple[int, ...]:
+        """Power-of-two terms of each of the ``bits`` planes (most significant first)."""
+        if not self.plane_terms:
+            return (self.terms,) * self.bits
+        pt = self.plane_terms
+        return tuple(pt[min(b, len(pt) - 1)] for b in range(self.bits))
+
+    @property
+    def terms_label(self) -> str:
+        """``"3"``, or the per-plane counts such as ``"4,3,3,2"`` (``auto: ...`` when chosen by
+        ``auto_terms``)."""
+        label = ",".join(map(str, self.term_counts))
+        return f"auto: {label}" if self.auto_terms else label
 
     def bits_per_weight(self) -> float:
         """Storage per weight including the scale codes (one byte per power-of-two term)."""
-        return self.bits + self.bits * self.terms * 8 / self.group_size
+        return self.bits + sum(self.term_counts) * 8 / self.group_size
 
 
 @dataclasses.dataclass
@@ -111,6 +146,62 @@ def round_pow2_terms(a: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.T
         signs.append(s.to(torch.int8))
         exps.append(torch.where(present, e, torch.zeros_like(e)).to(torch.int16))
     return torch.stack(signs, -1), torch.stack(exps, -1)
+
+
+def terms_kwargs(spec) -> dict:
+    """``QuantConfig`` keyword arguments of a ``--terms`` value: ``"auto"`` (the per-width
+    defaults), a count or per-plane counts (``parse_terms``)."""
+    if isinstance(spec, str) and spec.strip().lower() == "auto":
+        return {"auto_terms": True}
+    terms, plane_terms = parse_terms(spec)
+    return {"terms": terms, "plane_terms": plane_terms}
+
+
+def parse_terms(spec) -> tuple[int, tuple[int, ...]]:
+    """``3``, ``"3"``, ``"4,3,3,2"`` or ``(4, 3, 3, 2)`` -> ``(terms, plane_terms)`` for
+    ``QuantConfig`` (a single count gives ``plane_terms=()``)."""
+    if isinstance(spec, str):
+        try:
+            counts = tuple(int(t) for t in spec.replace(" ", "").split(",") if t)
+        except ValueError:
+            counts = ()
+        if not counts:
+            raise ConfigError(
+                f"terms={spec!r}: expected 'auto', a count (3) or per-plane counts, most "
+                "significant plane first (4,3,3,2)"
+            )
+    elif isinstance(spec, int | np.integer):
+        counts = (int(spec),)
+    else:
+        counts = tuple(int(t) for t in spec)
+    if not counts or any(not 1 <= t <= 4 for t in counts):
+        raise ConfigError(f"terms={spec!r}: every count must be in 1..4")
+    if len(set(counts)) == 1:
+        return counts[0], ()
+    while len(counts) > 1 and counts[-1] == counts[-2]:  # canonical: the last count repeats
+        counts = counts[:-1]
+    return max(counts), counts
+
+
+def round_scales(
+    alpha: torch.Tensor, cfg: QuantConfig, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``round_pow2_terms`` with ``cfg``'s term count for each plane; ``dim``: the plane axis of
+    ``alpha`` (``bits`` long). Outputs are ``[*alpha.shape, cfg.terms]``; a plane with fewer
+    terms has absent (sign 0) trailing slots."""
+    counts = cfg.term_counts
+    if len(set(counts)) == 1 and counts[0] == cfg.terms:
+        return round_pow2_terms(alpha, cfg.terms)
+    dim = dim % alpha.ndim
+    if alpha.shape[dim] != len(counts):
+        raise ValueError(f"alpha has {alpha.shape[dim]} planes on axis {dim}, cfg {len(counts)}")
+    signs, exps = [], []
+    for b, c in enumerate(counts):
+        s, e = round_pow2_terms(alpha.select(dim, b), c)
+        pad = (0, cfg.terms - c)
+        signs.append(torch.nn.functional.pad(s, pad))
+        exps.append(torch.nn.functional.pad(e, pad))
+    return torch.stack(signs, dim), torch.stack(exps, dim)
 
 
 def pow2_value(signs: torch.Tensor, exps: torch.Tensor) -> torch.Tensor:
@@ -186,7 +277,7 @@ def bcq_quantize(
         approx = ((codes.double() * 2 - 1) * alpha[:, None, :]).sum(-1)
         return (dg * (wg - approx) ** 2).sum()
 
-    ts, te = round_pow2_terms(alpha, cfg.terms)
+    ts, te = round_scales(alpha, cfg, -1)
     codes = _nearest_codes(wg, pow2_value(ts, te), bits)
     best = (error(codes, pow2_value(ts, te)), codes, ts, te)
     eye = torch.eye(bits, dtype=torch.float64)
@@ -196,7 +287,7 @@ def bcq_quantize(
         rhs = (S * (dg * wg)[:, :, None]).sum(1)  # [R, bits]
         ridge = 1e-9 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
         alpha = torch.linalg.solve(A + ridge[:, None, None] * eye, rhs[:, :, None])[:, :, 0]
-        ts, te = round_pow2_terms(alpha, cfg.terms)
+        ts, te = round_scales(alpha, cfg, -1)
         codes = _nearest_codes(wg, pow2_value(ts, te), bits)
         err = error(codes, pow2_value(ts, te))
         if err < best[0]:

@@ -55,6 +55,10 @@ class ReportSpec:
     baselines: tuple[str, ...] = ("rtn", "gptq", "gptq_noact", "bcq_plain")
     group_size: int = 128
     terms: int = 3
+    plane_terms: tuple[int, ...] = ()  # ours: per-plane term counts (quant.parse_terms)
+    # ours: terms and plane_terms of each width from defaults.TERMS_AUTO (compile's default);
+    # the baselines' plain BCQ keeps ``terms``
+    auto_terms: bool = True
     iters: int = 15
     rounds: int = 1
     sweeps: int = defaults.SWEEPS
@@ -74,12 +78,14 @@ class ReportSpec:
 
     def digest(self, *fields: str) -> str:
         d = dataclasses.asdict(self)
+        if not self.plane_terms:  # (fits cached before the option keep their digest)
+            fields = tuple(f for f in fields if f != "plane_terms")
         blob = json.dumps({f: d[f] for f in fields} if fields else d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 _CALIB_FIELDS = ("model", "calib_text", "calib_start", "calib_windows", "window")
-_FIT_FIELDS = (*_CALIB_FIELDS, "group_size", "terms", "iters", "rounds", "sweeps")
+_FIT_FIELDS = (*_CALIB_FIELDS, "group_size", "terms", "plane_terms", "iters", "rounds", "sweeps")
 _TUNE_FIELDS = ("tune_epochs", "tune_windows", "tune_lr", "tune_kl_ref", "head_storage")
 # the baselines do not use ours' fit settings beyond these (rows cached before sweeps existed)
 _BASELINE_FIELDS = (*_CALIB_FIELDS, "group_size", "terms", "iters", "rounds")
@@ -229,7 +235,8 @@ class _Harness:
             from .compiler import quantize_candidates
 
             imp, cfg = self.imp, self.qcfg(bits)
-            path = self.work / f"fit-b{bits}-{self.spec.digest(*_FIT_FIELDS)}{self.suffix}.npz"
+            path = self.work / f"fit-b{bits}-{self.width_spec(bits).digest(*_FIT_FIELDS)}"
+            path = path.with_name(path.name + f"{self.suffix}.npz")
             if path.is_file():
                 self._fits[bits] = _load_fits(path, cfg)
             else:
@@ -241,6 +248,14 @@ class _Harness:
                 _save_fits(path, self._fits[bits])
         return self._fits[bits]
 
+    def width_spec(self, bits: int) -> ReportSpec:
+        """The spec with ``auto_terms`` resolved for ``bits`` (what a fit at that width used:
+        its cache digest, the same as a spec giving those terms explicitly)."""
+        cfg = self.qcfg(bits)
+        return dataclasses.replace(
+            self.spec, terms=cfg.terms, plane_terms=cfg.plane_terms, auto_terms=False
+        )
+
     def qcfg(self, bits: int):
         from .quant import QuantConfig
 
@@ -249,6 +264,8 @@ class _Harness:
             bits=bits,
             group_size=s.group_size,
             terms=s.terms,
+            plane_terms=s.plane_terms,
+            auto_terms=s.auto_terms,
             iters=s.iters,
             rounds=s.rounds,
             sweeps=s.sweeps,
@@ -347,7 +364,11 @@ class _Harness:
             fields += ("allocation_weight",)
         if s.tables != "auto":  # (rows cached before the option keep their digest)
             fields += ("tables",)
-        digest = s.digest(*fields) + f"-{OURS}-{label}"
+        if budget is None:  # one width: its resolved terms
+            digest = self.width_spec(bits).digest(*fields) + f"-{OURS}-{label}"
+        else:  # every width's own (auto) or the spec's terms
+            fields += ("auto_terms",) if s.auto_terms else ()
+            digest = s.digest(*fields) + f"-{OURS}-{label}"
         path = self.work / "rows" / f"{OURS}-{label}.json"
         got = _load_json(path, digest)
         if got is not None:
@@ -575,13 +596,26 @@ def run_report(spec: ReportSpec, out: str | Path, work: str | Path, progress: bo
     return result
 
 
+def _terms_title(spec: dict) -> str:
+    if spec.get("auto_terms"):
+        from . import defaults
+
+        per = "; ".join(
+            f"{b} bits {','.join(map(str, c))}" for b, c in defaults.TERMS_AUTO.items() if b > 1
+        )
+        return f"power-of-two terms per scale by plane, most significant first ({per})"
+    if spec.get("plane_terms"):
+        plan = ",".join(map(str, spec["plane_terms"]))
+        return f"power-of-two terms per scale by plane, most significant first: {plan}"
+    return f"{spec['terms']} power-of-two terms per scale"
+
+
 def markdown(result: dict) -> str:
     spec = result["spec"]
     texts = spec["texts"]
     cal = result["calibration"]
     lines = [
-        f"# Accuracy: {spec['model']}, group {spec['group_size']}, {spec['terms']} power-of-two "
-        "terms per scale",
+        f"# Accuracy: {spec['model']}, group {spec['group_size']}, " + _terms_title(spec),
         "",
         f"Perplexity on the first {spec['tokens']} tokens of each text in windows of "
         f"{spec['window']}; ratio = method / float. Calibration: tokens {cal['tokens'][0]}-"
@@ -627,7 +661,10 @@ def markdown(result: dict) -> str:
             "",
             "Bit allocation: each layer fitted at 2, 3 and 4 bits, its output error "
             "sum_i F_i [(W-Q) H (W-Q)^T]_ii measured (F: loss-gradient Fisher of each output "
-            "channel, or 1 when the weighting is 'none'), widths chosen by an exact knapsack:",
+            "channel, or 1 when the weighting is 'none'), widths chosen by a knapsack on the "
+            "storage (scale codes included; the budget in bit-planes is charged what its two "
+            "neighbouring widths cost): exact DP where the costs share a coarse unit, else the "
+            "Lagrangian relaxation (the solver of each row below):",
             "",
         ]
         for r in allocs:
@@ -808,7 +845,13 @@ def add_parser(sub) -> None:
         help=f"baseline methods ('' = none): {', '.join(METHOD_LABELS)} minus {OURS}",
     )
     p.add_argument("--group-size", type=int, default=d.group_size)
-    p.add_argument("--terms", type=int, default=d.terms)
+    p.add_argument(
+        "--terms",
+        default="auto",
+        help="signed powers of two per scale, as compile --terms: 'auto' (per width), one count "
+        "for every bit-plane (3), or per-plane counts, most significant plane first, the last "
+        "repeated (4,3,3,2). The baselines' plain BCQ uses 3 with 'auto', else the largest count",
+    )
     p.add_argument("--iters", type=int, default=d.iters)
     p.add_argument(
         "--rounds", type=int, default=d.rounds, help="GPTQ loops on refitted scales (ours)"
@@ -882,6 +925,10 @@ def add_parser(sub) -> None:
 
 
 def cmd_report(args) -> int:
+    from .quant import terms_kwargs
+
+    tk = terms_kwargs(args.terms)
+    terms, plane_terms = tk.get("terms", ReportSpec.terms), tk.get("plane_terms", ())
     spec = ReportSpec(
         model=args.model,
         texts=tuple(args.texts),
@@ -891,7 +938,9 @@ def cmd_report(args) -> int:
         budgets=tuple(args.budgets),
         baselines=tuple(args.baselines),
         group_size=args.group_size,
-        terms=args.terms,
+        terms=terms,
+        plane_terms=plane_terms,
+        auto_terms=tk.get("auto_terms", False),
         iters=args.iters,
         rounds=args.rounds,
         sweeps=args.sweeps,

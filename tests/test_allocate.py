@@ -128,3 +128,28 @@ def test_parse_bits(value, expected):
 def test_parse_bits_rejects(value):
     with pytest.raises(ConfigError):
         parse_bits(value)
+
+
+def test_budget_storage_with_per_plane_terms():
+    """A budget in bit-planes is charged the storage of its neighbouring widths: linear in the
+    width when every plane has the same terms, interpolated when the counts differ by plane."""
+    import numpy as np
+
+    from shiftadd_tvm.allocate import _budget_planes, _storage_budget, allocate_for
+    from shiftadd_tvm.quant import QuantConfig
+
+    uni = QuantConfig(bits=1, terms=3)
+    assert _storage_budget(uni, 2.5) == pytest.approx(2.5 * uni.bits_per_weight())
+    plan = QuantConfig(bits=1, terms=3, plane_terms=(3, 2))  # plane costs 1 + 3/16, 1 + 2/16
+    c2, c3 = (QuantConfig(bits=b, terms=3, plane_terms=(3, 2)).bits_per_weight() for b in (2, 3))
+    assert _storage_budget(plan, 2.5) == pytest.approx((c2 + c3) / 2)
+    assert _budget_planes(plan, _storage_budget(plan, 2.5)) == pytest.approx(2.5)
+    assert (
+        _storage_budget(plan, 4.0)
+        == QuantConfig(bits=4, terms=3, plane_terms=(3, 2)).bits_per_weight()
+    )
+    rng = np.random.default_rng(0)
+    cands = {f"l{i}": (f"l{i}", np.zeros((64, 128))) for i in range(6)}
+    errors = {k: {b: float(rng.random()) * 4.0**-b for b in (2, 3, 4)} for k in cands}
+    alloc = allocate_for(cands, errors, plan, 3.0)
+    assert alloc.average <= _storage_budget(plan, 3.0) + 1e-9

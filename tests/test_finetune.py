@@ -125,3 +125,17 @@ def test_normalized_momentum_step():
     torch.testing.assert_close(
         torch.cat([a.detach() - a0, b.detach() - b0]), -0.1 * buf / buf.pow(2).mean().sqrt()
     )
+
+
+def test_tuning_keeps_per_plane_term_counts(setup):
+    model, windows, _ = setup
+    layers = target_linears(model)
+    stats = activation_stats(model, windows, layers, progress=False, full=True)
+    cfg = QuantConfig(bits=2, group_size=32, terms=3, plane_terms=(3, 1))
+    fits = {n: gptq_bcq(m.weight.detach(), stats[n], cfg) for n, m in layers.items()}
+    data = np.concatenate([windows[2:4], windows[2:]])
+    tuned, rep = tune_scales(model, fits, data, ScaleTuning(epochs=2, windows=6, lr=3e-3), False)
+    assert rep["kept"]
+    for r in tuned.values():
+        used = (r.term_signs != 0).sum(-1).amax(dim=(1, 2)).tolist()
+        assert used[0] <= 3 and used[1] <= 1

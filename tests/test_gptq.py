@@ -154,3 +154,13 @@ def test_sweeps_lower_the_output_error_and_stay_deterministic():
     assert torch.equal(a.codes, b.codes) and torch.equal(a.term_exps, b.term_exps)
     with pytest.raises(Exception, match="sweeps"):
         QuantConfig(sweeps=-1)
+
+
+def test_per_plane_terms_in_the_gptq_loop():
+    """The loop, its refits and sweeps keep each plane within its term count."""
+    w, _, h = _problem(n=16, k=64)
+    cfg = QuantConfig(bits=3, group_size=16, terms=4, plane_terms=(4, 2, 1))
+    r = gptq_bcq(w, h, cfg, sweeps=1)
+    used = (r.term_signs != 0).sum(-1).amax(dim=(1, 2)).tolist()
+    assert used[0] <= 4 and used[1] <= 2 and used[2] <= 1 and r.term_signs.shape[-1] == 4
+    assert torch.isfinite(_output_error(w, r.dequantize(), h)).all()

@@ -39,8 +39,16 @@ def test_budget_allocation_in_manifest(mixed):
     }
     assert man["quant"]["bits"] == 2.5
     assert alloc["error_weighting"] == "loss gradient (Fisher)"
-    # effective bits incl. scale codes: 3 one-byte terms per group of 32
-    assert man["bits_per_weight"] == pytest.approx(avg * (1 + 24 / 32), abs=1e-4)
+    # effective bits incl. scale codes: one byte per power-of-two term per group of 32, with each
+    # width's own terms per plane (terms="auto": 3,3 at 2 bits, 3,2,2 at 3, 4,3,2,2 at 4)
+    from shiftadd_tvm.quant import QuantConfig
+
+    per_width = {b: QuantConfig(bits=b, group_size=32, auto_terms=True) for b in (2, 3, 4)}
+    want = sum(sizes[n] * per_width[v["bits"]].bits_per_weight() for n, v in layers.items()) / sum(
+        sizes.values()
+    )
+    assert man["bits_per_weight"] == pytest.approx(want, abs=1e-4)
+    assert per_width[3].bits_per_weight() == 3 + 7 * 8 / 32
     for v in alloc["layers"].values():  # the measured error falls with width
         e = v["output_error"]
         assert e["2"] >= e["3"] >= e["4"]

@@ -107,3 +107,66 @@ def test_all_zero_group_and_tiny_layer():
     r = bcq_quantize(w, QuantConfig(bits=2, group_size=8, terms=3))
     assert r.dequantize().shape == (3, 5)
     assert float((r.dequantize() - w).abs().max()) <= 0.5
+
+
+def test_parse_terms_and_per_plane_config():
+    from shiftadd_tvm.quant import parse_terms
+
+    assert (
+        parse_terms(3) == (3, ()) and parse_terms("3") == (3, ()) and parse_terms("2,2") == (2, ())
+    )
+    assert parse_terms("4,3,3,2") == (4, (4, 3, 3, 2)) == parse_terms((4, 3, 3, 2))
+    assert parse_terms("3,2,2") == (3, (3, 2))  # canonical: a repeated last count is implied
+    for bad in ("", "a,b", "5", "3,0"):
+        with pytest.raises(ConfigError, match="terms"):
+            parse_terms(bad)
+    cfg = QuantConfig(bits=4, terms=4, plane_terms=(4, 3, 3, 2))
+    assert cfg.term_counts == (4, 3, 3, 2) and cfg.terms_label == "4,3,3,2"
+    assert cfg.bits_per_weight() == 4 + 12 * 8 / 128  # storage counts the used terms
+    # a narrower layer takes the leading counts, a wider one repeats the last
+    assert QuantConfig(bits=2, terms=4, plane_terms=(4, 3, 3, 2)).term_counts == (4, 3)
+    assert QuantConfig(bits=3, terms=4, plane_terms=(4, 2)).term_counts == (4, 2, 2)
+    with pytest.raises(ConfigError, match="maximum"):
+        QuantConfig(bits=2, terms=3, plane_terms=(4, 2))
+
+
+def test_per_plane_terms_are_respected_and_help_at_equal_storage():
+    """Each plane's scales use at most its count; giving the largest plane a 4th term and the
+    smallest a 2nd (same 12 terms) fits Gaussian weights better than 3 terms everywhere."""
+    from shiftadd_tvm.quant import round_scales
+
+    a = torch.rand(3, 4, 5, dtype=torch.float64) + 0.1  # [planes, N, G]
+    cfg = QuantConfig(bits=3, terms=3, plane_terms=(3, 2, 1))
+    s, e = round_scales(a, cfg, 0)
+    assert s.shape == (3, 4, 5, 3)
+    assert [int((s[b] != 0).sum(-1).max()) for b in range(3)] == [3, 2, 1]
+    s2, _ = round_scales(a.permute(1, 2, 0), cfg, -1)  # the plane axis last: same counts
+    assert torch.equal(s2.permute(2, 0, 1, 3), s)
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    errs = {}
+    for plan in ((3, 3, 3, 3), (4, 3, 3, 2)):
+        t, pt = max(plan), plan if len(set(plan)) > 1 else ()
+        r = bcq_quantize(w, QuantConfig(bits=4, group_size=128, terms=t, plane_terms=pt))
+        used = (r.term_signs != 0).sum(-1).amax(dim=(1, 2)).tolist()
+        assert all(u <= c for u, c in zip(used, plan, strict=True))
+        errs[plan] = float(((r.dequantize() - w) ** 2).sum())
+    assert errs[(4, 3, 3, 2)] < errs[(3, 3, 3, 3)]
+
+
+def test_auto_terms_follow_the_width():
+    """terms='auto': each width gets defaults.TERMS_AUTO, also through dataclasses.replace (the
+    per-width configs of a budget allocation)."""
+    import dataclasses
+
+    from shiftadd_tvm import defaults
+    from shiftadd_tvm.quant import terms_kwargs
+
+    cfg = QuantConfig(bits=3, **terms_kwargs("auto"))
+    assert cfg.term_counts == (3, 2, 2) and cfg.terms == 3
+    for b in (1, 2, 3, 4):
+        c = dataclasses.replace(cfg, bits=b)
+        want = defaults.TERMS_AUTO[b]
+        assert c.term_counts == tuple(want[min(i, len(want) - 1)] for i in range(b))
+        assert c.terms == max(c.term_counts)
+    assert dataclasses.replace(cfg, bits=4).term_counts == (4, 3, 2, 2)
+    assert terms_kwargs("3,2,2") == {"terms": 3, "plane_terms": (3, 2)}

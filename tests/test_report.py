@@ -80,3 +80,18 @@ def test_overlapping_calibration_refused():
     with pytest.raises(ConfigError, match="overlap"):
         _check_disjoint(ReportSpec(texts=("wiki",), tokens=4096, calib_start=1000))
     _check_disjoint(ReportSpec(texts=("wiki", "lee"), tokens=4096, calib_start=4096))
+
+
+def test_plane_terms_enter_the_fit_digest_only_when_set():
+    """Caches written before per-plane terms existed keep their digest; a plan changes it."""
+    import hashlib
+
+    from shiftadd_tvm.report import _FIT_FIELDS
+
+    spec = ReportSpec()
+    d = dataclasses.asdict(spec)
+    old = [f for f in _FIT_FIELDS if f != "plane_terms"]
+    blob = json.dumps({f: d[f] for f in old}, sort_keys=True)
+    assert spec.digest(*_FIT_FIELDS) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    planned = dataclasses.replace(spec, terms=3, plane_terms=(3, 2))
+    assert planned.digest(*_FIT_FIELDS) != spec.digest(*_FIT_FIELDS)
