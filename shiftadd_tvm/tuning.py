@@ -172,7 +172,12 @@ def _lookup(cfg: LutGemmConfig, db: Database | None, kernel: str, knobs_type, de
     """(knobs, how): ``cfg``'s record of the ``kernel`` family if it fits, else ``default``."""
     if db is None:
         return default, "default rule (no tuning log for this target)"
-    rec = db.get(cfg, kernel)
+    rec, note = db.get(cfg, kernel), ""
+    if rec is None and cfg.plane_terms:
+        # a per-plane plan changes only the epilogue: the record of the same shapes with every
+        # plane's slots (the knobs are tile and thread choices, valid for both)
+        rec = db.get(dataclasses.replace(cfg, plane_terms=()), kernel)
+        note = ", measured with every term slot"
     if rec is None:
         family = "" if kernel == FLOAT else f"{kernel} "
         return default, f"default rule (no {family}record for this kernel)"
@@ -182,7 +187,7 @@ def _lookup(cfg: LutGemmConfig, db: Database | None, kernel: str, knobs_type, de
         times = f"{rec['us']:.0f} us vs default {rec['default_us']:.0f} us"
     except (TypeError, ValueError, KeyError) as e:
         return default, f"default rule (record in {db.path.name} is incompatible: {e})"
-    return kn, f"tuned ({db.path.name}: {times})"
+    return kn, f"tuned ({db.path.name}: {times}{note})"
 
 
 def lookup_knobs(cfg: LutGemmConfig, db: Database | None, threads: int):

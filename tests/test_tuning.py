@@ -287,3 +287,18 @@ def test_local_tuning_refuses_a_target_this_cpu_cannot_run(logs, monkeypatch):
         with pytest.raises(ConfigError, match="avx512vbmi"):
             tuning.tune([cfg], ZEN4, trials=1, kernel=kernel, progress=False)
     assert not (logs / "llvm_znver4_2c.json").exists()  # nothing written
+
+
+def test_plan_config_uses_the_uniform_record(tmp_path):
+    """A per-plane term plan changes only the epilogue: its kernel takes the record of the same
+    shapes with every slot, and says so."""
+    import dataclasses
+
+    db = tuning.Database(tmp_path / "log.json")
+    cfg = LutGemmConfig(4, 64, 128, 3, 32, 3)
+    chosen = L.Int8Knobs(m_inner=2, n_chunks=2, build_parallel=False)
+    rec = {"kernel": "int8-avx512", "knobs": vars(chosen), "us": 1.0, "default_us": 2.0}
+    db.put(cfg, rec, {"target": TARGET})
+    plan = dataclasses.replace(cfg, plane_terms=(3, 2, 2))
+    kn, how = tuning.lookup_int8_knobs(plan, tuning.Database(tmp_path / "log.json"), 2, "avx512")
+    assert kn == chosen and "measured with every term slot" in how
