@@ -249,7 +249,7 @@ def test_compile_uses_int8_records(logs, caplog):
     with caplog.at_level(logging.INFO, logger="shiftadd_tvm"):
         art = shiftadd_tvm.compile(
             model, method="bcq", progress=False, target=json.dumps(ZEN4), bits=3, group_size=32,
-            seq_len=TINY_SEQ, calib_ids=calib, decode=False,
+            seq_len=TINY_SEQ, calib_ids=calib, decode=False, terms=3,
         )  # fmt: skip
     kernels = art.manifest["rewrite"]["kernels"]
     for cfg in cfgs:
