@@ -305,10 +305,9 @@ def allocate_for(candidates, errors, qcfg, budget) -> Allocation:
     weight, charging each width ``QuantConfig.bits_per_weight`` (scale codes included)."""
     sizes = {key: int(np.asarray(w).size) for key, (_, w) in candidates.items()}
 
-    def cost(b: int) -> float:
-        return dataclasses.replace(qcfg, bits=b).bits_per_weight()
-
-    return allocate_bits(sizes, errors, _storage_budget(qcfg, budget), cost=cost)
+    return allocate_bits(
+        sizes, errors, _storage_budget(qcfg, budget), cost=lambda b: _width_cost(qcfg, b)
+    )
 
 
 def _width_cost(qcfg, b: int) -> float:

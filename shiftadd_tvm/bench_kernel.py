@@ -175,15 +175,6 @@ def random_packed(n: int, k: int, bits: int, group_size: int, terms: int, seed: 
     return pack_planes(codes, group_size), encode_terms(signs, exps)
 
 
-def term_config(bits: int, group_size: int, terms: str):
-    """``--terms`` ('auto', '3' or per-plane '4,3,3,2') -> (width, per-plane counts) at
-    ``bits``, as compile() resolves it."""
-    from .quant import QuantConfig, terms_kwargs
-
-    counts = QuantConfig(bits=bits, group_size=group_size, **terms_kwargs(terms)).term_counts
-    return max(counts), counts
-
-
 @dataclasses.dataclass
 class OurKernel:
     isa: str
@@ -373,6 +364,7 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from . import tuning
+    from .quant import kernel_terms
     from .schedules.lut_gemm import LutGemmConfig
     from .targets import resolve_target
 
@@ -443,7 +435,7 @@ def run(args) -> dict:
             ort_info[f"ort_{ob}bit"] = {"block": best[1], "rel_err": err, "bytes": best[3]}
         ours = {}
         for bits in bits_list:
-            width, counts = term_config(bits, args.group_size, args.terms)
+            width, counts = kernel_terms(bits, args.group_size, args.terms)
             cfg = LutGemmConfig(m, n, k, bits, args.group_size, width, counts)
             probe = random_packed(n, k, bits, args.group_size, width, 0, counts)
             copies = copies_for(probe[0].nbytes + probe[1].nbytes, cold, llc)

@@ -157,6 +157,13 @@ def terms_kwargs(spec) -> dict:
     return {"terms": terms, "plane_terms": plane_terms}
 
 
+def kernel_terms(bits: int, group_size: int, spec) -> tuple[int, tuple[int, ...]]:
+    """A ``--terms`` value at ``bits``: (the widest plane's count, the count of every plane), as
+    ``compile()`` resolves it; what a ``LutGemmConfig`` of that width takes."""
+    counts = QuantConfig(bits=bits, group_size=group_size, **terms_kwargs(spec)).term_counts
+    return max(counts), counts
+
+
 def parse_terms(spec) -> tuple[int, tuple[int, ...]]:
     """``3``, ``"3"``, ``"4,3,3,2"`` or ``(4, 3, 3, 2)`` -> ``(terms, plane_terms)`` for
     ``QuantConfig`` (a single count gives ``plane_terms=()``)."""

@@ -235,8 +235,8 @@ class _Harness:
             from .compiler import quantize_candidates
 
             imp, cfg = self.imp, self.qcfg(bits)
-            path = self.work / f"fit-b{bits}-{self.width_spec(bits).digest(*_FIT_FIELDS)}"
-            path = path.with_name(path.name + f"{self.suffix}.npz")
+            digest = self.width_spec(bits).digest(*_FIT_FIELDS)
+            path = self.work / f"fit-b{bits}-{digest}{self.suffix}.npz"
             if path.is_file():
                 self._fits[bits] = _load_fits(path, cfg)
             else:

@@ -507,7 +507,6 @@ def tune(
                 best = 0  # within noise of the default: keep the default
             rec = {
                 "kernel": family,
-                "config": json.loads(cfg.to_json()),
                 "knobs": dataclasses.asdict(cands[best]),
                 "us": times[best],
                 "default_us": default_us,
@@ -542,12 +541,12 @@ def model_configs(
     at these bit widths: one per distinct Linear shape of the transformer blocks, M = ``seq_len``.
     ``terms``: as ``compile(terms=...)`` (a count, or per-plane counts such as ``"3,2"``)."""
     from .calibrate import target_linears
-    from .quant import QuantConfig, terms_kwargs
+    from .quant import kernel_terms
 
     shapes = {(lin.out_features, lin.in_features) for lin in target_linears(model).values()}
     out = []
     for b in bits:
-        counts = QuantConfig(bits=b, group_size=group_size, **terms_kwargs(terms)).term_counts
+        width, counts = kernel_terms(b, group_size, terms)
         for n, k in sorted(shapes):
-            out.append(LutGemmConfig(seq_len, n, k, b, group_size, max(counts), counts))
+            out.append(LutGemmConfig(seq_len, n, k, b, group_size, width, counts))
     return out
