@@ -30,7 +30,7 @@ import numpy as np
 from ..schedules import dense_gemm, lut_gemm_cuda, lut_gemm_int8
 from ..schedules.cpu_rules import KERNEL_ATTR
 from ..schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs, make_primfunc
-from ..schedules.packing import plane_term_counts
+from ..schedules.packing import plane_term_counts, shared_exponent_form
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class RewriteRecord:
     dense: list[dict] = dataclasses.field(default_factory=list)
     kernels: dict[str, dict] = dataclasses.field(default_factory=dict)
     int8_fallbacks: int = 0  # CPU kernels that could not use the int8 kernel of the target's ISA
+    # layers whose scales lack the shared-exponent form the shared_exp option asked for
+    shared_exp_missed: int = 0
     low_takes: int = 0  # embedding lookups moved to a dense weight's float16 table
 
     def summary(self) -> str:
@@ -74,6 +76,8 @@ class RewriteRecord:
             reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
         why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none"
         slow = f"; {self.int8_fallbacks} on the float-table kernel" if self.int8_fallbacks else ""
+        if self.shared_exp_missed:
+            slow += f"; {self.shared_exp_missed} without a shared exponent (per-term kernel)"
         return (
             f"{len(self.rewritten)} matmuls rewritten to LUT kernels "
             f"({len({r['kernel'] for r in self.rewritten})} distinct kernels{slow}); "
@@ -157,6 +161,7 @@ def rewrite_matmuls(
     cpu_isa: str = "generic",
     int8_knobs=None,
     dense_weight_dtype: str = "float32",
+    shared_exp: bool = False,
 ):
     """Rewrite the matmuls of ``mod[func_name]``; returns ``(new_mod, RewriteRecord)``.
 
@@ -174,6 +179,10 @@ def rewrite_matmuls(
     table (a tied output head) reads that float16 table too (its rows widened), so the float32
     table drops out of the function: half the bytes a decode step's head streams, and of the
     artifact's table. An embedding not tied to a dense matmul weight stays float32.
+    ``shared_exp`` (with ``cpu_isa="avx512"``): a layer whose scales have
+    ``packing.shared_exponent_form`` (a fit with ``QuantConfig.scale_window``) runs the int8
+    kernel that applies them with one shift per group; other layers keep the per-term kernel
+    (logged, counted in ``RewriteRecord.shared_exp_missed``).
     """
     if dense_weight_dtype not in dense_gemm.WEIGHT_DTYPES:
         raise ValueError(
@@ -324,6 +333,11 @@ def rewrite_matmuls(
                 raise ValueError(
                     f"quantizer returned shape {(packed.n, packed.k)} for {key} {(n, k)}"
                 )
+            shared = shared_exp and cpu_isa == "avx512" and not cuda
+            if shared and shared_exponent_form(packed.scales) is None:
+                shared = False
+                record.shared_exp_missed += 1
+                log.warning("%s: scales lack a shared exponent: per-term int8 kernel", key)
             cfg = LutGemmConfig(
                 m,
                 n,
@@ -332,6 +346,7 @@ def rewrite_matmuls(
                 packed.group_size,
                 packed.terms,
                 plane_term_counts(packed.scales),
+                shared_exp=shared,
             )
             gv, kn = self.kernel(cfg)
             record.rewritten.append({**entry, "m": m, "bits": packed.bits, "kernel": cfg.name})

@@ -45,6 +45,9 @@ class LutGemmConfig:
     # terms present in each plane (``packing.plane_term_counts``), when they differ from
     # ``terms``: the kernels that read it skip the absent slots; () = ``terms`` in every plane
     plane_terms: tuple[int, ...] = ()
+    # every (row, group)'s scales are integers times one power of two (``packing.shared_exponent_form``):
+    # the AVX-512 int8 kernel then adds a group's planes in its lookup loop and shifts once
+    shared_exp: bool = False
 
     def __post_init__(self) -> None:
         for f in ("m", "n", "k", "bits", "terms"):
@@ -80,12 +83,15 @@ class LutGemmConfig:
     @property
     def name(self) -> str:
         t = "".join(map(str, self.plane_terms)) if self.plane_terms else self.terms
-        return f"lut_gemm_b{self.bits}_g{self.group_size}_t{t}_m{self.m}_n{self.n}_k{self.k}"
+        x = "x" if self.shared_exp else ""
+        return f"lut_gemm_b{self.bits}_g{self.group_size}_t{t}{x}_m{self.m}_n{self.n}_k{self.k}"
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         if not self.plane_terms:  # (records of uniform configs keep their keys)
             del d["plane_terms"]
+        if not self.shared_exp:
+            del d["shared_exp"]
         return json.dumps(d, sort_keys=True)
 
 

@@ -53,6 +53,21 @@ plane, same run each): this 1.26/1.23/1.27x; int32 deltas (one ``vpaddd``, twice
 1.17/1.17/1.04x; int16 widened by and/shift 1.19/1.20/1.16x; one byte decoded by
 sign-extend/shift/and 1.08/1.06/1.07x.
 
+Shared exponent (``cfg.shared_exp``, AVX-512 only): when every (row, group)'s scales are
+``c_b * 2^E`` with integers ``|c_b| <= 255`` (``packing.shared_exponent_form``; a fit with
+``QuantConfig.scale_window = 8`` has it), a negative ``c_b`` is folded into plane b's bits of that
+group (``-c B = c (-B)``) and ``vpdpbusd`` takes the byte ``|c_b|`` of each row as its unsigned
+operand instead of 1: the lookups of all planes are weighted and summed in int32 inside the lookup
+loop (``|sum| <= 127 * 255 * group_size / 4 * bits``, exact in float32 up to group 128 at 4
+bits), and the epilogue is one conversion, one exponent add of ``(E + SHIFT) << 23`` and one
+multiply-add by the table scale per 16 rows, instead of one exponent add and one add per term.
+``c_b`` is still a sum of the plane's power-of-two terms (shifts of the lookups); the byte operand
+applies them in the instruction that already adds the lookups. Codes: ``PAD`` words, per tile and
+group the 32 rows' exponent words (as a term's) and then each plane's 32 bytes ``|c_b|``, then
+``PAD`` words (a plane's bytes are loaded as 64 and expanded to the ``p = 4r + t`` layout with one
+``vpermb`` per half). Compiled and checked against the model's asm shape on x86 hosts; run only on
+hosts with VBMI.
+
 M > 1: ``m_inner`` rows of x share each loaded weight vector (their tables differ); threads run
 ``T.parallel`` over (row block, chunk of N tiles).
 """
@@ -65,7 +80,7 @@ import math
 import numpy as np
 
 from .lut_gemm import LutGemmConfig
-from .packing import EXP_BIAS
+from .packing import EXP_BIAS, MULT_MAX, shared_exponent_form
 
 ROWS = 32  # output rows per tile
 QMAX = 127  # int8 table range
@@ -102,6 +117,13 @@ def unsupported_reason(cfg: LutGemmConfig, isa: str) -> str | None:
         return f"no int8 kernel for ISA '{isa}'"
     if isa == "avx512" and cfg.group_size % 16:
         return f"group_size={cfg.group_size} is not a multiple of 16 (AVX-512 int8 kernel)"
+    if cfg.shared_exp and isa != "avx512":
+        return (
+            f"shared-exponent scales are applied by the AVX-512 kernel only (vpdpbusd byte "
+            f"weights), not {isa}; build the config with shared_exp=False"
+        )
+    if cfg.shared_exp and QMAX * MULT_MAX * (cfg.group_size // 4) * cfg.bits >= 2**31:
+        return f"group_size={cfg.group_size} overflows the shared-exponent kernel's int32 sums"
     if isa != "avx512" and cfg.group_size > 1024:
         return f"group_size={cfg.group_size} > 1024 overflows the int16 accumulators"
     return None
@@ -112,7 +134,8 @@ def default_int8_knobs(cfg: LutGemmConfig, isa: str, threads: int = 2) -> Int8Kn
     enough parallel tasks that every thread gets the same number."""
     vreg = {"avx512": 64, "avx2": 32, "neon": 16}.get(isa, 16)
     acc_per_row = cfg.bits * ROWS * (4 if isa == "avx512" else 2) // vreg  # int32 / int16 sums
-    cap = max(1, _ACC_REGS.get(isa, 8) // acc_per_row)
+    regs = _ACC_REGS.get(isa, 8) - (2 * cfg.bits if cfg.shared_exp else 0)  # byte weights
+    cap = max(1, regs // acc_per_row)
     m_inner = max(d for d in range(1, min(cap, cfg.m) + 1) if cfg.m % d == 0)
     blocks = cfg.m // m_inner
     n_tiles = -(-cfg.n // ROWS)
@@ -136,6 +159,38 @@ def max_exp(cfg: LutGemmConfig) -> int:
     of ``bits * terms`` of them must stay below ``2^128``."""
     a = (QMAX * (cfg.group_size // 4)).bit_length()
     return 127 - SHIFT - a - max(0, (sum(cfg.term_counts) - 1).bit_length())
+
+
+def max_shared_exp(cfg: LutGemmConfig) -> int:
+    """``max_exp`` of the shared-exponent kernel: one shift of ``|sum_b c_b acc_b| < 2^A``."""
+    a = (QMAX * MULT_MAX * (cfg.group_size // 4) * cfg.bits).bit_length()
+    return 127 - SHIFT - a
+
+
+def shared_deltas(exps: np.ndarray, cfg: LutGemmConfig) -> np.ndarray:
+    """Group exponents E (``packing.shared_exponent_form``) -> int32 deltas ``(E + SHIFT) << 23``.
+    Raises ValueError outside the kernel's range."""
+    e = np.asarray(exps).astype(np.int64)
+    lim = max_shared_exp(cfg)
+    if np.any(e > lim) or np.any(e < -SHIFT):
+        raise ValueError(
+            f"a group exponent in [{int(e.min())}, {int(e.max())}] is outside the shared-exponent "
+            f"kernel's [-{SHIFT}, {lim}]; use the float-table kernel"
+        )
+    return ((e + SHIFT) << 23).astype(np.int32)
+
+
+def shared_form(scales: np.ndarray, cfg: LutGemmConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``packing.shared_exponent_form`` of ``scales`` for a ``shared_exp`` config; ValueError
+    (naming the fix) when the scales do not have it."""
+    form = shared_exponent_form(scales)
+    if form is None:
+        raise ValueError(
+            f"{cfg.name}: some (row, group) scales span more than a byte of exponents, so they "
+            "have no shared-exponent form; build the config with shared_exp=False (or fit with "
+            "QuantConfig.scale_window)"
+        )
+    return form
 
 
 def kernel_deltas(codes: np.ndarray, cfg: LutGemmConfig) -> np.ndarray:
@@ -177,7 +232,13 @@ def pack_int8(
     bits, n, kb = planes.shape
     if (bits, n, kb * 8) != (cfg.bits, cfg.n, cfg.kp):
         raise ValueError(f"planes shape {planes.shape} does not match {cfg}")
+    if scales.shape != (bits, n, cfg.groups, cfg.terms):
+        raise ValueError(f"scales shape {scales.shape} does not match {cfg}")
     nt = -(-n // ROWS)
+    if cfg.shared_exp:
+        exps, mult = shared_form(scales, cfg)
+        planes = _fold_signs(planes, mult < 0, cfg)
+        mult = np.abs(mult)
     if isa == "avx512":
         nib = _nibbles(planes, nt * ROWS).reshape(bits, nt, 2, 16, cfg.kp // 16, 4)
         v = nib.transpose(1, 4, 0, 3, 5, 2)  # [nt, kq, b, r, t, h]
@@ -186,8 +247,8 @@ def pack_int8(
         p = np.zeros((bits, nt * ROWS, kb), np.uint8)
         p[:, :n] = planes
         w = p.reshape(bits, nt, ROWS, kb).transpose(1, 3, 0, 2)  # [nt, kb, b, r]
-    if scales.shape != (bits, n, cfg.groups, cfg.terms):
-        raise ValueError(f"scales shape {scales.shape} does not match {cfg}")
+    if cfg.shared_exp:
+        return np.ascontiguousarray(w).reshape(-1), _shared_codes(exps, mult, cfg, nt)
     for b, c in enumerate(cfg.term_counts):
         if np.any(scales[b, ..., c:]):
             raise ValueError(
@@ -202,6 +263,35 @@ def pack_int8(
     d = np.concatenate([d[:, :, b, :c] for b, c in enumerate(cfg.term_counts)], axis=2)
     codes = np.concatenate([np.zeros(PAD, np.int16), encode_deltas(d).reshape(-1)])
     return np.ascontiguousarray(w).reshape(-1), codes  # 1-D args
+
+
+def _fold_signs(planes: np.ndarray, neg: np.ndarray, cfg: LutGemmConfig) -> np.ndarray:
+    """Planes with the bits of every (plane, row, group) in ``neg`` [bits, N, G] inverted:
+    ``-c * B == c * (-B)``, so the kernel's byte weights are ``|c|``."""
+    mask = np.repeat(neg, cfg.group_size // 8, axis=-1).astype(np.uint8) * np.uint8(255)
+    return planes ^ mask
+
+
+def _shared_codes(exps, mult, cfg: LutGemmConfig, nt: int) -> np.ndarray:
+    """The shared-exponent kernel's int16 words: ``PAD`` zeros, then per tile and group the 32
+    rows' exponent deltas (as ``encode_deltas``) and each plane's 32 byte weights ``|c|``, then
+    ``PAD`` zeros (a plane's 64-byte load reads past its 32 bytes)."""
+    n = exps.shape[0]
+    e = np.zeros((nt * ROWS, cfg.groups), np.int32)
+    e[:n] = exps
+    d = shared_deltas(e, cfg).reshape(nt, ROWS, cfg.groups).transpose(0, 2, 1)  # [nt, G, 32]
+    c = np.zeros((cfg.bits, nt * ROWS, cfg.groups), np.uint8)  # pad rows: weight 0
+    c[:, :n] = mult
+    c = c.reshape(cfg.bits, nt, ROWS, cfg.groups).transpose(1, 3, 0, 2)  # [nt, G, bits, 32]
+    words = np.ascontiguousarray(c).reshape(nt, cfg.groups, cfg.bits * ROWS).view(np.int16)
+    per_group = np.concatenate([encode_deltas(d), words], axis=-1)  # [nt, G, SW]
+    pad = np.zeros(PAD, np.int16)
+    return np.concatenate([pad, per_group.reshape(-1), pad])
+
+
+def shared_words(cfg: LutGemmConfig) -> int:
+    """int16 words per (tile, group) of the shared-exponent layout."""
+    return ROWS + cfg.bits * ROWS // 2
 
 
 # ----------------------------------------------------------------------------- numpy model
@@ -230,15 +320,25 @@ def reference_int8(
     """What the int8 kernels compute (float64 output; the kernels' float32 sums differ ~1e-7)."""
     x = np.asarray(x, np.float32)
     tab, ls = build_tables(x, cfg)
+    if cfg.shared_exp:
+        exps, mult = shared_form(scales, cfg)
+        planes = _fold_signs(planes, mult < 0, cfg)
+        mult, sdelta = np.abs(mult).astype(np.int64), shared_deltas(exps, cfg)
+    else:
+        delta = kernel_deltas(scales, cfg)  # [bits, N, G, T]
     nib = _nibbles(planes, cfg.n).astype(np.int64)  # [bits, N, Q]
     qpg = cfg.group_size // 4
-    delta = kernel_deltas(scales, cfg)  # [bits, N, G, T]
     lsk = (ls * np.float32(2.0**-SHIFT)).astype(np.float32)  # the kernel's table scale
     y = np.zeros((cfg.m, cfg.n), np.float64)
     for m in range(cfg.m):
         look = np.take_along_axis(tab[m][None].astype(np.int64), nib.transpose(0, 2, 1), axis=2)
         # look[b, q, n] -> per group sums acc[b, n, g]
         acc = look.reshape(cfg.bits, cfg.groups, qpg, cfg.n).sum(2).transpose(0, 2, 1)
+        if cfg.shared_exp:  # integer plane weights, one shift: exact up to the float conversion
+            fb = (mult * acc).sum(0).astype(np.float32).view(np.int32)
+            s = (fb + sdelta).view(np.float32)
+            y[m] = (s.astype(np.float64) * lsk[m][None, :]).sum(1)
+            continue
         fb = acc.astype(np.float32).view(np.int32)
         s = None
         for b in range(cfg.bits):
@@ -284,7 +384,9 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     VPG = GS // 16 if avx512 else GS // 8  # weight vectors per group
     WSIZE = NT * KV * BITS * W
     acc_t = "int32" if avx512 else "int16"
-    DSIZE = PAD + NT * G * NTERM * ROWS
+    SHARED = cfg.shared_exp  # (avx512 only: unsupported_reason)
+    SW = shared_words(cfg) if SHARED else NTERM * ROWS  # int16 words per (tile, group)
+    DSIZE = PAD + NT * G * SW + (PAD if SHARED else 0)
     full_n = N % ROWS == 0
     build_loop = T.parallel if knobs.build_parallel else T.serial
 
@@ -313,7 +415,15 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         return tirx.reinterpret("int32x16", tirx.Select(odd, f16 + words, f16))
 
     def epilogue(acc, dl, dbase, accbase, h, lsv, yv):
-        """yv + (sum_b sum_t shift(float(acc_b), delta_bt)) * lsv (module docstring)."""
+        """yv + (sum_b sum_t shift(float(acc_b), delta_bt)) * lsv (module docstring); shared
+        exponent: yv + shift(float(sum_b acc_b), delta) * lsv (the byte weights are in acc_b)."""
+        if SHARED:
+            tot = acc[tirx.Ramp(accbase, 1, 16)]
+            for b in range(1, BITS):
+                tot = tot + acc[tirx.Ramp(accbase + b * MI * ROWS, 1, 16)]
+            fb = tirx.reinterpret("int32x16", tirx.Cast("float32x16", tot))
+            term = tirx.reinterpret("float32x16", shift(fb, dl, dbase, h))
+            return yv + term * tirx.Broadcast(lsv, 16)
         s = None
         for b in range(BITS):
             f = tirx.Cast("float32x16", i32x16(acc[tirx.Ramp(accbase + b * MI * ROWS, 1, 16)]))
@@ -346,14 +456,37 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             tirx.bitwise_or(nib, offs),
         )
 
-    def dpbusd(accv, lookups):
-        return tirx.call_llvm_pure_intrin(
-            "int32x16",
-            "llvm.x86.avx512.vpdpbusd.512",
-            accv,
-            tirx.Broadcast(tirx.const(1, "uint8"), 64),
-            lookups,
+    def dpbusd(accv, mv, b, hh, lookups):
+        """accv + the 4-byte sums of ``lookups`` (one int32 per row), each byte times its row's
+        byte weight of plane b (shared exponent: ``mv``, loaded by ``load_mults``) or 1."""
+        weights = (
+            mv[tirx.Ramp((b * 2 + hh) * 64, 1, 64)]
+            if SHARED
+            else tirx.Broadcast(tirx.const(1, "uint8"), 64)
         )
+        return tirx.call_llvm_pure_intrin(
+            "int32x16", "llvm.x86.avx512.vpdpbusd.512", accv, weights, lookups
+        )
+
+    def expand_mults(dl, base, b, hh):
+        """Plane b's byte weights of half hh's 16 rows, each repeated for its 4 bytes (p = 4r + t)
+        of a weight vector: one vpermb of the 64 bytes that start with the plane's 32."""
+        idx = tirx.Cast(
+            "uint8x64",
+            tirx.shift_right(tirx.Ramp(0, 1, 64), tirx.Broadcast(2, 64))
+            + tirx.Broadcast(hh * 16, 64),
+        )
+        raw = tirx.reinterpret("uint8x64", dl[tirx.Ramp(base + PAD + ROWS + b * 16, 1, 32)])
+        return tirx.call_llvm_pure_intrin("uint8x64", "llvm.x86.avx512.permvar.qi.512", raw, idx)
+
+    @T.macro
+    def load_mults(dl, mv, task, tt, g):
+        if SHARED:
+            for b in T.unroll(BITS):
+                for hh in T.unroll(2):
+                    mv[T.Ramp((b * 2 + hh) * 64, 1, 64)] = expand_mults(
+                        dl, (((task % NC) * TPC + tt) * G + g) * SW, b, hh
+                    )
 
     def shuffle(tab, tbase, wv, hi):
         """int16 lookups of one quad's table for W rows (wv: W weight bytes)."""
@@ -374,7 +507,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                 yacc[T.Ramp(mi * ROWS + h * 16, 1, 16)] = epilogue(
                     acc,
                     dl,
-                    (((task % NC) * TPC + tt) * G + g) * NTERM * ROWS,
+                    (((task % NC) * TPC + tt) * G + g) * SW,
                     mi * ROWS + h * 16,
                     h,
                     ls[((task // NC) * MI + mi) * G + g],
@@ -441,6 +574,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             build_tables_into(x, tab, ls)
             for task in T.parallel(MB * NC):
                 acc = T.alloc_buffer((BITS * MI * ROWS,), acc_t, scope="local")
+                mv = T.alloc_buffer((BITS * 2 * 64,), "uint8", scope="local")
                 yacc = T.alloc_buffer((MI * ROWS,), "float32", scope="local")
                 ybuf = T.alloc_buffer((ROWS,), "float32", scope="local")
                 for tt in range(TPC):
@@ -450,6 +584,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                         for g in range(G):
                             for i in T.unroll(BITS * MI * 2):
                                 acc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
+                            load_mults(dl, mv, task, tt, g)
                             for kq in range(VPG):
                                 for b in T.unroll(BITS):
                                     for mi in T.unroll(MI):
@@ -463,6 +598,9 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                                                             ((b * MI + mi) * 2 + 1 - h) * 16, 1, 16
                                                         )
                                                     ],
+                                                    mv,
+                                                    b,
+                                                    1 - h,
                                                     lookup_avx512(
                                                         tab,
                                                         (

@@ -101,3 +101,28 @@ def plane_term_counts(scales: np.ndarray) -> tuple[int, ...]:
     present = np.asarray(scales).reshape(scales.shape[0], -1, scales.shape[-1]) != 0
     used = present.any(1)  # [bits, terms]
     return tuple(int(np.nonzero(u)[0][-1]) + 1 if u.any() else 0 for u in used)
+
+
+MULT_MAX = 255  # largest integer multiplier of the shared-exponent form (one unsigned byte)
+
+
+def shared_exponent_form(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """int8 scales [bits, N, G, terms] -> ``(E int32[N, G], c int32[bits, N, G])`` with
+    ``alpha[b, n, g] == c[b, n, g] * 2**E[n, g]`` exactly and ``|c| <= MULT_MAX``, or None when
+    some (row, group) spans too many exponents for that. ``E`` is the group's smallest present
+    term exponent (0 where no term is present), so every term is an integer multiple of ``2**E``:
+    the same power-of-two terms, written as one shift of the group and integer plane weights
+    (``quant.QuantConfig.scale_window`` fits scales that have this form)."""
+    c = np.asarray(scales).astype(np.int64)
+    e = np.abs(c) - EXP_BIAS
+    present = c != 0
+    big = np.iinfo(np.int64).max
+    emin = np.where(present, e, big).min(axis=(0, 3))  # [N, G]
+    emin = np.where(emin == big, 0, emin)
+    shift = np.where(present, e - emin[None, :, :, None], 0)
+    if np.any(shift >= 62):
+        return None
+    mult = (np.sign(c) << shift).sum(-1)  # [bits, N, G]
+    if np.any(np.abs(mult) > MULT_MAX):
+        return None
+    return emin.astype(np.int32), mult.astype(np.int32)

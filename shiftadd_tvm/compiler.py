@@ -409,6 +409,7 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     head_storage: str = "float16",
     rotate: bool | None = None,
     tables: str = "auto",
+    scale_window: int = 0,
 ) -> Artifact:
     """Reparameterize ``model`` to binary planes with power-of-two scales and build it with TVM.
 
@@ -455,6 +456,10 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     through 8-bit tables), float tables elsewhere. ``"float"``: the float-table kernel on every
     CPU target (exact activations, slower; at 4 bits on SmolLM2 the int8 tables cost 0.1-0.5%
     perplexity). CUDA ignores it.
+    ``scale_window``: 0 (default) fits each power-of-two term freely; 8 keeps the terms of one
+    (row, group) within 8 consecutive exponents (``quant.QuantConfig.scale_window``), so that the
+    AVX-512 int8 kernel applies a group's scales with one shift instead of one per term
+    (``schedules/lut_gemm_int8.py``, shared exponent); other kernels apply the terms as usual.
     """
     from .models import load_model
 
@@ -469,6 +474,7 @@ def compile(  # noqa: A001 - the public API name the issue asks for
         iters=iters,
         method=method,
         sweeps=sweeps,
+        scale_window=scale_window,
     )
     from .finetune import ScaleTuning
 
@@ -796,6 +802,7 @@ def build_imported(
         cpu_isa=cpu_isa,
         int8_knobs=int8_knobs,
         dense_weight_dtype="float32" if cuda else head_storage,
+        shared_exp=qcfg.scale_window > 0,
     )
     mod, record = rewrite_matmuls(imp.mod, choose, params=imp.params, **rewrite_options)
     step_dense: list[dict] = []  # the step functions' dense matmuls (the float head's GEMV)

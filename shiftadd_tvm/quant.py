@@ -48,6 +48,11 @@ class QuantConfig:
     # True: ``terms`` / ``plane_terms`` follow ``defaults.TERMS_AUTO`` for ``bits`` (also after
     # ``dataclasses.replace(cfg, bits=...)``, so each width of a mixed allocation gets its own)
     auto_terms: bool = False
+    # > 0: every (row, group)'s terms, over all planes, lie within this many consecutive
+    # exponents, so its scales are integers below ``2**scale_window`` times one power of two
+    # (``packing.shared_exponent_form`` at 8: what the AVX-512 int8 kernel applies with one shift
+    # per group instead of one per term). 0: free exponents.
+    scale_window: int = 0
 
     def __post_init__(self) -> None:
         if self.auto_terms and self.bits in defaults.TERMS_AUTO:
@@ -74,6 +79,11 @@ class QuantConfig:
             raise ConfigError(f"rounds={self.rounds} must be >= 1")
         if self.sweeps < 0:
             raise ConfigError(f"sweeps={self.sweeps} must be >= 0")
+        if self.scale_window and not max(self.term_counts) <= self.scale_window <= 8:
+            raise ConfigError(
+                f"scale_window={self.scale_window} must be 0 (off) or in "
+                f"{max(self.term_counts)}..8 (at least the terms per plane, at most one byte)"
+            )
         if self.plane_terms and (
             any(not 1 <= t <= 4 for t in self.plane_terms) or max(self.plane_terms) != self.terms
         ):
@@ -197,6 +207,8 @@ def round_scales(
     ``alpha`` (``bits`` long). Outputs are ``[*alpha.shape, cfg.terms]``; a plane with fewer
     terms has absent (sign 0) trailing slots."""
     counts = cfg.term_counts
+    if cfg.scale_window:
+        return _round_windowed(alpha, cfg, dim)
     if len(set(counts)) == 1 and counts[0] == cfg.terms:
         return round_pow2_terms(alpha, cfg.terms)
     dim = dim % alpha.ndim
@@ -209,6 +221,32 @@ def round_scales(
         signs.append(torch.nn.functional.pad(s, pad))
         exps.append(torch.nn.functional.pad(e, pad))
     return torch.stack(signs, dim), torch.stack(exps, dim)
+
+
+def _round_windowed(
+    alpha: torch.Tensor, cfg: QuantConfig, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``round_scales`` with ``cfg.scale_window = W``: the planes of one group (``dim``) share the
+    unit ``2**E``, ``E = floor(log2 max_b |alpha_b|) - W + 1``; each ``alpha_b / 2**E`` is rounded
+    to an integer, then expanded greedily into its plane's terms (an integer's greedy terms are
+    integers), so every term lies in ``[E, E + W]`` and each plane's value ``|c| < 2**W`` (a group
+    whose top plane rounds up to ``2**W`` takes ``E + 1``)."""
+    dim = dim % alpha.ndim
+    a = alpha.double()
+    top = a.abs().amax(dim, keepdim=True)
+    e = (torch.floor(torch.log2(top.clamp_min(1e-300))) - (cfg.scale_window - 1)).clamp_min(EXP_MIN)
+    plain = dataclasses.replace(cfg, scale_window=0)
+    for _ in range(2):
+        signs, exps = round_scales(torch.round(a / torch.exp2(e)), plain, dim)
+        over = (pow2_value(signs, exps).abs() >= 2**cfg.scale_window).any(dim, keepdim=True)
+        if not over.any():
+            break
+        e = torch.where(over, e + 1, e)
+    exps = exps.to(torch.int64) + e.to(torch.int64).unsqueeze(-1)
+    present = (signs != 0) & (top.unsqueeze(-1) > 0)
+    if torch.any(present & ((exps < EXP_MIN) | (exps > EXP_MAX))):
+        raise ValueError(f"a windowed scale term is outside 2^{EXP_MIN}..2^{EXP_MAX}")
+    return torch.where(present, signs, 0), torch.where(present, exps, 0).to(torch.int16)
 
 
 def pow2_value(signs: torch.Tensor, exps: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,7 @@ class ReportSpec:
     # ours: terms and plane_terms of each width from defaults.TERMS_AUTO (compile's default);
     # the baselines' plain BCQ keeps ``terms``
     auto_terms: bool = True
+    scale_window: int = 0  # ours: quant.QuantConfig.scale_window
     iters: int = 15
     rounds: int = 1
     sweeps: int = defaults.SWEEPS
@@ -80,12 +81,17 @@ class ReportSpec:
         d = dataclasses.asdict(self)
         if not self.plane_terms:  # (fits cached before the option keep their digest)
             fields = tuple(f for f in fields if f != "plane_terms")
+        if not self.scale_window:  # (likewise)
+            fields = tuple(f for f in fields if f != "scale_window")
         blob = json.dumps({f: d[f] for f in fields} if fields else d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 _CALIB_FIELDS = ("model", "calib_text", "calib_start", "calib_windows", "window")
-_FIT_FIELDS = (*_CALIB_FIELDS, "group_size", "terms", "plane_terms", "iters", "rounds", "sweeps")
+_FIT_FIELDS = (
+    *_CALIB_FIELDS,
+    *("group_size", "terms", "plane_terms", "scale_window", "iters", "rounds", "sweeps"),
+)
 _TUNE_FIELDS = ("tune_epochs", "tune_windows", "tune_lr", "tune_kl_ref", "head_storage")
 # the baselines do not use ours' fit settings beyond these (rows cached before sweeps existed)
 _BASELINE_FIELDS = (*_CALIB_FIELDS, "group_size", "terms", "iters", "rounds")
@@ -266,6 +272,7 @@ class _Harness:
             terms=s.terms,
             plane_terms=s.plane_terms,
             auto_terms=s.auto_terms,
+            scale_window=s.scale_window,
             iters=s.iters,
             rounds=s.rounds,
             sweeps=s.sweeps,
@@ -597,6 +604,12 @@ def run_report(spec: ReportSpec, out: str | Path, work: str | Path, progress: bo
 
 
 def _terms_title(spec: dict) -> str:
+    window = spec.get("scale_window", 0)
+    title = _terms_plan(spec)
+    return f"{title}, each group's terms within {window} exponents" if window else title
+
+
+def _terms_plan(spec: dict) -> str:
     if spec.get("auto_terms"):
         from . import defaults
 
@@ -852,6 +865,13 @@ def add_parser(sub) -> None:
         "for every bit-plane (3), or per-plane counts, most significant plane first, the last "
         "repeated (4,3,3,2). The baselines' plain BCQ uses 3 with 'auto', else the largest count",
     )
+    p.add_argument(
+        "--scale-window",
+        type=int,
+        default=d.scale_window,
+        help="ours: as compile --scale-window (0 = free exponents; 8 = one shift per group on "
+        "the AVX-512 int8 kernel)",
+    )
     p.add_argument("--iters", type=int, default=d.iters)
     p.add_argument(
         "--rounds", type=int, default=d.rounds, help="GPTQ loops on refitted scales (ours)"
@@ -941,6 +961,7 @@ def cmd_report(args) -> int:
         terms=terms,
         plane_terms=plane_terms,
         auto_terms=tk.get("auto_terms", False),
+        scale_window=args.scale_window,
         iters=args.iters,
         rounds=args.rounds,
         sweeps=args.sweeps,

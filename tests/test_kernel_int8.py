@@ -317,3 +317,135 @@ def test_tables_float_uses_the_float_kernel_on_any_target(tiny_model, tmp_path):
     ids = np.random.default_rng(1).integers(0, 256, (1, 16))
     # float32 activations and sums: the float16 head is the rounding left (int8: INT8_LOGITS_RTOL)
     assert verify_against_torch(path, art, tiny_model, ids) < 1e-3
+
+
+# ----------------------------------------------------------------------------- shared exponent
+def shared_case(cfg, seed):
+    """random_case with each (row, group)'s terms inside 8 exponents (signed, some absent, some
+    planes negative, one group with no term): scales that have packing.shared_exponent_form."""
+    x, planes, _ = random_case(cfg, seed)
+    rng = np.random.default_rng(seed)
+    shape = (cfg.bits, cfg.n, cfg.groups, cfg.terms)
+    base = rng.integers(-20, 4, (1, cfg.n, cfg.groups, 1))
+    exps = base + np.sort(rng.integers(0, 6, shape), -1)[..., ::-1]
+    signs = rng.choice([-1, 0, 1], shape)
+    signs[..., 0] = rng.choice([-1, 1], shape[:3])
+    signs[:, 0, 0] = 0  # row 0, group 0: no term at all
+    return x, planes, encode_terms(signs, exps)
+
+
+SHARED_SHAPES = [(1, 70, 576, 3, 128, 3), (3, 100, 100, 4, 32, 3), (8, 33, 256, 1, 64, 3)]
+
+
+def test_shared_exponent_form():
+    from shiftadd_tvm.schedules.packing import decode_scales, shared_exponent_form
+
+    cfg = LutGemmConfig(*SHARED_SHAPES[1])
+    _, _, scales = shared_case(cfg, seed=3)
+    e, c = shared_exponent_form(scales)
+    assert np.array_equal(c * np.exp2(e)[None], decode_scales(scales))  # exact
+    assert np.abs(c).max() <= 255 and (c < 0).any() and (c == 0).any()
+    wide = encode_terms(np.array([[[[1, 1]]]]), np.array([[[[0, -8]]]]))  # 2^0 + 2^-8: 257
+    assert shared_exponent_form(wide) is None
+    assert shared_exponent_form(encode_terms(np.array([[[[1, -1]]]]), np.array([[[[0, -8]]]])))
+
+
+@pytest.mark.parametrize("shape", SHARED_SHAPES, ids=lambda s: "m{}_n{}_k{}_b{}".format(*s[:4]))
+def test_shared_exponent_model(shape):
+    """The numpy model of the shared-exponent kernel (plane sums weighted by their integer
+    multipliers, one shift) against the per-term model and the exact reference."""
+    cfg = LutGemmConfig(*shape, shared_exp=True)
+    x, planes, scales = shared_case(cfg, seed=sum(shape))
+    model = L.reference_int8(x, planes, scales, cfg)
+    per_term = L.reference_int8(x, planes, scales, LutGemmConfig(*shape))
+    assert rel(model, per_term) < 1e-6  # the same integers, summed in another order
+    assert rel(model, reference(x, planes, scales, cfg)) < RTOL_EXACT
+    _, codes = L.pack_int8(planes, scales, cfg, "avx512")
+    nt = -(-cfg.n // L.ROWS)
+    assert codes.size == 2 * L.PAD + nt * cfg.groups * L.shared_words(cfg)
+    assert "x_m" in cfg.name and '"shared_exp": true' in cfg.to_json()
+    assert "shared_exp" not in LutGemmConfig(*shape).to_json()  # old record keys unchanged
+
+
+def test_shared_exponent_refusals():
+    cfg = LutGemmConfig(1, 32, 128, 2, 128, 3, shared_exp=True)
+    x, planes, _ = random_case(cfg, seed=1)
+    wide = np.zeros((2, 32, 1, 3), np.int8)
+    wide[0, 5, 0, :2] = encode_terms(np.array([1, 1]), np.array([0, -9]))
+    with pytest.raises(ValueError, match="no shared-exponent form.*shared_exp=False"):
+        L.pack_int8(planes, wide, cfg, "avx512")
+    assert "AVX-512 kernel only" in L.unsupported_reason(cfg, "avx2")
+    big = encode_terms(np.ones((2, 32, 1, 1)), np.full((2, 32, 1, 1), L.max_shared_exp(cfg) + 1))
+    with pytest.raises(ValueError, match="outside the shared-exponent"):
+        L.pack_int8(
+            planes, np.concatenate([big, np.zeros((2, 32, 1, 2), np.int8)], -1), cfg, "avx512"
+        )
+
+
+def test_shared_exponent_kernel_compiles_to_one_shift_per_group():
+    """Compile-only (runs on any x86 host): the shared-exponent kernel's group loop applies one
+    masked exponent add per 16 rows, where the per-term kernel applies one per term."""
+    counts = {}
+    for shared in (False, True):
+        cfg = LutGemmConfig(1, 256, 512, 3, 128, 3, (3, 2, 2), shared_exp=shared)
+        func = L.make_int8_primfunc(cfg, None, "avx512")
+        ex = tvm.compile(tvm.IRModule({"k": func}), target=tvm.target.Target(TARGETS["avx512"]))
+        asm = ex.mod.inspect_source("asm")
+        counts[shared] = (len(re.findall(r"\bvpaddw\b", asm)), len(re.findall(r"vpdpbusd", asm)))
+    assert counts[True][0] == 2 and counts[False][0] == 2 * 7  # 2 halves x (1 | 3+2+2 terms)
+    assert counts[True][1] == counts[False][1] > 0
+
+
+@pytest.mark.skipif(bool(cpu_features.host_missing("avx512")), reason="needs AVX-512 VBMI/VNNI")
+@pytest.mark.parametrize("shape", SHARED_SHAPES, ids=lambda s: "m{}_n{}_k{}_b{}".format(*s[:4]))
+def test_shared_exponent_kernel_matches_model(shape):
+    cfg = LutGemmConfig(*shape, shared_exp=True)
+    x, planes, scales = shared_case(cfg, seed=sum(shape) + 1)
+    y = run_int8(cfg, "avx512", x, planes, scales)
+    assert rel(y, L.reference_int8(x, planes, scales, cfg)) < RTOL_MODEL
+    assert rel(y, reference(x, planes, scales, cfg)) < RTOL_EXACT
+
+
+def test_pass_picks_the_shared_exponent_kernel_and_counts_misses():
+    """rewrite_matmuls(shared_exp=True) on AVX-512: a layer whose scales have the form gets the
+    shared-exponent kernel; one without it keeps the per-term kernel, logged and counted; the
+    module compiles for the AVX-512 target (compile-only: runs on any x86 host)."""
+    from shiftadd_tvm.passes.lut_rewrite import PackedLinear, rewrite_matmuls
+    from tvm.script import relax as R
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((64, 128)).astype(np.float32) for _ in range(2))
+
+    @tvm.script.ir_module
+    class Mod:
+        @R.function
+        def main(
+            x: R.Tensor((1, 128), "float32"),
+            a: R.Tensor((64, 128), "float32"),
+            b: R.Tensor((64, 128), "float32"),
+        ):
+            with R.dataflow():
+                y = R.matmul(x, R.permute_dims(a, [1, 0]))
+                z = R.matmul(x, R.permute_dims(b, [1, 0]))
+                R.output(y, z)
+            return y, z
+
+    cfg = LutGemmConfig(1, 64, 128, 2, 64, 3)
+
+    def quant(key, _w):
+        _, planes, scales = (shared_case if key == "a" else random_case)(cfg, 1)
+        return PackedLinear(planes, scales, 64, 128, 64)
+
+    mod, rec = rewrite_matmuls(
+        Mod, quant, params={"a": w1, "b": w2}, cpu_isa="avx512", shared_exp=True
+    )
+    shared = {n: i["config"].get("shared_exp", False) for n, i in rec.kernels.items()}
+    assert sorted(shared.values()) == [False, True]
+    assert rec.shared_exp_missed == 1 and "1 without a shared exponent" in rec.summary()
+    _, rec2 = rewrite_matmuls(
+        Mod, quant, params={"a": w1, "b": w2}, cpu_isa="avx2", shared_exp=True
+    )
+    assert all("shared_exp" not in i["config"] for i in rec2.kernels.values())  # AVX-512 only
+    from tvm import relax
+
+    relax.build(mod, target=tvm.target.Target(TARGETS["avx512"]))

@@ -85,6 +85,8 @@ def test_column_weights_protect_heavy_columns():
         ({"group_size": 48}, "power of two"),
         ({"terms": 0}, "terms"),
         ({"group_size": 4}, "power of two"),
+        ({"scale_window": 9}, "scale_window=9"),
+        ({"scale_window": 2, "terms": 3}, "scale_window=2"),
     ],
 )
 def test_invalid_config(kw, match):
@@ -170,3 +172,47 @@ def test_auto_terms_follow_the_width():
         assert c.terms == max(c.term_counts)
     assert dataclasses.replace(cfg, bits=4).term_counts == (4, 3, 2, 2)
     assert terms_kwargs("3,2,2") == {"terms": 3, "plane_terms": (3, 2)}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_scale_window_gives_the_shared_exponent_form(bits):
+    """scale_window=8: every (row, group) of the fit has packing.shared_exponent_form (integer
+    plane weights below 256 times one power of two), each plane keeps its term count, and the
+    error stays within 1% (2, 3 bits) or 3% (4 bits) of the free-exponent fit (Gaussian weights with a few outlier
+    rows, as real layers have)."""
+    from shiftadd_tvm.schedules.packing import decode_scales, shared_exponent_form
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(96, 256, generator=g)
+    w[::17] *= 40  # rows two orders of magnitude apart
+    w[3, :128] = 0  # an all-zero group
+    errs = {}
+    for window in (0, 8):
+        cfg = QuantConfig(bits=bits, group_size=64, auto_terms=True, scale_window=window)
+        r = bcq_quantize(w, cfg)
+        planes, scales = r.pack()
+        counts = (scales != 0).sum(-1).max(axis=(1, 2))
+        assert all(int(c) <= t for c, t in zip(counts, cfg.term_counts, strict=True))
+        errs[window] = float(((r.dequantize().float() - w) ** 2).sum())
+        form = shared_exponent_form(scales)
+        if window:
+            assert form is not None
+            e, c = form
+            assert np.abs(c).max() <= 255
+            assert np.array_equal(c * np.exp2(e)[None], decode_scales(scales))
+    assert errs[8] <= errs[0] * {2: 1.01, 3: 1.01, 4: 1.03}[bits]  # 4 bits: +1.7% here
+
+
+def test_scale_window_in_the_gptq_loop():
+    """The GPTQ loop with refits and sweeps keeps the window (every rounding goes through
+    quant.round_scales)."""
+    from shiftadd_tvm.schedules.packing import shared_exponent_form
+
+    from shiftadd_tvm.gptq import gptq_bcq
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 128, generator=g)
+    w = torch.randn(48, 128, generator=g)
+    cfg = QuantConfig(bits=3, group_size=32, auto_terms=True, scale_window=8)
+    r = gptq_bcq(w, x.T @ x / 512, cfg, sweeps=1)
+    assert shared_exponent_form(r.pack()[1]) is not None

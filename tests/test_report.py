@@ -83,15 +83,18 @@ def test_overlapping_calibration_refused():
 
 
 def test_plane_terms_enter_the_fit_digest_only_when_set():
-    """Caches written before per-plane terms existed keep their digest; a plan changes it."""
+    """Caches written before per-plane terms (and scale windows) existed keep their digest; a
+    plan or a window changes it."""
     import hashlib
 
     from shiftadd_tvm.report import _FIT_FIELDS
 
     spec = ReportSpec()
     d = dataclasses.asdict(spec)
-    old = [f for f in _FIT_FIELDS if f != "plane_terms"]
+    old = [f for f in _FIT_FIELDS if f not in ("plane_terms", "scale_window")]
     blob = json.dumps({f: d[f] for f in old}, sort_keys=True)
     assert spec.digest(*_FIT_FIELDS) == hashlib.sha256(blob.encode()).hexdigest()[:16]
     planned = dataclasses.replace(spec, terms=3, plane_terms=(3, 2))
     assert planned.digest(*_FIT_FIELDS) != spec.digest(*_FIT_FIELDS)
+    windowed = dataclasses.replace(spec, scale_window=8)
+    assert windowed.digest(*_FIT_FIELDS) != spec.digest(*_FIT_FIELDS)
