@@ -159,16 +159,24 @@ def measure_read_bandwidth(target, threads: list[int], mib: int = 512) -> dict[i
 
 
 # ----------------------------------------------------------------------------- our kernel
-def random_packed(n: int, k: int, bits: int, group_size: int, terms: int, seed: int, counts=None):
+def random_packed(
+    n: int, k: int, bits: int, group_size: int, terms: int, seed: int, counts=None, shared=False
+):
     """Random planes and power-of-two scale codes in the packed format (speed does not depend on
     the values; correctness is checked against the reference of exactly these weights).
-    ``counts``: terms present per plane (slots past a plane's count are absent)."""
+    ``counts``: terms present per plane (slots past a plane's count are absent). ``shared``: the
+    terms of each (row, group) within 8 exponents (``packing.shared_exponent_form``)."""
     from .schedules.packing import encode_terms, pack_planes, padded_k
 
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, 2, size=(bits, n, k)).astype(bool)
     g = padded_k(k, group_size) // group_size
-    exps = -rng.integers(4, 9, size=(bits, n, g, terms)) - np.arange(terms) * 2
+    if shared:  # plane b's top term 2^-(5 + min(b, 2)), every term of a group in [-12, -5]
+        top = -5 - np.minimum(np.arange(bits), 2)[:, None, None, None]
+        step = 2 * np.arange(terms) + rng.integers(0, 2, size=(bits, n, g, terms))
+        exps = np.maximum(top - step, -12)
+    else:
+        exps = -rng.integers(4, 9, size=(bits, n, g, terms)) - np.arange(terms) * 2
     signs = np.where(np.arange(terms) == 0, 1, rng.choice([-1, 1], size=(bits, n, g, terms)))
     if counts is not None:
         signs = np.where(np.arange(terms) < np.asarray(counts)[:, None, None, None], signs, 0)
@@ -229,7 +237,14 @@ def build_ours(cfg, isa: str, threads: int, target, copies: int, x: np.ndarray, 
     weights, nbytes, err = [], 0, float("nan")
     for c in range(copies):
         planes, scales = random_packed(
-            cfg.n, cfg.k, cfg.bits, cfg.group_size, cfg.terms, seed + c, cfg.term_counts
+            cfg.n,
+            cfg.k,
+            cfg.bits,
+            cfg.group_size,
+            cfg.terms,
+            seed + c,
+            cfg.term_counts,
+            cfg.shared_exp,
         )
         arrs = pack(planes, scales)
         nbytes = int(sum(a.nbytes for a in arrs))
@@ -436,7 +451,8 @@ def run(args) -> dict:
         ours = {}
         for bits in bits_list:
             width, counts = kernel_terms(bits, args.group_size, args.terms)
-            cfg = LutGemmConfig(m, n, k, bits, args.group_size, width, counts)
+            shared = bool(args.scale_window) and isa == "avx512"
+            cfg = LutGemmConfig(m, n, k, bits, args.group_size, width, counts, shared)
             probe = random_packed(n, k, bits, args.group_size, width, 0, counts)
             copies = copies_for(probe[0].nbytes + probe[1].nbytes, cold, llc)
             ker = build_ours(cfg, isa, t, target, copies, x, args.seed, db)
@@ -488,6 +504,7 @@ def run(args) -> dict:
         "onnxruntime": _ort_version(),
         "group_size": args.group_size,
         "terms": args.terms,
+        "scale_window": args.scale_window,
         "rounds": args.rounds,
         "rows": rows,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -560,6 +577,13 @@ def add_parser(sub) -> None:
         help="power-of-two terms per scale: 'auto' (compile's per-width default), one count for "
         "every plane, or per-plane counts, most significant plane first, the last repeated "
         "(compile --terms)",
+    )
+    p.add_argument(
+        "--scale-window",
+        type=int,
+        default=0,
+        help="8: weights fitted with compile --scale-window 8, run by the shared-exponent AVX-512 "
+        "kernel (one shift per group); ignored by the other kernels. 0: free exponents",
     )
     p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
     p.add_argument(

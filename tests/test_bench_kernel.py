@@ -80,3 +80,15 @@ def test_build_ours_takes_the_tuned_record(tmp_path):
     ker = bench_kernel.build_ours(cfg, "generic", 1, target, 1, x, 0, db=db)
     assert ker.schedule == "tuned (llvm_generic_1c.json: 1 us vs default 2 us)"
     assert ker.err < 1e-5  # the tuned schedule computes the same product
+
+
+def test_random_packed_shared_has_the_form():
+    """bench kernel --scale-window 8 times the shared-exponent kernel on weights that have the
+    form, with every plane's term count respected."""
+    from shiftadd_tvm.bench_kernel import random_packed
+    from shiftadd_tvm.schedules.packing import plane_term_counts, shared_exponent_form
+
+    for bits, counts in ((2, (3, 3)), (3, (3, 2, 2)), (4, (4, 3, 2, 2))):
+        _, scales = random_packed(96, 300, bits, 128, max(counts), 0, counts, shared=True)
+        assert shared_exponent_form(scales) is not None
+        assert plane_term_counts(scales) == counts
