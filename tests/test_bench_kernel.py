@@ -85,8 +85,9 @@ def test_build_ours_takes_the_tuned_record(tmp_path):
 def test_random_packed_shared_has_the_form():
     """bench kernel --scale-window 8 times the shared-exponent kernel on weights that have the
     form, with every plane's term count respected."""
-    from shiftadd_tvm.bench_kernel import random_packed
     from shiftadd_tvm.schedules.packing import plane_term_counts, shared_exponent_form
+
+    from shiftadd_tvm.bench_kernel import random_packed
 
     for bits, counts in ((2, (3, 3)), (3, (3, 2, 2)), (4, (4, 3, 2, 2))):
         _, scales = random_packed(96, 300, bits, 128, max(counts), 0, counts, shared=True)
