@@ -18,6 +18,18 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def _terms_of(quant: dict):
+    """The manifest's power-of-two terms per scale: a count, or per-plane counts such as "3,2,2"
+    (most significant plane first; for a budget the plan whose last count repeats)."""
+    plan = quant.get("plane_terms")
+    if not plan:
+        return quant["terms"]
+    bits = quant["bits"]
+    if float(bits).is_integer():
+        plan = [plan[min(b, len(plan) - 1)] for b in range(int(bits))]
+    return ",".join(map(str, plan))
+
+
 def window_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     """Summed negative log-likelihood of ``ids[1:]`` under ``logits[:-1]`` (float64 log-softmax)."""
     lg = np.asarray(logits, dtype=np.float64)[:-1]
@@ -134,7 +146,8 @@ def evaluate_artifact(
         "windows": int(len(windows)),
         "bits": man["quant"]["bits"],
         "group_size": man["quant"]["group_size"],
-        "terms": man["quant"]["terms"],
+        "terms": _terms_of(man["quant"]),
+        "scale_window": man["quant"].get("scale_window", 0),
         "bits_per_weight": man.get("bits_per_weight"),
         "artifact_ppl": art["ppl"],
         "artifact_bytes": Path(artifact).stat().st_size,

@@ -98,3 +98,13 @@ def test_plane_terms_enter_the_fit_digest_only_when_set():
     assert planned.digest(*_FIT_FIELDS) != spec.digest(*_FIT_FIELDS)
     windowed = dataclasses.replace(spec, scale_window=8)
     assert windowed.digest(*_FIT_FIELDS) != spec.digest(*_FIT_FIELDS)
+
+
+def test_eval_json_terms_name_every_plane():
+    """eval.json's terms: the count, or each plane's count (a budget: the plan itself)."""
+    from shiftadd_tvm.evaluate import _terms_of
+
+    assert _terms_of({"terms": 3, "plane_terms": [], "bits": 3}) == 3
+    assert _terms_of({"terms": 3, "plane_terms": [3, 2], "bits": 3}) == "3,2,2"
+    assert _terms_of({"terms": 4, "plane_terms": [4, 3, 2], "bits": 4}) == "4,3,2,2"
+    assert _terms_of({"terms": 4, "plane_terms": [4, 3, 2], "bits": 3.5}) == "4,3,2"
