@@ -121,9 +121,9 @@ def threads_of(spec: dict) -> int:
 
 # ----------------------------------------------------------------------------- database
 def _config_key(config: dict) -> str:
-    """A record's config as ``LutGemmConfig.to_json`` writes it (no empty ``plane_terms``)."""
-    if not config.get("plane_terms", True):
-        config = {k: v for k, v in config.items() if k != "plane_terms"}
+    """A record's config as ``LutGemmConfig.to_json`` writes it (no empty ``plane_terms``, no
+    false ``shared_exp``: the keys of records written before those fields existed)."""
+    config = {k: v for k, v in config.items() if k not in ("plane_terms", "shared_exp") or v}
     return json.dumps(config, sort_keys=True)
 
 
@@ -173,11 +173,12 @@ def _lookup(cfg: LutGemmConfig, db: Database | None, kernel: str, knobs_type, de
     if db is None:
         return default, "default rule (no tuning log for this target)"
     rec, note = db.get(cfg, kernel), ""
-    if rec is None and cfg.plane_terms:
-        # a per-plane plan changes only the epilogue: the record of the same shapes with every
-        # plane's slots (the knobs are tile and thread choices, valid for both)
-        rec = db.get(dataclasses.replace(cfg, plane_terms=()), kernel)
-        note = ", measured with every term slot"
+    if rec is None and (cfg.plane_terms or cfg.shared_exp):
+        # a per-plane plan or a shared exponent changes only the epilogue: the record of the same
+        # shapes with every plane's term slots (the knobs are tile and thread choices, valid for
+        # both)
+        rec = db.get(dataclasses.replace(cfg, plane_terms=(), shared_exp=False), kernel)
+        note = ", measured with every term slot" + (" per term" if cfg.shared_exp else "")
     if rec is None:
         family = "" if kernel == FLOAT else f"{kernel} "
         return default, f"default rule (no {family}record for this kernel)"

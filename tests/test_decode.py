@@ -73,6 +73,22 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _assert_steps_match(errs: list[float], *context) -> None:
+    """Step functions vs main, per position (relative L2 of the logits). They run the same
+    kernels on the same weights, but their attention and norms see M = 1 or 8 rows instead of
+    M = 24, so activations can differ in the last bit; where such an activation sits on a rounding
+    boundary of an int8 table entry, that entry moves by one step, and the cache rows written there
+    carry the difference to the later positions. Measured on an Intel Xeon (AVX2 tables):
+    2 of 17 positions at 2.5e-3 / 3.2e-3, the others <= 3e-7; with the dense float16 head
+    1.4e-2 at one position and 6.6e-3 - 7.5e-3 at the 4 after it, the 11 before it <= 3e-7; with
+    float tables every position <= 1.3e-6; on Zen 4 nothing had moved. A cache bug (wrong position,
+    stale rows) is off by O(1): every position within 5e-2 (the int8 tables' own logits error),
+    the median within 1e-4."""
+    text = " ".join(f"{e:.1e}" for e in errs)
+    assert max(errs) < 5e-2, (*context, text)
+    assert float(np.median(errs)) < 1e-4, (*context, text)
+
+
 def test_head_bits_quantizes_the_tied_head_only(decode_model, decode_artifact):
     """--head-bits: lm_head becomes a 4-bit LUT matmul; the tied embedding stays float, in the
     artifact and in the torch reference (apply_to unties them)."""
@@ -146,7 +162,7 @@ def test_steps_match_main(decode_artifact):
         errs = [_rel(rt.prefill(ids[0, :prompt]), full[prompt - 1])]
         assert rt.cache_len == prompt
         errs += [_rel(rt.decode(ids[0, p]), full[p]) for p in range(prompt, SEQ)]
-        assert max(errs) < 1e-4, (prompt, errs)
+        _assert_steps_match(errs, prompt)
 
 
 def test_generate_matches_torch_greedy(decode_model, decode_artifact):
@@ -288,8 +304,8 @@ def test_head_storage(decode_model, dense_head_artifacts, storage):
     ids = np.random.default_rng(5).integers(0, 512, (1, SEQ))
     full = rt(ids)[0]
     rt.prefill(ids[0, :8])
-    steps = np.stack([rt.decode(ids[0, p]) for p in range(8, SEQ)])  # logits of 8..SEQ-1
-    assert _rel(steps, full[8:SEQ]) < 1e-4
+    steps = [rt.decode(ids[0, p]) for p in range(8, SEQ)]  # logits of 8..SEQ-1
+    _assert_steps_match([_rel(st, full[p]) for p, st in zip(range(8, SEQ), steps, strict=True)])
     # against torch with the same dequantized weights and the float32 table: the float16
     # table's rounding (~3e-4 of each weight) is lost in the int8 activation tables' error
     # (these large weights: 4.03e-2 float32, 3.99e-2 float16 measured)

@@ -302,3 +302,6 @@ def test_plan_config_uses_the_uniform_record(tmp_path):
     plan = dataclasses.replace(cfg, plane_terms=(3, 2, 2))
     kn, how = tuning.lookup_int8_knobs(plan, tuning.Database(tmp_path / "log.json"), 2, "avx512")
     assert kn == chosen and "measured with every term slot" in how
+    shared = dataclasses.replace(plan, shared_exp=True)
+    kn, how = tuning.lookup_int8_knobs(shared, tuning.Database(tmp_path / "log.json"), 2, "avx512")
+    assert kn == chosen and "measured with every term slot per term" in how
