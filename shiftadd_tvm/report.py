@@ -79,10 +79,10 @@ class ReportSpec:
 
     def digest(self, *fields: str) -> str:
         d = dataclasses.asdict(self)
-        if not self.plane_terms:  # (fits cached before the option keep their digest)
-            fields = tuple(f for f in fields if f != "plane_terms")
-        if not self.scale_window:  # (likewise)
-            fields = tuple(f for f in fields if f != "scale_window")
+        # options left at their defaults stay out: fits cached before an option existed keep
+        # their digest
+        unset = {f for f in ("plane_terms", "scale_window") if not getattr(self, f)}
+        fields = tuple(f for f in fields if f not in unset)
         blob = json.dumps({f: d[f] for f in fields} if fields else d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -121,10 +121,9 @@ def threads_of(spec: dict) -> int:
 
 # ----------------------------------------------------------------------------- database
 def _config_key(config: dict) -> str:
-    """A record's config as ``LutGemmConfig.to_json`` writes it (no empty ``plane_terms``, no
-    false ``shared_exp``: the keys of records written before those fields existed)."""
-    config = {k: v for k, v in config.items() if k not in ("plane_terms", "shared_exp") or v}
-    return json.dumps(config, sort_keys=True)
+    """A record's config as ``LutGemmConfig.to_json`` writes it (which leaves out fields at
+    their defaults, so records written before a field existed keep their keys)."""
+    return LutGemmConfig(**config).to_json()
 
 
 class Database:
