@@ -139,26 +139,93 @@ def attach_tuner(imp: Imported, model, windows: np.ndarray | None) -> None:
     imp.tuner = tuner
 
 
+def _fit_layer(name: str, w, st: torch.Tensor | None, qcfg: QuantConfig) -> BCQResult:
+    """One candidate's fit: the GPTQ loop where a full Hessian is known, else weighted BCQ."""
+    from .gptq import gptq_bcq
+
+    wt = torch.as_tensor(np.asarray(w))
+    if st is not None and st.ndim == 2 and qcfg.method == "gptq":
+        return gptq_bcq(wt, st, qcfg, name=name, rounds=qcfg.rounds, sweeps=qcfg.sweeps)
+    cw = torch.diagonal(st) if st is not None and st.ndim == 2 else st
+    return bcq_quantize(wt, qcfg, cw, name=name)
+
+
+# (candidates, qcfg, stats) of the fit in progress: forked workers inherit it (nothing is pickled
+# on the way in; each worker returns its layers' BCQResults)
+_FIT_JOB: tuple | None = None
+
+
+def _fit_worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _fit_in_worker(key: str) -> tuple[str, BCQResult]:
+    candidates, qcfg, stats = _FIT_JOB
+    name, w = candidates[key]
+    return key, _fit_layer(name, w, stats.get(key) if stats is not None else None, qcfg)
+
+
+def fit_workers() -> int:
+    """Processes fitting layers at once: ``SHIFTADD_FIT_WORKERS``, else the CPUs this process may
+    use."""
+    env = os.environ.get("SHIFTADD_FIT_WORKERS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ConfigError(f"SHIFTADD_FIT_WORKERS={env!r}: expected a whole number >= 1")
+        return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def quantize_candidates(
     candidates: dict[str, tuple[str, np.ndarray]],
     qcfg: QuantConfig,
     stats: dict[str, torch.Tensor] | None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> dict[str, BCQResult]:
-    """Fit every candidate: the GPTQ loop where a full Hessian is known, else weighted BCQ."""
-    from .gptq import gptq_bcq
+    """Fit every candidate (``_fit_layer``); returns key -> BCQResult in ``candidates``' order.
 
-    out = {}
+    The layers are independent, so with ``workers`` > 1 (default ``fit_workers()``) they are fitted
+    in that many forked processes, one torch thread each: most of a fit is per-column Python work
+    (the GPTQ loop, the coordinate-descent sweeps) that one process cannot spread over cores.
+    A worker's result is the fit with one torch thread, whatever the number of workers.
+    """
+    import multiprocessing as mp
+
+    global _FIT_JOB
     desc = f"{qcfg.method.upper()} {qcfg.bits}-bit"
-    for key, (name, w) in tqdm(candidates.items(), desc=desc, unit="layer", disable=not progress):
-        st = stats.get(key) if stats is not None else None
-        wt = torch.as_tensor(np.asarray(w))
-        if st is not None and st.ndim == 2 and qcfg.method == "gptq":
-            out[key] = gptq_bcq(wt, st, qcfg, name=name, rounds=qcfg.rounds, sweeps=qcfg.sweeps)
-        else:
-            cw = torch.diagonal(st) if st is not None and st.ndim == 2 else st
-            out[key] = bcq_quantize(wt, qcfg, cw, name=name)
-    return out
+    workers = min(fit_workers() if workers is None else workers, len(candidates))
+    if workers > 1 and "fork" not in mp.get_all_start_methods():
+        log.warning("no fork() on this platform: fitting %d layers in one process", len(candidates))
+        workers = 1
+    bar = tqdm(total=len(candidates), desc=desc, unit="layer", disable=not progress)
+    out = {}
+    if workers <= 1:
+        for key, (name, w) in candidates.items():
+            st = stats.get(key) if stats is not None else None
+            out[key] = _fit_layer(name, w, st, qcfg)
+            bar.update()
+    else:
+        _FIT_JOB = (candidates, qcfg, stats)
+        try:
+            ctx = mp.get_context("fork")
+            with ctx.Pool(workers, initializer=_fit_worker_init) as pool:
+                # the largest layers first: the last ones to finish are short
+                keys = sorted(candidates, key=lambda k: -np.asarray(candidates[k][1]).size)
+                for key, res in pool.imap_unordered(_fit_in_worker, keys, chunksize=1):
+                    out[key] = res
+                    bar.update()
+        finally:
+            _FIT_JOB = None
+    bar.close()
+    return {k: out[k] for k in candidates}
 
 
 def _bind_used_params(

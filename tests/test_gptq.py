@@ -164,3 +164,40 @@ def test_per_plane_terms_in_the_gptq_loop():
     used = (r.term_signs != 0).sum(-1).amax(dim=(1, 2)).tolist()
     assert used[0] <= 4 and used[1] <= 2 and used[2] <= 1 and r.term_signs.shape[-1] == 4
     assert torch.isfinite(_output_error(w, r.dequantize(), h)).all()
+
+
+def test_parallel_fit_equals_serial_fit_and_keeps_order(monkeypatch):
+    """quantize_candidates in forked workers (one torch thread each) returns, in the candidates'
+    order, exactly the fits of one process with one thread; a bad layer's error reaches the
+    caller; SHIFTADD_FIT_WORKERS is checked."""
+    from shiftadd_tvm.compiler import fit_workers, quantize_candidates
+    from shiftadd_tvm.errors import ConfigError, WeightError
+
+    cands, stats = {}, {}
+    for i, (n, k) in enumerate([(8, 64), (40, 48), (24, 64)]):
+        w, _, h = _problem(n=n, k=k, seed=i)
+        cands[f"l{i}"] = (f"layer{i}", w.float().numpy())
+        stats[f"l{i}"] = h
+    stats["l1"] = torch.diagonal(stats["l1"]).clone()  # a layer with diag(H) only: weighted BCQ
+    cfg = QuantConfig(bits=3, group_size=16, terms=3, plane_terms=(3, 2), sweeps=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = quantize_candidates(cands, cfg, stats, progress=False, workers=1)
+    finally:
+        torch.set_num_threads(threads)
+    forked = quantize_candidates(cands, cfg, stats, progress=False, workers=2)
+    assert list(forked) == list(cands) == list(serial)
+    for key in cands:
+        assert torch.equal(forked[key].codes, serial[key].codes)
+        assert torch.equal(forked[key].term_signs, serial[key].term_signs)
+        assert torch.equal(forked[key].term_exps, serial[key].term_exps)
+    bad = dict(cands)
+    bad["l1"] = ("broken", cands["l1"][1] * float("nan"))
+    with pytest.raises(WeightError, match="broken"):
+        quantize_candidates(bad, cfg, stats, progress=False, workers=2)
+    monkeypatch.setenv("SHIFTADD_FIT_WORKERS", "3")
+    assert fit_workers() == 3
+    monkeypatch.setenv("SHIFTADD_FIT_WORKERS", "zero")
+    with pytest.raises(ConfigError, match="SHIFTADD_FIT_WORKERS"):
+        fit_workers()
