@@ -318,25 +318,39 @@ def bcq_quantize(
         alpha[:, b] = a[:, 0]
         r = r - a * (s.double() * 2 - 1)
 
-    def error(codes, alpha):
+    def sq_error(w, d, codes, alpha):
+        """Weighted squared error of every weight, [rows, gs]."""
         approx = ((codes.double() * 2 - 1) * alpha[:, None, :]).sum(-1)
-        return (dg * (wg - approx) ** 2).sum()
+        return d * (w - approx) ** 2
 
     ts, te = round_scales(alpha, cfg, -1)
     codes = _nearest_codes(wg, pow2_value(ts, te), bits)
-    best = (error(codes, pow2_value(ts, te)), codes, ts, te)
+    sq = sq_error(wg, dg, codes, pow2_value(ts, te))
+    best = (sq.sum(), codes.clone(), ts.clone(), te.clone())
     eye = torch.eye(bits, dtype=torch.float64)
+    # Each (row, group) alternates on its own; one whose codes came out unchanged is at a fixed
+    # point (the same codes give the same scales, hence the same codes), so later rounds skip it
+    # and keep its state and error terms. The kept round is still the one with the lowest total
+    # error, summed over every weight as before: the result is that of running every row.
+    active = torch.arange(R)
     for _ in range(cfg.iters):
-        S = codes.double() * 2 - 1  # [R, gs, bits]
-        A = S.transpose(1, 2) @ (S * dg[:, :, None])  # [R, bits, bits]
-        rhs = (S * (dg * wg)[:, :, None]).sum(1)  # [R, bits]
+        if not len(active):
+            break
+        wa, da, ca = wg[active], dg[active], codes[active]
+        S = ca.double() * 2 - 1  # [rows, gs, bits]
+        A = S.transpose(1, 2) @ (S * da[:, :, None])  # [rows, bits, bits]
+        rhs = (S * (da * wa)[:, :, None]).sum(1)  # [rows, bits]
         ridge = 1e-9 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
         alpha = torch.linalg.solve(A + ridge[:, None, None] * eye, rhs[:, :, None])[:, :, 0]
-        ts, te = round_scales(alpha, cfg, -1)
-        codes = _nearest_codes(wg, pow2_value(ts, te), bits)
-        err = error(codes, pow2_value(ts, te))
+        tsa, tea = round_scales(alpha, cfg, -1)
+        value = pow2_value(tsa, tea)
+        new = _nearest_codes(wa, value, bits)
+        codes[active], ts[active], te[active] = new, tsa, tea
+        sq[active] = sq_error(wa, da, new, value)
+        err = sq.sum()
         if err < best[0]:
-            best = (err, codes, ts, te)
+            best = (err, codes.clone(), ts.clone(), te.clone())
+        active = active[(new != ca).flatten(1).any(1)]
     _, codes, ts, te = best
     codes = codes.reshape(n, groups, gs, bits).permute(3, 0, 1, 2).reshape(bits, n, kp)[:, :, :k]
     ts = ts.reshape(n, groups, bits, cfg.terms).permute(2, 0, 1, 3).contiguous()

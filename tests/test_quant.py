@@ -216,3 +216,73 @@ def test_scale_window_in_the_gptq_loop():
     cfg = QuantConfig(bits=3, group_size=32, auto_terms=True, scale_window=8)
     r = gptq_bcq(w, x.T @ x / 512, cfg, sweeps=1)
     assert shared_exponent_form(r.pack()[1]) is not None
+
+
+def _bcq_every_row(w, cfg, cw):
+    """The alternating fit run on every (row, group) in every round (what ``bcq_quantize``
+    computed before it skipped the rows at a fixed point): codes and scales of the round with
+    the lowest total error."""
+    from shiftadd_tvm.quant import _nearest_codes, round_scales
+
+    n, k = w.shape
+    gs, bits = cfg.group_size, cfg.bits
+    groups = k // gs
+    wg = w.double().reshape(n * groups, gs)
+    d = cw.double() / cw.double().mean() + 1e-6
+    dg = d.reshape(1, groups, gs).expand(n, groups, gs).reshape(-1, gs)
+    r, codes = wg.clone(), torch.empty(n * groups, gs, bits, dtype=torch.bool)
+    alpha = torch.empty(n * groups, bits, dtype=torch.float64)
+    for b in range(bits):
+        s = r >= 0
+        a = (dg * r.abs()).sum(-1, keepdim=True) / dg.sum(-1, keepdim=True)
+        codes[:, :, b], alpha[:, b] = s, a[:, 0]
+        r = r - a * (s.double() * 2 - 1)
+
+    def error(codes, alpha):
+        return (dg * (wg - ((codes.double() * 2 - 1) * alpha[:, None, :]).sum(-1)) ** 2).sum()
+
+    ts, te = round_scales(alpha, cfg, -1)
+    codes = _nearest_codes(wg, pow2_value(ts, te), bits)
+    best = (error(codes, pow2_value(ts, te)), codes, ts, te)
+    eye = torch.eye(bits, dtype=torch.float64)
+    for _ in range(cfg.iters):
+        S = codes.double() * 2 - 1
+        A = S.transpose(1, 2) @ (S * dg[:, :, None])
+        rhs = (S * (dg * wg)[:, :, None]).sum(1)
+        ridge = 1e-9 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+        alpha = torch.linalg.solve(A + ridge[:, None, None] * eye, rhs[:, :, None])[:, :, 0]
+        ts, te = round_scales(alpha, cfg, -1)
+        codes = _nearest_codes(wg, pow2_value(ts, te), bits)
+        err = error(codes, pow2_value(ts, te))
+        if err < best[0]:
+            best = (err, codes, ts, te)
+    return best[1:]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(bits=2),
+        dict(bits=3, plane_terms=(3, 2)),
+        dict(bits=4, terms=4, plane_terms=(4, 3, 2)),
+        dict(bits=3, scale_window=8),
+    ],
+)
+def test_skipping_rows_at_a_fixed_point_changes_nothing(kw):
+    """bcq_quantize skips (row, group)s whose codes stopped changing; codes and scales are
+    bit-identical to running every row in every round (heavy-tailed weights and column weights,
+    so rows converge at different rounds)."""
+    g = torch.Generator().manual_seed(3)
+    n, k, gs = 48, 256, 64
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) ** 3 * 0.02
+    cw = torch.rand(k, generator=g, dtype=torch.float64) ** 4 * 10
+    cfg = QuantConfig(group_size=gs, **kw)
+    codes, ts, te = _bcq_every_row(w, cfg, cw)
+    got = bcq_quantize(w, cfg, cw)
+    bits, terms = cfg.bits, cfg.terms
+    assert torch.equal(
+        got.codes, codes.reshape(n, k // gs, gs, bits).permute(3, 0, 1, 2).reshape(bits, n, k)
+    )
+    want_ts = ts.reshape(n, k // gs, bits, terms).permute(2, 0, 1, 3)
+    want_te = te.reshape(n, k // gs, bits, terms).permute(2, 0, 1, 3)
+    assert torch.equal(got.term_signs, want_ts) and torch.equal(got.term_exps, want_te)
