@@ -357,6 +357,10 @@ class Runner:
         planes = rng.integers(0, 256, (cfg.bits, cfg.n, cfg.kp // 8), dtype=np.uint8)
         # term codes -70..70: exponents -64..5, within what the int8 kernels accept (max_exp)
         scales = rng.integers(-70, 70, (cfg.bits, cfg.n, g, cfg.terms), dtype=np.int8)
+        # a plane's slots past its term count are absent (code 0): the int8 kernels refuse
+        # weights with terms there (per-plane counts such as auto's 3,2,2)
+        present = np.arange(cfg.terms) < np.asarray(cfg.term_counts)[:, None, None, None]
+        scales = np.where(present, scales, 0).astype(np.int8)
         if family == FLOAT:
             weights = [planes, scales]
         else:

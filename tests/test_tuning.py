@@ -305,3 +305,21 @@ def test_plan_config_uses_the_uniform_record(tmp_path):
     shared = dataclasses.replace(plan, shared_exp=True)
     kn, how = tuning.lookup_int8_knobs(shared, tuning.Database(tmp_path / "log.json"), 2, "avx512")
     assert kn == chosen and "measured with every term slot per term" in how
+
+
+def test_tune_times_per_plane_terms_on_this_cpus_int8_kernel(logs):
+    """A per-plane term plan (compile's default, auto: 3,2,2 at 3 bits) is tuned on the int8
+    kernel this CPU runs: the timing weights leave each plane's slots past its count empty (the
+    kernel refuses weights with terms there, so every candidate used to fail and no record was
+    written)."""
+    from shiftadd_tvm.targets import host_cpu
+
+    host = {"kind": "llvm", "mcpu": host_cpu(), "num-cores": 2}
+    isa = cpu_features.kernel_isa(host)
+    if isa not in ("avx512", "avx2") or cpu_features.host_missing(isa):
+        pytest.skip(f"this CPU's kernel is {isa}: no int8 kernel to tune here")
+    cfg = LutGemmConfig(4, 64, 256, 3, 128, 3, (3, 2, 2))
+    summary = tuning.tune([cfg], host, trials=2, progress=False)
+    assert [(k["name"], k["kernel"]) for k in summary["kernels"]] == [(cfg.name, f"int8-{isa}")]
+    rec = tuning.Database(tuning.log_path(host)).get(cfg, f"int8-{isa}")
+    assert rec is not None and 0 < rec["us"] <= rec["default_us"] < float("inf")
