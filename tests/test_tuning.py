@@ -185,21 +185,49 @@ def test_shipped_log_loads():
         assert how.startswith("tuned"), how
 
 
-def _run_int8(cfg, knobs, seed=0):
-    """(kernel output, reference_int8) of ``cfg``'s AVX-512 kernel with ``knobs``."""
+def _run_int8(cfg, knobs, seed=0, isa="avx512", target=ZEN4):
+    """(kernel output, reference_int8) of ``cfg``'s ``isa`` kernel with ``knobs``."""
     import tvm
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((cfg.m, cfg.k)).astype(np.float32)
     planes = pack_planes(rng.random((cfg.bits, cfg.n, cfg.k)) < 0.5, cfg.group_size)
     shape = (cfg.bits, cfg.n, cfg.groups, cfg.terms)
-    scales = encode_terms(rng.choice([-1, 0, 1], shape), rng.integers(-12, 3, shape))
-    func = L.make_int8_primfunc(cfg, knobs, "avx512")
-    ex = tvm.compile(tvm.IRModule({"k": func}), target=tvm.target.Target(ZEN4))
-    args = [x, *L.pack_int8(planes, scales, cfg, "avx512"), np.zeros((cfg.m, cfg.n), np.float32)]
+    signs = rng.choice([-1, 0, 1], shape)
+    signs[..., 0] = 1  # every plane has its first term
+    signs = np.where(
+        np.arange(cfg.terms) < np.asarray(cfg.term_counts)[:, None, None, None], signs, 0
+    )
+    scales = encode_terms(signs, rng.integers(-12, 3, shape))
+    func = L.make_int8_primfunc(cfg, knobs, isa)
+    ex = tvm.compile(tvm.IRModule({"k": func}), target=tvm.target.Target(target))
+    args = [x, *L.pack_int8(planes, scales, cfg, isa), np.zeros((cfg.m, cfg.n), np.float32)]
     args = [tvm.runtime.tensor(a) for a in args]
-    ex.jit()[f"{cfg.name}_avx512"](*args)
+    ex.jit()[f"{cfg.name}_{isa}"](*args)
     return args[-1].numpy(), L.reference_int8(x, planes, scales, cfg)
+
+
+@pytest.mark.parametrize("log", sorted(p.name for p in tuning.tuning_log_dir().glob("llvm_*.json")))
+def test_shipped_int8_records_compute_the_reference(log, monkeypatch):
+    """Every int8 record of a shipped CPU log, built with its knobs for its own configuration,
+    computes what the numpy model says (the tuner only times candidates). Runs the logs whose ISA
+    this machine has; the others are compile-only elsewhere."""
+    monkeypatch.delenv("SHIFTADD_TVM_TUNING_LOGS", raising=False)
+    path = tuning.tuning_log_dir() / log
+    data = json.loads(path.read_text())
+    records = [r for r in data["records"] if r.get("kernel", "float").startswith("int8-")]
+    if not records:
+        pytest.skip(f"{log} has no int8 records")
+    isa = records[0]["kernel"].removeprefix("int8-")
+    if cpu_features.host_missing(isa):
+        pytest.skip(f"this CPU cannot run {isa} code")
+    for rec in records:
+        assert rec["kernel"] == f"int8-{isa}"
+        cfg = LutGemmConfig(**rec["config"])
+        y, ref = _run_int8(cfg, L.Int8Knobs(**rec["knobs"]), isa=isa, target=data["target"])
+        np.testing.assert_allclose(
+            y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=f"{cfg.name} {rec['knobs']}"
+        )
 
 
 @needs_avx512
