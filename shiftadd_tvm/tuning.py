@@ -351,16 +351,14 @@ class Runner:
         """Median time of one call of the built kernel on random weights, in microseconds."""
         import tvm
 
-        rng = np.random.default_rng(0)
-        g = cfg.groups
-        x = rng.standard_normal((cfg.m, cfg.k)).astype(np.float32)
-        planes = rng.integers(0, 256, (cfg.bits, cfg.n, cfg.kp // 8), dtype=np.uint8)
-        # term codes -70..70: exponents -64..5, within what the int8 kernels accept (max_exp)
-        scales = rng.integers(-70, 70, (cfg.bits, cfg.n, g, cfg.terms), dtype=np.int8)
-        # a plane's slots past its term count are absent (code 0): the int8 kernels refuse
-        # weights with terms there (per-plane counts such as auto's 3,2,2)
-        present = np.arange(cfg.terms) < np.asarray(cfg.term_counts)[:, None, None, None]
-        scales = np.where(present, scales, 0).astype(np.int8)
+        from .bench_kernel import random_packed
+
+        x = np.random.default_rng(0).standard_normal((cfg.m, cfg.k)).astype(np.float32)
+        # the bench's random weights: each plane's term slots past its count absent, which the
+        # int8 kernels require (per-plane counts such as auto's 3,2,2)
+        planes, scales = random_packed(
+            cfg.n, cfg.k, cfg.bits, cfg.group_size, cfg.terms, 0, cfg.term_counts
+        )
         if family == FLOAT:
             weights = [planes, scales]
         else:
