@@ -160,10 +160,15 @@ def _fit_worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _fit_in_worker(key: str) -> tuple[str, BCQResult]:
-    candidates, qcfg, stats = _FIT_JOB
+def _fit_key(job: tuple, key: str) -> tuple[str, BCQResult]:
+    """``key``'s fit in ``job`` = (candidates, qcfg, stats)."""
+    candidates, qcfg, stats = job
     name, w = candidates[key]
     return key, _fit_layer(name, w, stats.get(key) if stats is not None else None, qcfg)
+
+
+def _fit_in_worker(key: str) -> tuple[str, BCQResult]:
+    return _fit_key(_FIT_JOB, key)
 
 
 def fit_workers() -> int:
@@ -207,14 +212,13 @@ def quantize_candidates(
         log.warning("no fork() on this platform: fitting %d layers in one process", len(candidates))
         workers = 1
     bar = tqdm(total=len(candidates), desc=desc, unit="layer", disable=not progress)
-    out = {}
+    job, out = (candidates, qcfg, stats), {}
     if workers <= 1:
-        for key, (name, w) in candidates.items():
-            st = stats.get(key) if stats is not None else None
-            out[key] = _fit_layer(name, w, st, qcfg)
+        for key in candidates:
+            out[key] = _fit_key(job, key)[1]
             bar.update()
     else:
-        _FIT_JOB = (candidates, qcfg, stats)
+        _FIT_JOB = job
         try:
             ctx = mp.get_context("fork")
             with ctx.Pool(workers, initializer=_fit_worker_init) as pool:
