@@ -1,5 +1,5 @@
-"""Int8-table LUT GEMM for the CPU (T-MAC style): AVX-512 VBMI/VNNI, AVX2 and NEON variants, with
-the numpy model of exactly what they compute.
+"""Int8-table LUT GEMM for the CPU (T-MAC style): AVX-512 VBMI/VNNI, AVX-512 BW, AVX2 and NEON
+variants, with the numpy model of exactly what they compute.
 
 Same math and packed weights as ``schedules/lut_gemm.py`` (``y = x @ W.T`` with W given by {-1,+1}
 bit-planes and power-of-two scale terms, ``schedules/packing.py``), but the tables are 16-entry
@@ -37,6 +37,20 @@ to the group size (activations past K read as 0):
     its high nibble those of row ``32nt + 16 + r``. The four 16-entry tables of quads ``4kq..4kq+3``
     form one 64-byte register; ``vpermb`` with index ``nibble | 16 t`` does 64 lookups and
     ``vpdpbusd`` with all-ones adds the 4 adjacent bytes (4 quads, one row) into int32.
+``avx512bw`` (needs AVX-512 F/BW: Skylake-SP, Cascade Lake, ... without VBMI)
+    ``w: uint8[NT, Kp/16, bits, 64]``: byte ``p = 32h + 2i + s`` of the vector for tile ``nt``,
+    K-block ``kq``, plane b belongs to row ``32nt + 16s + i``; its low nibble holds the 4 bits of
+    quad ``4kq + h``, its high nibble those of quad ``4kq + 2 + h``. Tables are stored as
+    ``entry + 128`` (uint8, 1..255), each 16-entry table twice (32 bytes per quad), so the 64 bytes
+    of quads ``4kq, 4kq+1`` (or ``4kq+2, 4kq+3``) give every 128-bit lane the table its bytes index:
+    one in-lane ``vpshufb`` does 64 lookups. As 16-bit words, word ``16h + i`` of a lookup holds
+    row i's entry in its low byte and row ``16 + i``'s in its high byte: per (row pair, group) the
+    kernel sums the words (mod 2^16) and the high bytes (``word >> 8``), exact while
+    ``255 * group_size / 8 < 2^16`` (``BW_MAX_GROUP``); at the group end the low-byte sums are
+    ``words - (high << 8)``, both halves h are added and the bias ``128 * group_size / 4`` is
+    removed, giving the same int32 sums as the other variants (same epilogue, same numerics).
+    Measured on a Xeon (Cascade Lake, no VBMI) against ``avx2``, same machine, default schedules:
+    M=1 1.07-1.3x, M=8 and M=128 up to 2x (more rows per weight load: 32 zmm registers).
 ``avx2`` / ``neon`` (``vpshufb`` on 32 bytes / ``tbl`` on 16 bytes)
     ``w: uint8[NT, Kp/8, bits, 32]``: byte r = the packed-plane byte of row ``32nt + r``
     (low nibble quad ``2j``, high nibble quad ``2j + 1``). One shuffle looks up one quad's table
@@ -84,11 +98,13 @@ from .packing import EXP_BIAS, MULT_MAX, shared_exponent_form
 
 ROWS = 32  # output rows per tile
 QMAX = 127  # int8 table range
-ISAS = ("avx512", "avx2", "neon")
+ISAS = ("avx512", "avx512bw", "avx2", "neon")
 SHIFT = 64  # term exponents are applied as e + SHIFT; the kernel's table scale carries 2^-SHIFT
 PAD = 32  # int16 words before the first term vector (the high half's load starts one word early)
 _SHUFFLE_BYTES = {"avx2": 32, "neon": 16}
-_ACC_REGS = {"avx512": 24, "avx2": 10, "neon": 24}  # vector registers the accumulators may use
+_TABLE_BYTES = {"avx512": 16, "avx512bw": 32, "avx2": 32, "neon": 16}  # stored bytes per quad table
+_ACC_REGS = {"avx512": 24, "avx512bw": 24, "avx2": 10, "neon": 24}  # registers for accumulators
+BW_MAX_GROUP = 2048  # avx512bw: a (row, group)'s biased byte sums must fit 16 bits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +131,13 @@ def unsupported_reason(cfg: LutGemmConfig, isa: str) -> str | None:
     """Why ``isa``'s int8 kernel cannot run ``cfg`` (None if it can)."""
     if isa not in ISAS:
         return f"no int8 kernel for ISA '{isa}'"
-    if isa == "avx512" and cfg.group_size % 16:
+    if isa in ("avx512", "avx512bw") and cfg.group_size % 16:
         return f"group_size={cfg.group_size} is not a multiple of 16 (AVX-512 int8 kernel)"
+    if isa == "avx512bw" and cfg.group_size > BW_MAX_GROUP:
+        return (
+            f"group_size={cfg.group_size} > {BW_MAX_GROUP} overflows the avx512bw kernel's "
+            "16-bit byte sums"
+        )
     if cfg.shared_exp and isa != "avx512":
         return (
             f"shared-exponent scales are applied by the AVX-512 kernel only (vpdpbusd byte "
@@ -124,7 +145,7 @@ def unsupported_reason(cfg: LutGemmConfig, isa: str) -> str | None:
         )
     if cfg.shared_exp and QMAX * MULT_MAX * (cfg.group_size // 4) * cfg.bits >= 2**31:
         return f"group_size={cfg.group_size} overflows the shared-exponent kernel's int32 sums"
-    if isa != "avx512" and cfg.group_size > 1024:
+    if isa in ("avx2", "neon") and cfg.group_size > 1024:
         return f"group_size={cfg.group_size} > 1024 overflows the int16 accumulators"
     return None
 
@@ -132,8 +153,9 @@ def unsupported_reason(cfg: LutGemmConfig, isa: str) -> str | None:
 def default_int8_knobs(cfg: LutGemmConfig, isa: str, threads: int = 2) -> Int8Knobs:
     """Rule: as many rows per weight load as the accumulator registers allow (dividing M), and
     enough parallel tasks that every thread gets the same number."""
-    vreg = {"avx512": 64, "avx2": 32, "neon": 16}.get(isa, 16)
-    acc_per_row = cfg.bits * ROWS * (4 if isa == "avx512" else 2) // vreg  # int32 / int16 sums
+    vreg = {"avx512": 64, "avx512bw": 64, "avx2": 32, "neon": 16}.get(isa, 16)
+    # int32 sums (avx512); two 16-bit sums of byte pairs (avx512bw); int16 sums (avx2, neon)
+    acc_per_row = cfg.bits * ROWS * (4 if isa in ("avx512", "avx512bw") else 2) // vreg
     regs = _ACC_REGS.get(isa, 8) - (2 * cfg.bits if cfg.shared_exp else 0)  # byte weights
     cap = max(1, regs // acc_per_row)
     m_inner = max(d for d in range(1, min(cap, cfg.m) + 1) if cfg.m % d == 0)
@@ -243,6 +265,11 @@ def pack_int8(
         nib = _nibbles(planes, nt * ROWS).reshape(bits, nt, 2, 16, cfg.kp // 16, 4)
         v = nib.transpose(1, 4, 0, 3, 5, 2)  # [nt, kq, b, r, t, h]
         w = (v[..., 0] | (v[..., 1] << 4)).astype(np.uint8).reshape(nt, cfg.kp // 16, bits, 64)
+    elif isa == "avx512bw":
+        # [b, nt, s, i, kq, hi, h]: row 32nt + 16s + i, quad 4kq + 2hi + h
+        nib = _nibbles(planes, nt * ROWS).reshape(bits, nt, 2, 16, cfg.kp // 16, 2, 2)
+        v = nib.transpose(1, 4, 0, 6, 3, 2, 5)  # [nt, kq, b, h, i, s, hi]
+        w = (v[..., 0] | (v[..., 1] << 4)).astype(np.uint8).reshape(nt, cfg.kp // 16, bits, 64)
     else:
         p = np.zeros((bits, nt * ROWS, kb), np.uint8)
         p[:, :n] = planes
@@ -350,8 +377,6 @@ def reference_int8(
 
 
 # ----------------------------------------------------------------------------- TensorIR kernels
-def _table_dup(isa: str) -> int:
-    return _SHUFFLE_BYTES.get(isa, 16) // 16
 
 
 def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
@@ -376,14 +401,15 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     MI, NC = knobs.m_inner, knobs.n_chunks
     MB = M // MI
     TPC = -(-NT // NC)
-    D = _table_dup(isa)
-    TB = 16 * D  # table bytes per quad
+    TB = _TABLE_BYTES[isa]  # table bytes per quad (a 16-entry table, repeated per 128-bit lane)
     avx512 = isa == "avx512"
-    W = 64 if avx512 else _SHUFFLE_BYTES[isa]  # weight bytes per vector
-    KV = KP // 16 if avx512 else KP // 8  # weight vectors per row tile and plane
-    VPG = GS // 16 if avx512 else GS // 8  # weight vectors per group
+    wide = isa in ("avx512", "avx512bw")  # 64-byte weight vectors of 4 quads, int32 group sums
+    W = 64 if wide else _SHUFFLE_BYTES[isa]  # weight bytes per vector
+    KV = KP // 16 if wide else KP // 8  # weight vectors per row tile and plane
+    VPG = GS // 16 if wide else GS // 8  # weight vectors per group
     WSIZE = NT * KV * BITS * W
-    acc_t = "int32" if avx512 else "int16"
+    acc_t = "int32" if wide else "int16"
+    tab_t = "uint8" if isa == "avx512bw" else "int8"  # avx512bw: entries + 128 (module docstring)
     SHARED = cfg.shared_exp  # (avx512 only: unsupported_reason)
     SW = shared_words(cfg) if SHARED else NTERM * ROWS  # int16 words per (tile, group)
     DSIZE = PAD + NT * G * SW + (PAD if SHARED else 0)
@@ -399,7 +425,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         return tirx.Cast("float32", tirx.bitwise_and(tirx.shift_right(c, t), 1) * 2 - 1)
 
     def i32x16(v):
-        return v if avx512 else tirx.Cast("int32x16", v)
+        return v if wide else tirx.Cast("int32x16", v)
 
     odd = tirx.EQ(
         tirx.bitwise_and(tirx.Ramp(0, 1, 32), tirx.Broadcast(1, 32)), tirx.Broadcast(1, 32)
@@ -514,6 +540,10 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                     yacc[T.Ramp(mi * ROWS + h * 16, 1, 16)],
                 )
 
+    def biased(v):
+        """avx512bw stores each entry + 128 (exact in float32: the entries are integers)."""
+        return v + tirx.Broadcast(tirx.const(128.0, "float32"), TB) if tab_t == "uint8" else v
+
     def quad_sum(xbuf, m, g, j, c):
         """Entry c of quad j's float table: sum_t (bit t of c ? +x : -x)[4j + t] of group g."""
         return (
@@ -555,11 +585,104 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                 inv[0] = T.if_then_else(mx[0] > T.float32(0), T.float32(QMAX) / mx[0], T.float32(0))
                 for j in range(JG):
                     tab[T.Ramp((m * Q + g * JG + j) * TB, 1, TB)] = T.Cast(
-                        f"int8x{TB}",
-                        T.nearbyint(T.Broadcast(inv[0], TB) * tot[T.Ramp(j * TB, 1, TB)]),
+                        f"{tab_t}x{TB}",
+                        biased(T.nearbyint(T.Broadcast(inv[0], TB) * tot[T.Ramp(j * TB, 1, TB)])),
                     )
 
-    if avx512:
+    def bw_sum(acc, tab, tbase, wv, base, which):
+        """avx512bw: the new value of the byte-pair sums (which=0: whole words, 1: high bytes) of
+        one weight vector's two 64-byte lookups, added to ``acc[base + 32 * which : + 32]``. Low
+        nibbles look up quads 4kq, 4kq+1 (the table bytes at ``tbase``), high nibbles 4kq+2, 4kq+3
+        (``tbase + 2 * TB``); a word holds row i's biased entry in its low byte and row 16 + i's in
+        its high byte, so the word sums wrap mod 2^16 while the high-byte sums stay exact."""
+        mask = tirx.Broadcast(tirx.const(15, "uint8"), 64)
+        four = tirx.Broadcast(tirx.const(4, "uint16"), 32)
+        eight = tirx.Broadcast(tirx.const(8, "uint16"), 32)
+        nibs = (
+            tirx.bitwise_and(wv, mask),
+            tirx.bitwise_and(
+                tirx.reinterpret(
+                    "uint8x64", tirx.shift_right(tirx.reinterpret("uint16x32", wv), four)
+                ),
+                mask,
+            ),
+        )
+        tot = acc[tirx.Ramp(base + 32 * which, 1, 32)]
+        for i, nib in enumerate(nibs):
+            look = tirx.call_llvm_pure_intrin(
+                "uint8x64",
+                "llvm.x86.avx512.pshuf.b.512",
+                tab[tirx.Ramp(tbase + 2 * TB * i, 1, 64)],
+                nib,
+            )
+            words = tirx.reinterpret("uint16x32", look)
+            tot = tot + (tirx.shift_right(words, eight) if which else words)
+        return tot
+
+    def bw_fold(acc, base, s):
+        """int32 sums of rows ``16 s + i`` (i < 16) of one plane and row: both halves (quads 4kq + h)
+        added, the high-byte sums (s = 1) or the low-byte sums recovered from the word sums
+        (s = 0: ``words - (high << 8)``, exact below 2^16), less the bias 128 per lookup."""
+        parts = []
+        for h in range(2):
+            hs = acc[tirx.Ramp(base + 32 + 16 * h, 1, 16)]
+            if s == 0:
+                ws = acc[tirx.Ramp(base + 16 * h, 1, 16)]
+                hs = ws - tirx.shift_left(hs, tirx.Broadcast(tirx.const(8, "uint16"), 16))
+            parts.append(tirx.Cast("int32x16", hs))
+        return parts[0] + parts[1] - tirx.Broadcast(tirx.const(128 * (GS // 4), "int32"), 16)
+
+    @T.macro
+    def bw_accumulate(acc, tab, w, task, tt, g, kq):
+        for b in T.unroll(BITS):
+            for mi in T.unroll(MI):
+                # the word sums and the high-byte sums (Python constants: bw_sum branches on them)
+                acc[T.Ramp((b * MI + mi) * 64, 1, 32)] = bw_sum(
+                    acc,
+                    tab,
+                    (((task // NC) * MI + mi) * Q + g * JG + 4 * kq) * TB,
+                    w[
+                        T.Ramp(
+                            ((((task % NC) * TPC + tt) * KV + g * VPG + kq) * BITS + b) * 64, 1, 64
+                        )
+                    ],  # fmt: skip
+                    (b * MI + mi) * 64,
+                    0,
+                )
+                acc[T.Ramp((b * MI + mi) * 64 + 32, 1, 32)] = bw_sum(
+                    acc,
+                    tab,
+                    (((task // NC) * MI + mi) * Q + g * JG + 4 * kq) * TB,
+                    w[
+                        T.Ramp(
+                            ((((task % NC) * TPC + tt) * KV + g * VPG + kq) * BITS + b) * 64, 1, 64
+                        )
+                    ],  # fmt: skip
+                    (b * MI + mi) * 64,
+                    1,
+                )
+
+    @T.macro
+    def bw_fold_all(acc, acc32):
+        for b in T.unroll(BITS):
+            for mi in T.unroll(MI):
+                acc32[T.Ramp((b * MI + mi) * ROWS, 1, 16)] = bw_fold(acc, (b * MI + mi) * 64, 0)
+                acc32[T.Ramp((b * MI + mi) * ROWS + 16, 1, 16)] = bw_fold(
+                    acc, (b * MI + mi) * 64, 1
+                )
+
+    @T.macro
+    def store_tile(y, yacc, ybuf, task, tt):
+        for mi in T.unroll(MI):
+            if full_n:
+                y[(task // NC) * MI + mi, T.Ramp(((task % NC) * TPC + tt) * ROWS, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]  # fmt: skip
+            else:
+                ybuf[T.Ramp(0, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]
+                for r in range(ROWS):
+                    if ((task % NC) * TPC + tt) * ROWS + r < N:
+                        y[(task // NC) * MI + mi, ((task % NC) * TPC + tt) * ROWS + r] = ybuf[r]  # fmt: skip
+
+    if isa == "avx512bw":
 
         @T.prim_func
         def kernel(
@@ -569,7 +692,38 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             y: T.Buffer((M, N), "float32"),
         ):
             T.func_attr({"tirx.noalias": True})
-            tab = T.alloc_buffer((M * Q * TB,), "int8")
+            tab = T.alloc_buffer((M * Q * TB,), tab_t)
+            ls = T.alloc_buffer((M * G,), "float32")
+            build_tables_into(x, tab, ls)
+            for task in T.parallel(MB * NC):
+                acc = T.alloc_buffer((BITS * MI * 64,), "uint16", scope="local")
+                acc32 = T.alloc_buffer((BITS * MI * ROWS,), "int32", scope="local")
+                yacc = T.alloc_buffer((MI * ROWS,), "float32", scope="local")
+                ybuf = T.alloc_buffer((ROWS,), "float32", scope="local")
+                for tt in range(TPC):
+                    if (task % NC) * TPC + tt < NT:
+                        for i in T.unroll(MI * 2):
+                            yacc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.float32(0), 16)
+                        for g in range(G):
+                            for i in T.unroll(BITS * MI * 2):
+                                acc[T.Ramp(i * 32, 1, 32)] = T.Broadcast(T.uint16(0), 32)
+                            for kq in range(VPG):
+                                bw_accumulate(acc, tab, w, task, tt, g, kq)
+                            bw_fold_all(acc, acc32)
+                            apply_epilogues(acc32, dl, ls, yacc, task, tt, g)
+                        store_tile(y, yacc, ybuf, task, tt)
+
+    elif avx512:
+
+        @T.prim_func
+        def kernel(
+            x: T.Buffer((M, K), "float32"),
+            w: T.Buffer((WSIZE,), "uint8"),
+            dl: T.Buffer((DSIZE,), "int16"),
+            y: T.Buffer((M, N), "float32"),
+        ):
+            T.func_attr({"tirx.noalias": True})
+            tab = T.alloc_buffer((M * Q * TB,), tab_t)
             ls = T.alloc_buffer((M * G,), "float32")
             build_tables_into(x, tab, ls)
             for task in T.parallel(MB * NC):
@@ -650,7 +804,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             y: T.Buffer((M, N), "float32"),
         ):
             T.func_attr({"tirx.noalias": True})
-            tab = T.alloc_buffer((M * Q * TB,), "int8")
+            tab = T.alloc_buffer((M * Q * TB,), tab_t)
             ls = T.alloc_buffer((M * G,), "float32")
             build_tables_into(x, tab, ls)
             for task in T.parallel(MB * NC):

@@ -4,7 +4,7 @@ For every weight shape ``N x K``, batch ``M``, bit width and thread count it mea
 and one process:
 
 * ours: the CPU LUT kernel the compiler would emit for this machine (``--isa auto``: the kernel
-  chosen from the CPU features; ``avx512``/``avx2``/``generic`` force a variant), on random
+  chosen from the CPU features; ``avx512``/``avx512bw``/``avx2``/``generic`` force a variant), on random
   binary planes and power-of-two scale codes of the packed format, checked against the float64
   reference of the same weights before it is timed;
 * torch ``F.linear`` in float32 and bfloat16 (dense weights);
@@ -566,7 +566,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--isa",
         default="auto",
-        choices=["auto", "avx512", "avx2", "generic"],
+        choices=["auto", "avx512", "avx512bw", "avx2", "generic"],
         help="our kernel variant; 'auto' = the one the compiler picks for this CPU",
     )
     p.add_argument("--target", default="llvm", help="TVM target: 'llvm' (this CPU) or a JSON dict")

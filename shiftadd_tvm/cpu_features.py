@@ -20,11 +20,12 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-ISAS = ("avx512", "avx2", "neon", "generic")
+ISAS = ("avx512", "avx512bw", "avx2", "neon", "generic")
 
 # LLVM feature names each kernel variant needs (LLVM spelling)
 ISA_FEATURES: dict[str, tuple[str, ...]] = {
     "avx512": ("avx512f", "avx512bw", "avx512vbmi", "avx512vnni"),
+    "avx512bw": ("avx512f", "avx512bw"),
     "avx2": ("avx2",),
     "neon": ("neon",),
     "generic": (),
@@ -85,7 +86,9 @@ def _is_aarch64(spec: dict) -> bool:
 
 
 def kernel_isa(spec: dict) -> str:
-    """The int8 LUT kernel variant for an llvm target: ``avx512`` | ``avx2`` | ``neon`` | ``generic``.
+    """The int8 LUT kernel variant for an llvm target: ``avx512`` | ``avx512bw`` | ``avx2`` | ``neon``
+    | ``generic`` (the first whose features the target enables: VBMI's cross-lane byte lookups,
+    then AVX-512 BW's in-lane ones, then AVX2's).
 
     Chosen from what LLVM will enable for the target, never from this machine (a target may be
     compiled for another CPU). ``{"kind": "llvm"}`` without ``mcpu`` is a baseline x86-64: generic.
@@ -93,7 +96,7 @@ def kernel_isa(spec: dict) -> str:
     feats = target_features(spec)
     if _is_aarch64(spec):
         return "neon" if "neon" in feats else "generic"
-    for isa in ("avx512", "avx2"):
+    for isa in ("avx512", "avx512bw", "avx2"):
         if all(f in feats for f in ISA_FEATURES[isa]):
             return isa
     return "generic"

@@ -9,7 +9,7 @@ Two kernel families, each with its own knobs, and a record of one never stands i
   vector, interleaved output rows, parallel chunks), what targets without an int8 ISA get;
 * ``int8-<isa>``: the int8-table kernels (``schedules/lut_gemm_int8.py: Int8Knobs``: rows per
   weight load, parallel chunks of 32-row tiles, parallel table build) that ``compile()`` uses when
-  the target's kernel ISA (``cpu_features.kernel_isa``) is avx512, avx2 or neon.
+  the target's kernel ISA (``cpu_features.kernel_isa``) is avx512, avx512bw, avx2 or neon.
 
 ``tune(kernel="auto")`` tunes what ``compile()`` would use on the target, per configuration
 (``kernel_family``). Records carry a ``kernel`` field; the Database is keyed by (kernel, config),

@@ -1,4 +1,4 @@
-"""The int8-table LUT kernels (AVX-512, AVX2, NEON) against their numpy model and the exact
+"""The int8-table LUT kernels (AVX-512 VBMI, AVX-512 BW, AVX2, NEON) against their numpy model and the exact
 reference, on random and ragged shapes; CPU feature detection and refusal."""
 
 import re
@@ -17,6 +17,7 @@ RTOL_MODEL = 2e-6  # kernel vs reference_int8: same integers, float32 vs float64
 RTOL_EXACT = 2e-2  # int8 tables vs exact float64 (the table quantization costs ~7e-3)
 TARGETS = {
     "avx512": {"kind": "llvm", "mcpu": "znver4", "num-cores": 2},
+    "avx512bw": {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2},
     "avx2": {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2},
     "neon": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
     "generic": {"kind": "llvm", "num-cores": 2},
@@ -28,6 +29,9 @@ SHAPES = [  # m, n, k, bits, group_size, terms
     (8, 33, 256, 1, 64, 3),  # one bit, M=8
     (8, 96, 192, 2, 64, 1),
 ]
+
+
+X86_ISAS = ("avx512", "avx512bw", "avx2")
 
 
 def random_case(cfg, seed):
@@ -59,7 +63,7 @@ def runnable(isa):
     )
 
 
-@pytest.mark.parametrize("isa", [pytest.param(i, marks=runnable(i)) for i in ("avx512", "avx2")])
+@pytest.mark.parametrize("isa", [pytest.param(i, marks=runnable(i)) for i in X86_ISAS])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "m{}_n{}_k{}_b{}_g{}_t{}".format(*s))
 def test_int8_kernel_matches_models(isa, shape):
     cfg = LutGemmConfig(*shape)
@@ -84,14 +88,34 @@ def test_generic_kernel_same_cases(shape):
     assert rel(y.numpy(), reference(x, planes, scales, cfg)) < 1e-5
 
 
-@pytest.mark.skipif(bool(cpu_features.host_missing("avx512")), reason="needs AVX-512 VBMI/VNNI")
-def test_parallel_tasks_and_row_blocks():
+@pytest.mark.parametrize("isa", [pytest.param(i, marks=runnable(i)) for i in X86_ISAS])
+def test_parallel_tasks_and_row_blocks(isa):
     """Several row blocks x N chunks x parallel table build give the same result."""
     cfg = LutGemmConfig(8, 200, 256, 3, 64, 3)
     x, planes, scales = random_case(cfg, seed=5)
     model = L.reference_int8(x, planes, scales, cfg)
     for kn in (L.Int8Knobs(2, 3, True), L.Int8Knobs(8, 1, False), L.Int8Knobs(1, 7, True)):
-        assert rel(run_int8(cfg, "avx512", x, planes, scales, kn), model) < RTOL_MODEL, kn
+        assert rel(run_int8(cfg, isa, x, planes, scales, kn), model) < RTOL_MODEL, kn
+
+
+@pytest.mark.parametrize("sign", [1, -1], ids=["all+127", "all-127"])
+@pytest.mark.skipif(bool(cpu_features.host_missing("avx512bw")), reason="needs AVX-512 BW")
+def test_avx512bw_16bit_sums_at_the_largest_group(sign):
+    """avx512bw sums biased bytes (entry + 128) of two quads per 16-bit word: at group 2048 every
+    lookup at +127 (255 biased) or -127 (1) is the extreme of both the high-byte and the recovered
+    low-byte sums; the result is still the model's. A larger group is refused by name."""
+    cfg = LutGemmConfig(2, 40, 4096, 2, L.BW_MAX_GROUP, 2)
+    x = np.ones((cfg.m, cfg.k), np.float32)
+    x[1] = -1.0  # row 1: every quad's top entry is -127
+    codes = np.full((cfg.bits, cfg.n, cfg.k), sign > 0)
+    planes = pack_planes(codes, cfg.group_size)
+    scales = encode_terms(np.ones((cfg.bits, cfg.n, cfg.groups, 2), int), np.full((2,), -3))
+    y = run_int8(cfg, "avx512bw", x, planes, scales)
+    model = L.reference_int8(x, planes, scales, cfg)
+    assert np.abs(model).min() > 0
+    assert rel(y, model) < RTOL_MODEL
+    big = LutGemmConfig(1, 40, 4096, 2, 2 * L.BW_MAX_GROUP, 2)
+    assert "16-bit" in L.unsupported_reason(big, "avx512bw")
 
 
 def test_table_model_and_codes():
@@ -146,7 +170,7 @@ def plan_case(cfg, seed):
     return x, planes, scales
 
 
-@pytest.mark.parametrize("isa", [pytest.param(i, marks=runnable(i)) for i in ("avx512", "avx2")])
+@pytest.mark.parametrize("isa", [pytest.param(i, marks=runnable(i)) for i in X86_ISAS])
 @pytest.mark.parametrize("plan", [(4, 3, 3, 2), (2, 1, 0, 3)], ids=lambda p: "".join(map(str, p)))
 def test_per_plane_term_counts(isa, plan):
     """A config with per-plane term counts (packing.plane_term_counts of the scales) stores and
@@ -187,8 +211,8 @@ def test_exponent_limit():
         L.kernel_deltas(encode_terms(np.array([1]), np.array([L.max_exp(cfg) + 1])), cfg)
 
 
-@pytest.mark.skipif(bool(cpu_features.host_missing("avx512")), reason="needs AVX-512 VBMI/VNNI")
-def test_extreme_exponents_and_absent_rows():
+@pytest.mark.parametrize("isa", [pytest.param(i, marks=runnable(i)) for i in X86_ISAS])
+def test_extreme_exponents_and_absent_rows(isa):
     """Term exponents at both ends of the kernel's range, rows whose terms are all absent, and
     zero accumulators (an all-zero activation group: f = 0, no select)."""
     cfg = LutGemmConfig(2, 64, 128, 2, 32, 3)
@@ -200,19 +224,19 @@ def test_extreme_exponents_and_absent_rows():
     exps = rng.choice([-64, -63, top - 1, top, -5], signs.shape)
     signs[:, :5] = 0  # rows 0..4: alpha = 0 in every plane and group
     scales = encode_terms(signs, exps)
-    y = run_int8(cfg, "avx512", x, planes, scales)
+    y = run_int8(cfg, isa, x, planes, scales)
     model = L.reference_int8(x, planes, scales, cfg)
     assert np.isfinite(y).all()
     assert rel(y, model) < RTOL_MODEL
     assert np.abs(y[:, :5]).max() < 1e-12  # the 2^-64 stand-in only
     # moderate exponents: the zero group adds nothing visible, the rest matches the exact reference
     scales = encode_terms(signs, rng.integers(-12, 3, signs.shape))
-    y = run_int8(cfg, "avx512", x, planes, scales)
+    y = run_int8(cfg, isa, x, planes, scales)
     assert rel(y, L.reference_int8(x, planes, scales, cfg)) < RTOL_MODEL
     assert rel(y, reference(x, planes, scales, cfg)) < RTOL_EXACT
 
 
-@pytest.mark.parametrize("isa", [pytest.param(i, marks=runnable(i)) for i in ("avx512", "avx2")])
+@pytest.mark.parametrize("isa", [pytest.param(i, marks=runnable(i)) for i in X86_ISAS])
 def test_zero_input_gives_zero(isa):
     """x = 0: zero tables and scales, every accumulator 0; the output is exactly 0."""
     cfg = LutGemmConfig(3, 40, 96, 3, 32, 2)
@@ -231,8 +255,9 @@ def test_unsupported_cases_are_named():
 def test_kernel_isa_from_target():
     assert cpu_features.kernel_isa({"kind": "llvm", "mcpu": "znver4"}) == "avx512"
     assert cpu_features.kernel_isa({"kind": "llvm", "mcpu": "x86-64-v3"}) == "avx2"
-    # AVX-512 without VBMI: vpermb would abort LLVM, so the AVX2 kernel
-    assert cpu_features.kernel_isa({"kind": "llvm", "mcpu": "skylake-avx512"}) == "avx2"
+    # AVX-512 without VBMI (vpermb would abort LLVM): the in-lane vpshufb kernel
+    assert cpu_features.kernel_isa({"kind": "llvm", "mcpu": "skylake-avx512"}) == "avx512bw"
+    assert cpu_features.kernel_isa({"kind": "llvm", "mcpu": "cascadelake"}) == "avx512bw"
     assert cpu_features.kernel_isa({"kind": "llvm", "mattr": ["+avx2"]}) == "avx2"
     assert cpu_features.kernel_isa({"kind": "llvm"}) == "generic"
     assert cpu_features.kernel_isa(TARGETS["neon"]) == "neon"
@@ -260,15 +285,21 @@ def test_neon_compiles_to_tbl():
     assert n_tbl >= cfg.bits * 2 * 2  # 2 quads x 2 halves of a 32-row tile per plane
 
 
-@pytest.mark.skipif(bool(cpu_features.host_missing("avx512")), reason="needs AVX-512 VBMI/VNNI")
-def test_default_llvm_compile_uses_avx512_int8(tiny_artifact):
-    """compile(target="llvm") on an AVX-512 VBMI/VNNI machine runs every LUT matmul on the int8
-    AVX-512 kernel, says so in the manifest, and makes the runtime check those CPU features."""
+def _host_x86_isa():
+    return next((i for i in X86_ISAS if not cpu_features.host_missing(i)), None)
+
+
+@pytest.mark.skipif(_host_x86_isa() is None, reason="needs an x86 CPU with AVX2 or AVX-512")
+def test_default_llvm_compile_uses_the_hosts_int8_kernel(tiny_artifact):
+    """compile(target="llvm") runs every LUT matmul on the int8 kernel of the best ISA this machine
+    has (AVX-512 VBMI, else AVX-512 BW, else AVX2), says so in the manifest, and makes the runtime
+    check that ISA's CPU features."""
     art, _ = tiny_artifact
     man = art.manifest
+    isa = _host_x86_isa()
     lut = [k for k in man["rewrite"]["kernels"].values() if k.get("kind") != "dense"]
-    assert lut and all((k["kind"], k["isa"]) == ("lut-int8", "avx512") for k in lut)
-    assert {"avx512vbmi", "avx512vnni"} <= set(man["cpu_features"])
+    assert lut and all((k["kind"], k["isa"]) == ("lut-int8", isa) for k in lut)
+    assert set(cpu_features.ISA_FEATURES[isa]) <= set(man["cpu_features"])
     assert "float-table" not in man["rewrite"]["summary"]
 
 
