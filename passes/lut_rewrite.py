@@ -13,9 +13,9 @@ seen is recorded as rewritten or left dense (with the reason), so compile report
 what runs multiplication-free.
 
 On llvm targets the kernel is the int8-table kernel of ``cpu_isa`` (``schedules/lut_gemm_int8.py``:
-``avx512``, ``avx512bw``, ``avx2``, ``neon``; its weights re-laid out by ``pack_int8``) or the float-table
-kernel (``generic``, ``schedules/lut_gemm.py``). A configuration the int8 kernel cannot run falls
-back to the float kernel with a warning, and is counted in ``RewriteRecord.int8_fallbacks``.
+``avx512``, ``avx512bw``, ``avx2``, ``neon``; its weights re-laid out by ``pack_int8``) or the
+float-table kernel (``generic``, ``schedules/lut_gemm.py``). A configuration the int8 kernel cannot
+run falls back to the float kernel with a warning, and is counted in ``RewriteRecord.int8_fallbacks``.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ For every weight shape ``N x K``, batch ``M``, bit width and thread count it mea
 and one process:
 
 * ours: the CPU LUT kernel the compiler would emit for this machine (``--isa auto``: the kernel
-  chosen from the CPU features; ``avx512``/``avx512bw``/``avx2``/``generic`` force a variant), on random
-  binary planes and power-of-two scale codes of the packed format, checked against the float64
+  chosen from the CPU features; ``avx512``/``avx512bw``/``avx2``/``generic`` force a variant), on
+  random binary planes and power-of-two scale codes of the packed format, checked against the float64
   reference of the same weights before it is timed;
 * torch ``F.linear`` in float32 and bfloat16 (dense weights);
 * onnxruntime ``MatMulNBits`` (com.microsoft) at 4 bits and at 2 bits, in its fastest configuration

@@ -182,9 +182,9 @@ def _add_compile(sub) -> None:
         choices=defaults.TABLES,
         default="auto",
         help="activation tables of the CPU LUT kernel: auto (int8 tables where the target has "
-        "AVX-512 VBMI+VNNI, AVX2 or NEON, the fastest; float tables elsewhere) or float (the "
-        "float-table kernel everywhere: exact activations, slower; at 4 bits the int8 tables "
-        "cost SmolLM2 0.1-0.5%% perplexity)",
+        "AVX-512 VBMI+VNNI, AVX-512 BW, AVX2 or NEON, the fastest; float tables elsewhere) or "
+        "float (the float-table kernel everywhere: exact activations, slower; at 4 bits the "
+        "int8 tables cost SmolLM2 0.1-0.5%% perplexity)",
     )
     p.add_argument(
         "--max-context",
@@ -429,8 +429,9 @@ def _add_tune(sub) -> None:
         "then a seeded sample of the knob grid), build candidates in parallel processes, time "
         "them here or through TVM RPC, and write the best records to "
         "tuning_logs/llvm_<cpu>_<cores>c.json (atomically, after every kernel: an interrupted run "
-        "resumes where it stopped). compile() reads them. The int8-table kernels (AVX-512, AVX2, "
-        "NEON) and the float-table kernel have their own knobs and records (--kernel).",
+        "resumes where it stopped). compile() reads them. The int8-table kernels (AVX-512, "
+        "AVX-512 BW, AVX2, NEON) and the float-table kernel have their own knobs and records "
+        "(--kernel).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="smollm2", help="'smollm2', a HF folder or a .gguf file")
@@ -450,10 +451,10 @@ def _add_tune(sub) -> None:
         choices=["auto", "float", "int8"],
         default="auto",
         help="kernel family to tune: 'auto' = what compile() builds for the target (the int8-table "
-        "kernel of its ISA, AVX-512 VBMI+VNNI / AVX2 / NEON as LLVM enables them for the target's "
-        "mcpu; the float-table kernel where the target has none, or for a configuration the int8 "
-        "kernel cannot run); 'float' = the float-table kernel (what targets without those ISAs "
-        "get); 'int8' = the int8 kernel (an error where the target has none). "
+        "kernel of its ISA, AVX-512 VBMI+VNNI / AVX-512 BW / AVX2 / NEON as LLVM enables them "
+        "for the target's mcpu; the float-table kernel where the target has none, or for a "
+        "configuration the int8 kernel cannot run); 'float' = the float-table kernel (what "
+        "targets without those ISAs get); 'int8' = the int8 kernel (an error where the target has none). "
         "Each family keeps its own records in the same log",
     )
     p.add_argument("--workers", type=int, default=2, help="parallel build processes")

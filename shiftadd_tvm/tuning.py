@@ -78,7 +78,7 @@ def kernel_family(cfg: LutGemmConfig, isa: str, kernel: str = "auto") -> str:
     if kernel == FLOAT:
         return FLOAT
     why = (
-        "the target enables no AVX2, AVX-512 VBMI+VNNI or NEON"
+        "the target enables no AVX2, AVX-512 (VBMI+VNNI or BW) or NEON"
         if isa == "generic"
         else unsupported_reason(cfg, isa)
     )

@@ -1,5 +1,5 @@
-"""The int8-table LUT kernels (AVX-512 VBMI, AVX-512 BW, AVX2, NEON) against their numpy model and the exact
-reference, on random and ragged shapes; CPU feature detection and refusal."""
+"""The int8-table LUT kernels (AVX-512 VBMI, AVX-512 BW, AVX2, NEON) against their numpy model and
+the exact reference, on random and ragged shapes; CPU feature detection and refusal."""
 
 import re
 
