@@ -90,9 +90,15 @@ def kernel_family(cfg: LutGemmConfig, isa: str, kernel: str = "auto") -> str:
 
 
 def tuning_log_dir() -> Path:
-    """``$SHIFTADD_TVM_TUNING_LOGS`` or the repository's ``tuning_logs/``."""
+    """``$SHIFTADD_TVM_TUNING_LOGS``, else the repository's ``tuning_logs/`` (a checkout or an
+    editable install), else the copy a regular install carries as package data
+    (``shiftadd_tvm/tuning_logs``)."""
     env = os.environ.get("SHIFTADD_TVM_TUNING_LOGS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "tuning_logs"
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    repo = here.parent / "tuning_logs"
+    return repo if repo.is_dir() or not (here / "tuning_logs").is_dir() else here / "tuning_logs"
 
 
 def target_key(spec: dict) -> str:

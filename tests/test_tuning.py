@@ -3,6 +3,7 @@ the int8 kernels' knobs (their own records beside the float-table kernel's)."""
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -349,3 +350,33 @@ def test_tune_times_per_plane_terms_on_this_cpus_int8_kernel(logs):
     assert [(k["name"], k["kernel"]) for k in summary["kernels"]] == [(cfg.name, f"int8-{isa}")]
     rec = tuning.Database(tuning.log_path(host)).get(cfg, f"int8-{isa}")
     assert rec is not None and 0 < rec["us"] <= rec["default_us"] < float("inf")
+
+
+def test_a_regular_install_carries_the_shipped_logs(tmp_path):
+    """A non-editable install (no repository beside the package) finds the shipped logs as package
+    data, so compile() on those CPUs gets the tuned schedules there too."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+        + ["-t", str(target), str(repo)],
+        check=True,
+        capture_output=True,
+    )
+    code = "from shiftadd_tvm import tuning; print(tuning.tuning_log_dir())"
+    env = {k: v for k, v in os.environ.items() if k != "SHIFTADD_TVM_TUNING_LOGS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(target)},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    found = Path(out)
+    assert found == target / "shiftadd_tvm" / "tuning_logs"
+    shipped = sorted(p.name for p in (repo / "tuning_logs").glob("*.json"))
+    assert shipped and sorted(p.name for p in found.glob("*.json")) == shipped
