@@ -589,12 +589,16 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                         biased(T.nearbyint(T.Broadcast(inv[0], TB) * tot[T.Ramp(j * TB, 1, TB)])),
                     )
 
-    def bw_sum(acc, tab, tbase, wv, base, which):
+    def bw_sum(acc, tab, w, task, tt, g, kq, b, mi, which):
         """avx512bw: the new value of the byte-pair sums (which=0: whole words, 1: high bytes) of
-        one weight vector's two 64-byte lookups, added to ``acc[base + 32 * which : + 32]``. Low
-        nibbles look up quads 4kq, 4kq+1 (the table bytes at ``tbase``), high nibbles 4kq+2, 4kq+3
+        the two 64-byte lookups of plane b's weight vector kq (group g, tile tt) for row mi of the
+        row block, added to ``acc[(b * MI + mi) * 64 + 32 * which : + 32]``. Low nibbles look up
+        quads 4kq, 4kq+1 (the table bytes at ``tbase``), high nibbles 4kq+2, 4kq+3
         (``tbase + 2 * TB``); a word holds row i's biased entry in its low byte and row 16 + i's in
         its high byte, so the word sums wrap mod 2^16 while the high-byte sums stay exact."""
+        tbase = (((task // NC) * MI + mi) * Q + g * JG + 4 * kq) * TB
+        wv = w[tirx.Ramp(((((task % NC) * TPC + tt) * KV + g * VPG + kq) * BITS + b) * 64, 1, 64)]
+        base = (b * MI + mi) * 64
         mask = tirx.Broadcast(tirx.const(15, "uint8"), 64)
         four = tirx.Broadcast(tirx.const(4, "uint16"), 32)
         eight = tirx.Broadcast(tirx.const(8, "uint16"), 32)
@@ -638,28 +642,10 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             for mi in T.unroll(MI):
                 # the word sums and the high-byte sums (Python constants: bw_sum branches on them)
                 acc[T.Ramp((b * MI + mi) * 64, 1, 32)] = bw_sum(
-                    acc,
-                    tab,
-                    (((task // NC) * MI + mi) * Q + g * JG + 4 * kq) * TB,
-                    w[
-                        T.Ramp(
-                            ((((task % NC) * TPC + tt) * KV + g * VPG + kq) * BITS + b) * 64, 1, 64
-                        )
-                    ],  # fmt: skip
-                    (b * MI + mi) * 64,
-                    0,
+                    acc, tab, w, task, tt, g, kq, b, mi, 0
                 )
                 acc[T.Ramp((b * MI + mi) * 64 + 32, 1, 32)] = bw_sum(
-                    acc,
-                    tab,
-                    (((task // NC) * MI + mi) * Q + g * JG + 4 * kq) * TB,
-                    w[
-                        T.Ramp(
-                            ((((task % NC) * TPC + tt) * KV + g * VPG + kq) * BITS + b) * 64, 1, 64
-                        )
-                    ],  # fmt: skip
-                    (b * MI + mi) * 64,
-                    1,
+                    acc, tab, w, task, tt, g, kq, b, mi, 1
                 )
 
     @T.macro
@@ -682,209 +668,125 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                     if ((task % NC) * TPC + tt) * ROWS + r < N:
                         y[(task // NC) * MI + mi, ((task % NC) * TPC + tt) * ROWS + r] = ybuf[r]  # fmt: skip
 
-    if isa == "avx512bw":
+    @T.macro
+    def vbmi_group(acc, mv, tab, w, dl, task, tt, g):
+        """avx512: the group's lookups, vpermb over 4 quads' tables, vpdpbusd into int32."""
+        load_mults(dl, mv, task, tt, g)
+        for kq in range(VPG):
+            for b in T.unroll(BITS):
+                for mi in T.unroll(MI):
+                    # high nibble first: its shift reads the loaded vector, the low nibble's
+                    # ternlog may then overwrite it
+                    for h in T.unroll(2):
+                        acc[T.Ramp(((b * MI + mi) * 2 + 1 - h) * 16, 1, 16)] = dpbusd(
+                            acc[T.Ramp(((b * MI + mi) * 2 + 1 - h) * 16, 1, 16)],
+                            mv,
+                            b,
+                            1 - h,
+                            lookup_avx512(
+                                tab,
+                                (((task // NC) * MI + mi) * (KP // 16) + g * VPG + kq) * 64,
+                                w[
+                                    T.Ramp(
+                                        ((((task % NC) * TPC + tt) * KV + g * VPG + kq) * BITS + b)
+                                        * 64,
+                                        1,
+                                        64,
+                                    )
+                                ],  # fmt: skip
+                                1 - h,
+                            ),
+                        )
 
-        @T.prim_func
-        def kernel(
-            x: T.Buffer((M, K), "float32"),
-            w: T.Buffer((WSIZE,), "uint8"),
-            dl: T.Buffer((DSIZE,), "int16"),
-            y: T.Buffer((M, N), "float32"),
-        ):
-            T.func_attr({"tirx.noalias": True})
-            tab = T.alloc_buffer((M * Q * TB,), tab_t)
-            ls = T.alloc_buffer((M * G,), "float32")
-            build_tables_into(x, tab, ls)
-            for task in T.parallel(MB * NC):
-                acc = T.alloc_buffer((BITS * MI * 64,), "uint16", scope="local")
-                acc32 = T.alloc_buffer((BITS * MI * ROWS,), "int32", scope="local")
-                yacc = T.alloc_buffer((MI * ROWS,), "float32", scope="local")
-                ybuf = T.alloc_buffer((ROWS,), "float32", scope="local")
-                for tt in range(TPC):
-                    if (task % NC) * TPC + tt < NT:
-                        for i in T.unroll(MI * 2):
-                            yacc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.float32(0), 16)
-                        for g in range(G):
-                            for i in T.unroll(BITS * MI * 2):
-                                acc[T.Ramp(i * 32, 1, 32)] = T.Broadcast(T.uint16(0), 32)
-                            for kq in range(VPG):
-                                bw_accumulate(acc, tab, w, task, tt, g, kq)
-                            bw_fold_all(acc, acc32)
-                            apply_epilogues(acc32, dl, ls, yacc, task, tt, g)
-                        store_tile(y, yacc, ybuf, task, tt)
+    @T.macro
+    def shuffle_group(acc, tab, w, task, tt, g):
+        """avx2 / neon: the group's lookups, one byte shuffle per quad, widened int16 adds."""
+        for j8 in range(VPG):
+            for b in T.unroll(BITS):
+                for mi in T.unroll(MI):
+                    for s in T.unroll(ROWS // W):
+                        acc[T.Ramp((b * MI + mi) * ROWS + s * W, 1, W)] = (
+                            acc[T.Ramp((b * MI + mi) * ROWS + s * W, 1, W)]
+                            + shuffle(
+                                tab,
+                                (((task // NC) * MI + mi) * Q + g * JG + 2 * j8) * TB,
+                                w[
+                                    T.Ramp(
+                                        ((((task % NC) * TPC + tt) * KV + g * VPG + j8) * BITS + b)
+                                        * W
+                                        + s * W,
+                                        1,
+                                        W,
+                                    )
+                                ],  # fmt: skip
+                                False,
+                            )
+                            + shuffle(
+                                tab,
+                                (((task // NC) * MI + mi) * Q + g * JG + 2 * j8 + 1) * TB,
+                                w[
+                                    T.Ramp(
+                                        ((((task % NC) * TPC + tt) * KV + g * VPG + j8) * BITS + b)
+                                        * W
+                                        + s * W,
+                                        1,
+                                        W,
+                                    )
+                                ],  # fmt: skip
+                                True,
+                            )
+                        )
 
-    elif avx512:
+    @T.macro
+    def group(acc, aux, tab, w, dl, ls, yacc, task, tt, g):
+        """One scale group of one tile: zero the sums, look up and add, apply the epilogue.
+        ``aux``: avx512's byte weights, avx512bw's int32 sums (unused otherwise)."""
+        if isa == "avx512bw":
+            for i in T.unroll(BITS * MI * 2):
+                acc[T.Ramp(i * 32, 1, 32)] = T.Broadcast(T.uint16(0), 32)
+            for kq in range(VPG):
+                bw_accumulate(acc, tab, w, task, tt, g, kq)
+            bw_fold_all(acc, aux)
+            apply_epilogues(aux, dl, ls, yacc, task, tt, g)
+        else:
+            for i in T.unroll(BITS * MI * 2):
+                acc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(tirx.const(0, acc_t), 16)
+            if avx512:
+                vbmi_group(acc, aux, tab, w, dl, task, tt, g)
+            else:
+                shuffle_group(acc, tab, w, task, tt, g)
+            apply_epilogues(acc, dl, ls, yacc, task, tt, g)
 
-        @T.prim_func
-        def kernel(
-            x: T.Buffer((M, K), "float32"),
-            w: T.Buffer((WSIZE,), "uint8"),
-            dl: T.Buffer((DSIZE,), "int16"),
-            y: T.Buffer((M, N), "float32"),
-        ):
-            T.func_attr({"tirx.noalias": True})
-            tab = T.alloc_buffer((M * Q * TB,), tab_t)
-            ls = T.alloc_buffer((M * G,), "float32")
-            build_tables_into(x, tab, ls)
-            for task in T.parallel(MB * NC):
-                acc = T.alloc_buffer((BITS * MI * ROWS,), acc_t, scope="local")
-                mv = T.alloc_buffer((BITS * 2 * 64,), "uint8", scope="local")
-                yacc = T.alloc_buffer((MI * ROWS,), "float32", scope="local")
-                ybuf = T.alloc_buffer((ROWS,), "float32", scope="local")
-                for tt in range(TPC):
-                    if (task % NC) * TPC + tt < NT:
-                        for i in T.unroll(MI * 2):
-                            yacc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.float32(0), 16)
-                        for g in range(G):
-                            for i in T.unroll(BITS * MI * 2):
-                                acc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
-                            load_mults(dl, mv, task, tt, g)
-                            for kq in range(VPG):
-                                for b in T.unroll(BITS):
-                                    for mi in T.unroll(MI):
-                                        # high nibble first: its shift reads the loaded
-                                        # vector, the low nibble's ternlog may then overwrite it
-                                        for h in T.unroll(2):
-                                            acc[T.Ramp(((b * MI + mi) * 2 + 1 - h) * 16, 1, 16)] = (
-                                                dpbusd(
-                                                    acc[
-                                                        T.Ramp(
-                                                            ((b * MI + mi) * 2 + 1 - h) * 16, 1, 16
-                                                        )
-                                                    ],
-                                                    mv,
-                                                    b,
-                                                    1 - h,
-                                                    lookup_avx512(
-                                                        tab,
-                                                        (
-                                                            ((task // NC) * MI + mi) * (KP // 16)
-                                                            + g * VPG
-                                                            + kq
-                                                        )
-                                                        * 64,
-                                                        w[
-                                                            T.Ramp(
-                                                                (
-                                                                    (
-                                                                        ((task % NC) * TPC + tt)
-                                                                        * KV
-                                                                        + g * VPG
-                                                                        + kq
-                                                                    )
-                                                                    * BITS
-                                                                    + b
-                                                                )
-                                                                * 64,
-                                                                1,
-                                                                64,
-                                                            )
-                                                        ],
-                                                        1 - h,
-                                                    ),
-                                                )
-                                            )
-                            apply_epilogues(acc, dl, ls, yacc, task, tt, g)
-                        for mi in T.unroll(MI):
-                            if full_n:
-                                y[(task // NC) * MI + mi, T.Ramp(((task % NC) * TPC + tt) * ROWS, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]  # fmt: skip
-                            else:
-                                ybuf[T.Ramp(0, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]
-                                for r in range(ROWS):
-                                    if ((task % NC) * TPC + tt) * ROWS + r < N:
-                                        y[(task // NC) * MI + mi, ((task % NC) * TPC + tt) * ROWS + r] = ybuf[r]  # fmt: skip
+    if isa == "avx512bw":  # biased byte pairs in uint16 words; their int32 sums in aux
+        ACC_N, ACC_T, AUX_N, AUX_T = BITS * MI * 64, "uint16", BITS * MI * ROWS, "int32"
+    elif avx512:  # int32 sums; the shared-exponent byte weights in aux
+        ACC_N, ACC_T, AUX_N, AUX_T = BITS * MI * ROWS, acc_t, BITS * 2 * 64, "uint8"
+    else:  # int16 sums; aux unused
+        ACC_N, ACC_T, AUX_N, AUX_T = BITS * MI * ROWS, acc_t, 1, "uint8"
 
-    else:
-
-        @T.prim_func
-        def kernel(
-            x: T.Buffer((M, K), "float32"),
-            w: T.Buffer((WSIZE,), "uint8"),
-            dl: T.Buffer((DSIZE,), "int16"),
-            y: T.Buffer((M, N), "float32"),
-        ):
-            T.func_attr({"tirx.noalias": True})
-            tab = T.alloc_buffer((M * Q * TB,), tab_t)
-            ls = T.alloc_buffer((M * G,), "float32")
-            build_tables_into(x, tab, ls)
-            for task in T.parallel(MB * NC):
-                acc = T.alloc_buffer((BITS * MI * ROWS,), acc_t, scope="local")
-                yacc = T.alloc_buffer((MI * ROWS,), "float32", scope="local")
-                ybuf = T.alloc_buffer((ROWS,), "float32", scope="local")
-                for tt in range(TPC):
-                    if (task % NC) * TPC + tt < NT:
-                        for i in T.unroll(MI * 2):
-                            yacc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.float32(0), 16)
-                        for g in range(G):
-                            for i in T.unroll(BITS * MI * 2):
-                                acc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.int16(0), 16)
-                            for j8 in range(VPG):
-                                for b in T.unroll(BITS):
-                                    for mi in T.unroll(MI):
-                                        for s in T.unroll(ROWS // W):
-                                            acc[T.Ramp((b * MI + mi) * ROWS + s * W, 1, W)] = (
-                                                acc[T.Ramp((b * MI + mi) * ROWS + s * W, 1, W)]
-                                                + shuffle(
-                                                    tab,
-                                                    (((task // NC) * MI + mi) * Q + g * JG + 2 * j8)
-                                                    * TB,
-                                                    w[
-                                                        T.Ramp(
-                                                            (
-                                                                (
-                                                                    ((task % NC) * TPC + tt) * KV
-                                                                    + g * VPG
-                                                                    + j8
-                                                                )
-                                                                * BITS
-                                                                + b
-                                                            )
-                                                            * W
-                                                            + s * W,
-                                                            1,
-                                                            W,
-                                                        )
-                                                    ],
-                                                    False,
-                                                )
-                                                + shuffle(
-                                                    tab,
-                                                    (
-                                                        ((task // NC) * MI + mi) * Q
-                                                        + g * JG
-                                                        + 2 * j8
-                                                        + 1
-                                                    )
-                                                    * TB,
-                                                    w[
-                                                        T.Ramp(
-                                                            (
-                                                                (
-                                                                    ((task % NC) * TPC + tt) * KV
-                                                                    + g * VPG
-                                                                    + j8
-                                                                )
-                                                                * BITS
-                                                                + b
-                                                            )
-                                                            * W
-                                                            + s * W,
-                                                            1,
-                                                            W,
-                                                        )
-                                                    ],
-                                                    True,
-                                                )
-                                            )
-                            apply_epilogues(acc, dl, ls, yacc, task, tt, g)
-                        for mi in T.unroll(MI):
-                            if full_n:
-                                y[(task // NC) * MI + mi, T.Ramp(((task % NC) * TPC + tt) * ROWS, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]  # fmt: skip
-                            else:
-                                ybuf[T.Ramp(0, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]
-                                for r in range(ROWS):
-                                    if ((task % NC) * TPC + tt) * ROWS + r < N:
-                                        y[(task // NC) * MI + mi, ((task % NC) * TPC + tt) * ROWS + r] = ybuf[r]  # fmt: skip
+    @T.prim_func
+    def kernel(
+        x: T.Buffer((M, K), "float32"),
+        w: T.Buffer((WSIZE,), "uint8"),
+        dl: T.Buffer((DSIZE,), "int16"),
+        y: T.Buffer((M, N), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        tab = T.alloc_buffer((M * Q * TB,), tab_t)
+        ls = T.alloc_buffer((M * G,), "float32")
+        build_tables_into(x, tab, ls)
+        for task in T.parallel(MB * NC):
+            acc = T.alloc_buffer((ACC_N,), ACC_T, scope="local")
+            aux = T.alloc_buffer((AUX_N,), AUX_T, scope="local")
+            yacc = T.alloc_buffer((MI * ROWS,), "float32", scope="local")
+            ybuf = T.alloc_buffer((ROWS,), "float32", scope="local")
+            for tt in range(TPC):
+                if (task % NC) * TPC + tt < NT:
+                    for i in T.unroll(MI * 2):
+                        yacc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.float32(0), 16)
+                    for g in range(G):
+                        group(acc, aux, tab, w, dl, ls, yacc, task, tt, g)
+                    store_tile(y, yacc, ybuf, task, tt)
 
     body = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", kernel.body))
     return kernel.with_body(body).with_attr("global_symbol", int8_symbol(cfg, isa))
