@@ -182,13 +182,20 @@ def rewrite_matmuls(
     ``shared_exp`` (with ``cpu_isa="avx512"``): a layer whose scales have
     ``packing.shared_exponent_form`` (a fit with ``QuantConfig.scale_window``) runs the int8
     kernel that applies them with one shift per group; other layers keep the per-term kernel
-    (logged, counted in ``RewriteRecord.shared_exp_missed``).
+    (logged, counted in ``RewriteRecord.shared_exp_missed``), and so does every layer on any other
+    target (one warning; every layer counted).
     """
     if dense_weight_dtype not in dense_gemm.WEIGHT_DTYPES:
         raise ValueError(
             f"dense_weight_dtype={dense_weight_dtype!r}: one of {dense_gemm.WEIGHT_DTYPES}"
         )
     cuda = target_kind == "cuda"
+    if shared_exp and (cuda or cpu_isa != "avx512"):
+        log.warning(
+            "shared-exponent scales are applied with one shift per group by the AVX-512 VBMI "
+            "kernel only; the %s kernels apply them term by term (same values, no speedup)",
+            "CUDA" if cuda else cpu_isa,
+        )
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -334,7 +341,9 @@ def rewrite_matmuls(
                     f"quantizer returned shape {(packed.n, packed.k)} for {key} {(n, k)}"
                 )
             shared = shared_exp and cpu_isa == "avx512" and not cuda
-            if shared and shared_exponent_form(packed.scales) is None:
+            if shared_exp and not shared:  # the target's kernel applies the scales term by term
+                record.shared_exp_missed += 1
+            elif shared and shared_exponent_form(packed.scales) is None:
                 shared = False
                 record.shared_exp_missed += 1
                 log.warning("%s: scales lack a shared exponent: per-term int8 kernel", key)

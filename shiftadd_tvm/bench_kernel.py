@@ -395,6 +395,13 @@ def run(args) -> dict:
     isa = resolve_isa(args.isa, spec.to_dict())
     llc = llc_bytes()
     log.info("CPU %s, last-level cache %d MiB, kernel variant %s", cpu_model(), llc >> 20, isa)
+    if args.scale_window and isa != "avx512":
+        log.warning(
+            "--scale-window %d: the shared-exponent kernel is AVX-512 VBMI only; the %s kernel "
+            "timed here applies the terms one by one",
+            args.scale_window,
+            isa,
+        )
     db = None if args.default_schedules else tuning.load_database(spec.to_dict())
     log.info(
         "our kernels' schedules: %s",
