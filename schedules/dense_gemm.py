@@ -94,7 +94,12 @@ def make_primfunc(cfg: DenseGemmConfig, m_inner: int | None = None, n_unroll: in
     return dense_gemm.with_attr("global_symbol", cfg.name)
 
 
-def make_gemv_primfunc(cfg: DenseGemmConfig, lanes: int = 16, n_unroll: int = 4):
+PREFETCH_ROWS = 64  # the GEMV prefetches the weight rows this far ahead of its tile
+
+
+def make_gemv_primfunc(
+    cfg: DenseGemmConfig, lanes: int = 16, n_unroll: int = 4, prefetch_rows: int = PREFETCH_ROWS
+):
     """``M = 1`` (one decode token): ``y[0, n] = <x, W[n, :]>`` reading each weight row once,
     contiguously, ``lanes`` columns per vector FMA into ``n_unroll`` rows' accumulators, then one
     horizontal sum per row; a ``K % lanes`` tail is done per element. The GEMM above keeps
@@ -102,12 +107,21 @@ def make_gemv_primfunc(cfg: DenseGemmConfig, lanes: int = 16, n_unroll: int = 4)
 
     The GEMV only streams ``W`` (memory-bound at one thread), so a float16 ``W``
     (``cfg.w_dtype``) halves its time: each vector of ``lanes`` halves is widened to float32
-    (x86 ``vcvtph2ps``, F16C / AVX-512F; no half arithmetic) before the float32 FMA."""
+    (x86 ``vcvtph2ps``, F16C / AVX-512F; no half arithmetic) before the float32 FMA.
+
+    Each tile first prefetches (``llvm.prefetch``, one per cache line) the rows ``prefetch_rows``
+    ahead, so the loads of a tile find them in cache; 0 turns it off. On the 2-vCPU Xeon (no VBMI),
+    one thread, SmolLM2's float16 head (49152 x 576): 7.1 -> 5.8 ms (8.0 -> 9.8 GB/s, against
+    ~10.9 GB/s measured read bandwidth); 16 to 64 rows ahead gave 5.7-6.2 ms, 256 rows 6.0-6.3 ms
+    (two runs, 3 alternating rounds each)."""
     from tvm.script import tirx as T
 
     N, K, V, U, WD = cfg.n, cfg.k, lanes, n_unroll, cfg.w_dtype
     KV, TAIL = K // lanes, K % lanes
     NT = -(-N // U)
+    per_line = 64 // (2 if WD == "float16" else 4)  # weights per 64-byte cache line
+    LINES = -(-U * K // per_line) if prefetch_rows > 0 else 0  # lines of one row tile
+    AHEAD = prefetch_rows
 
     @T.prim_func(s_tir=True)
     def dense_gemv(
@@ -124,6 +138,22 @@ def make_gemv_primfunc(cfg: DenseGemmConfig, lanes: int = 16, n_unroll: int = 4)
                 for u in T.unroll(U):
                     for v in T.vectorized(V):
                         acc[u, v] = T.float32(0)
+                for line in range(LINES):  # the tile AHEAD rows on (clamped: any valid address)
+                    T.evaluate(
+                        T.call_llvm_intrin(
+                            "void",
+                            "llvm.prefetch.p0",
+                            T.address_of(
+                                w[
+                                    T.min(nt * U + AHEAD + (line * per_line) // K, N - 1),
+                                    (line * per_line) % K,
+                                ]
+                            ),
+                            T.int32(0),  # read
+                            T.int32(3),  # keep in all cache levels
+                            T.int32(1),  # data
+                        )
+                    )
                 for ko in range(KV):
                     for u in T.unroll(U):
                         for v in T.vectorized(V):
