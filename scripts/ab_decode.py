@@ -1,0 +1,55 @@
+"""A/B decode speed of two artifacts with KV-cache step functions, alternating in one process.
+
+    TVM_NUM_THREADS=1 python scripts/ab_decode.py A.so B.so [--new-tokens 128] [--rounds 6]
+
+Each round prefills the same 128-token prompt (the Wikipedia text) into both artifacts and decodes
+greedily, in alternating order; prints the median and every round's decode tokens/s, and whether
+the two artifacts produced the same tokens. For changes that should not move the numbers (a
+schedule, a prefetch), where a separate `bench model` run's machine noise is larger than the effect.
+"""
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from shiftadd_tvm import runtime
+from shiftadd_tvm.models import load_model
+from shiftadd_tvm.text import token_ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("artifacts", nargs=2, help="two .so files compiled with decode steps")
+    ap.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per round")
+    ap.add_argument("--rounds", type=int, default=6, help="alternating rounds (median)")
+    args = ap.parse_args()
+    rts = [runtime.load(p) for p in args.artifacts]
+    _, tok = load_model(rts[0].manifest.get("tokenizer") or rts[0].manifest["model"])
+    prompt = np.asarray(token_ids(tok, "wiki", 0, 128))
+
+    def run(rt, new):
+        rt.reset()
+        out = [int(np.argmax(rt.prefill(prompt)))]
+        t0 = time.perf_counter()
+        for _ in range(new - 1):
+            out.append(int(np.argmax(rt.decode(out[-1]))))
+        return (new - 1) / (time.perf_counter() - t0), out
+
+    for rt in rts:  # warm-up
+        run(rt, 8)
+    speeds: list[list[float]] = [[], []]
+    tokens = [None, None]
+    for r in range(args.rounds):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            tps, tokens[i] = run(rts[i], args.new_tokens)
+            speeds[i].append(tps)
+    for path, s in zip(args.artifacts, speeds, strict=True):
+        rounds = " ".join(f"{v:.1f}" for v in s)
+        print(f"{path}: decode {statistics.median(s):.1f} tok/s (rounds: {rounds})")
+    print(f"same tokens: {tokens[0] == tokens[1]}")
+
+
+if __name__ == "__main__":
+    main()
