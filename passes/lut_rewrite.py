@@ -14,8 +14,9 @@ what runs multiplication-free.
 
 On llvm targets the kernel is the int8-table kernel of ``cpu_isa`` (``schedules/lut_gemm_int8.py``:
 ``avx512``, ``avx512bw``, ``avx2``, ``neon``; its weights re-laid out by ``pack_int8``) or the
-float-table kernel (``generic``, ``schedules/lut_gemm.py``). A configuration the int8 kernel cannot
-run falls back to the float kernel with a warning, and is counted in ``RewriteRecord.int8_fallbacks``.
+float-table kernel (``generic``, ``schedules/lut_gemm.py``). A configuration the int8 kernel
+cannot run falls back to the float kernel with a warning, and is counted in
+``RewriteRecord.int8_fallbacks``.
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ def rewrite_matmuls(
             f"dense_weight_dtype={dense_weight_dtype!r}: one of {dense_gemm.WEIGHT_DTYPES}"
         )
     cuda = target_kind == "cuda"
-    if shared_exp and (cuda or cpu_isa != "avx512"):
+    vbmi = cpu_isa == "avx512" and not cuda  # the only kernel with a shared-exponent variant
+    if shared_exp and not vbmi:
         log.warning(
             "shared-exponent scales are applied with one shift per group by the AVX-512 VBMI "
             "kernel only; the %s kernels apply them term by term (same values, no speedup)",
@@ -340,7 +342,7 @@ def rewrite_matmuls(
                 raise ValueError(
                     f"quantizer returned shape {(packed.n, packed.k)} for {key} {(n, k)}"
                 )
-            shared = shared_exp and cpu_isa == "avx512" and not cuda
+            shared = shared_exp and vbmi
             if shared_exp and not shared:  # the target's kernel applies the scales term by term
                 record.shared_exp_missed += 1
             elif shared and shared_exponent_form(packed.scales) is None:

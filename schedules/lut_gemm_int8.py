@@ -106,6 +106,7 @@ _SHUFFLE_BYTES = {"avx2": 32, "neon": 16}
 _TABLE_BYTES = {"avx512": 16, "avx512bw": 32, "avx2": 32, "neon": 16}  # stored bytes per quad table
 _ACC_REGS = {"avx512": 24, "avx512bw": 24, "avx2": 10, "neon": 24}  # registers for accumulators
 BW_MAX_GROUP = 2048  # avx512bw: a (row, group)'s biased byte sums must fit 16 bits
+_WIDE = ("avx512", "avx512bw")  # 64-byte weight vectors of 4 quads, int32 group sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,7 @@ def unsupported_reason(cfg: LutGemmConfig, isa: str) -> str | None:
     """Why ``isa``'s int8 kernel cannot run ``cfg`` (None if it can)."""
     if isa not in ISAS:
         return f"no int8 kernel for ISA '{isa}'"
-    if isa in ("avx512", "avx512bw") and cfg.group_size % 16:
+    if isa in _WIDE and cfg.group_size % 16:
         return f"group_size={cfg.group_size} is not a multiple of 16 (AVX-512 int8 kernel)"
     if isa == "avx512bw" and cfg.group_size > BW_MAX_GROUP:
         return (
@@ -146,7 +147,7 @@ def unsupported_reason(cfg: LutGemmConfig, isa: str) -> str | None:
         )
     if cfg.shared_exp and QMAX * MULT_MAX * (cfg.group_size // 4) * cfg.bits >= 2**31:
         return f"group_size={cfg.group_size} overflows the shared-exponent kernel's int32 sums"
-    if isa in ("avx2", "neon") and cfg.group_size > 1024:
+    if isa not in _WIDE and cfg.group_size > 1024:
         return f"group_size={cfg.group_size} > 1024 overflows the int16 accumulators"
     return None
 
@@ -156,7 +157,7 @@ def default_int8_knobs(cfg: LutGemmConfig, isa: str, threads: int = 2) -> Int8Kn
     enough parallel tasks that every thread gets the same number."""
     vreg = {"avx512": 64, "avx512bw": 64, "avx2": 32, "neon": 16}.get(isa, 16)
     # int32 sums (avx512); two 16-bit sums of byte pairs (avx512bw); int16 sums (avx2, neon)
-    acc_per_row = cfg.bits * ROWS * (4 if isa in ("avx512", "avx512bw") else 2) // vreg
+    acc_per_row = cfg.bits * ROWS * (4 if isa in _WIDE else 2) // vreg
     regs = _ACC_REGS.get(isa, 8) - (2 * cfg.bits if cfg.shared_exp else 0)  # byte weights
     cap = max(1, regs // acc_per_row)
     m_inner = max(d for d in range(1, min(cap, cfg.m) + 1) if cfg.m % d == 0)
@@ -378,8 +379,6 @@ def reference_int8(
 
 
 # ----------------------------------------------------------------------------- TensorIR kernels
-
-
 def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     """PrimFunc ``(x f32[M,K], w, codes, y f32[M,N])`` of ``isa``'s kernel (table build inside),
     global symbol ``<cfg.name>_<isa>``, body under a root block (Relax dataflow needs one)."""
@@ -404,7 +403,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     TPC = -(-NT // NC)
     TB = _TABLE_BYTES[isa]  # table bytes per quad (a 16-entry table, repeated per 128-bit lane)
     avx512 = isa == "avx512"
-    wide = isa in ("avx512", "avx512bw")  # 64-byte weight vectors of 4 quads, int32 group sums
+    wide = isa in _WIDE
     W = 64 if wide else _SHUFFLE_BYTES[isa]  # weight bytes per vector
     KV = KP // 16 if wide else KP // 8  # weight vectors per row tile and plane
     VPG = GS // 16 if wide else GS // 8  # weight vectors per group
@@ -625,8 +624,8 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         return tot
 
     def bw_fold(acc, base, s):
-        """int32 sums of rows ``16 s + i`` (i < 16) of one plane and row: both halves (quads 4kq + h)
-        added, the high-byte sums (s = 1) or the low-byte sums recovered from the word sums
+        """int32 sums of rows ``16 s + i`` (i < 16) of one plane and row: both halves (quads
+        4kq + h) added, the high-byte sums (s = 1) or the low-byte sums recovered from the word sums
         (s = 0: ``words - (high << 8)``, exact below 2^16), less the bias 128 per lookup."""
         parts = []
         for h in range(2):

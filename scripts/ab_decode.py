@@ -10,11 +10,11 @@ schedule, a prefetch), where a separate `bench model` run's machine noise is lar
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 
 from shiftadd_tvm import runtime
+from shiftadd_tvm.bench_model import time_generate
 from shiftadd_tvm.models import load_model
 from shiftadd_tvm.text import token_ids
 
@@ -30,12 +30,8 @@ def main() -> None:
     prompt = np.asarray(token_ids(tok, "wiki", 0, 128))
 
     def run(rt, new):
-        rt.reset()
-        out = [int(np.argmax(rt.prefill(prompt)))]
-        t0 = time.perf_counter()
-        for _ in range(new - 1):
-            out.append(int(np.argmax(rt.decode(out[-1]))))
-        return (new - 1) / (time.perf_counter() - t0), out
+        _, decode_s, out = time_generate(rt, prompt, new)
+        return (new - 1) / decode_s, out.tolist()
 
     for rt in rts:  # warm-up
         run(rt, 8)

@@ -12,7 +12,6 @@ bandwidth-bound (README, "Intel Xeon without VBMI").
 
 import numpy as np
 import tvm
-from shiftadd_tvm.schedules import lut_gemm_int8 as k8
 from shiftadd_tvm.schedules.lut_gemm import LutGemmConfig
 
 from shiftadd_tvm import bench_kernel as bk
@@ -32,14 +31,13 @@ def main() -> None:
         for plan in plans:
             for n in (4096, 1024):
                 cfg = LutGemmConfig(1, n, 4096, bits, 128, max(plan), plan)
-                planes, scales = bk.random_packed(n, 4096, bits, 128, max(plan), 0, plan)
-                knobs = k8.default_int8_knobs(cfg, isa, 1)
-                func = k8.make_int8_primfunc(cfg, knobs, isa).with_attr("global_symbol", "f")
-                f = tvm.compile(tvm.IRModule({"f": func}), target=tgt)["f"]
-                w, codes = k8.pack_int8(planes, scales, cfg, isa)
                 x = np.random.default_rng(0).standard_normal((1, 4096)).astype("float32")
-                args = [tvm.runtime.tensor(a) for a in (x, w, codes, np.zeros((1, n), "float32"))]
-                cases[(bits, plan, n)] = (w.nbytes + codes.nbytes, f, args)
+                ker = bk.build_ours(cfg, isa, 1, tgt, 1, x, 0)  # default rule, checked vs reference
+                if not ker.err < 2e-2:
+                    raise SystemExit(f"{cfg.name}: relative error {ker.err:.1e} vs the reference")
+                y = tvm.runtime.tensor(np.zeros((1, n), "float32"))
+                args = [tvm.runtime.tensor(x), *ker.weights[0], y]
+                cases[(bits, plan, n)] = (ker.nbytes, ker.func, args)
     print(f"kernel {isa}; bits, terms per plane, N: bytes, ms, GB/s")
     for r in range(3):
         for (bits, plan, n), (nbytes, f, args) in cases.items():

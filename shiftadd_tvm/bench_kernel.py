@@ -5,8 +5,8 @@ and one process:
 
 * ours: the CPU LUT kernel the compiler would emit for this machine (``--isa auto``: the kernel
   chosen from the CPU features; ``avx512``/``avx512bw``/``avx2``/``generic`` force a variant), on
-  random binary planes and power-of-two scale codes of the packed format, checked against the float64
-  reference of the same weights before it is timed;
+  random binary planes and power-of-two scale codes of the packed format, checked against the
+  float64 reference of the same weights before it is timed;
 * torch ``F.linear`` in float32 and bfloat16 (dense weights);
 * onnxruntime ``MatMulNBits`` (com.microsoft) at 4 bits and at 2 bits, in its fastest configuration
   (block size 32 or 128, ``accuracy_level`` 4 = int8 activations, the VNNI path; both block sizes

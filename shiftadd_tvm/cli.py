@@ -454,7 +454,8 @@ def _add_tune(sub) -> None:
         "kernel of its ISA, AVX-512 VBMI+VNNI / AVX-512 BW / AVX2 / NEON as LLVM enables them "
         "for the target's mcpu; the float-table kernel where the target has none, or for a "
         "configuration the int8 kernel cannot run); 'float' = the float-table kernel (what "
-        "targets without those ISAs get); 'int8' = the int8 kernel (an error where the target has none). "
+        "targets without those ISAs get); 'int8' = the int8 kernel (an error where the target "
+        "has none). "
         "Each family keeps its own records in the same log",
     )
     p.add_argument("--workers", type=int, default=2, help="parallel build processes")

@@ -87,8 +87,8 @@ def _is_aarch64(spec: dict) -> bool:
 
 def kernel_isa(spec: dict) -> str:
     """The int8 LUT kernel variant for an llvm target: ``avx512`` | ``avx512bw`` | ``avx2`` |
-    ``neon`` | ``generic`` (the first whose features the target enables: VBMI's cross-lane byte lookups,
-    then AVX-512 BW's in-lane ones, then AVX2's).
+    ``neon`` | ``generic`` (the first whose features the target enables: VBMI's cross-lane byte
+    lookups, then AVX-512 BW's in-lane ones, then AVX2's).
 
     Chosen from what LLVM will enable for the target, never from this machine (a target may be
     compiled for another CPU). ``{"kind": "llvm"}`` without ``mcpu`` is a baseline x86-64: generic.

@@ -97,8 +97,8 @@ def tuning_log_dir() -> Path:
     if env:
         return Path(env)
     here = Path(__file__).resolve().parent
-    repo = here.parent / "tuning_logs"
-    return repo if repo.is_dir() or not (here / "tuning_logs").is_dir() else here / "tuning_logs"
+    repo, packaged = here.parent / "tuning_logs", here / "tuning_logs"
+    return packaged if packaged.is_dir() and not repo.is_dir() else repo
 
 
 def target_key(spec: dict) -> str:
