@@ -20,6 +20,11 @@ new tokens share one softmax (over their concatenation: scores only, ``[kv_heads
 the output is ``P_cache @ V_cache + P_new @ V_new``. Grouped
 query heads are folded into the rows of one matmul per KV head (no repeated K/V). K is cached
 transposed so that the scores are a plain matmul (no per-step transpose of the whole cache).
+Steps of up to ``KERNEL_ATTENTION_TOKENS`` tokens (decode) run that attention as one custom op,
+``shiftadd::cache_attention``, which the import maps to the kernel of
+``schedules/cache_attention.py``: it reads ``pos`` at run time and touches only the filled cache
+slots, so a decode step's attention costs what the cache holds, not ``max_context``. Longer steps
+(prefill chunks) keep the matmuls over the whole cache.
 
 The wrapper reuses the model's own submodules (projections stay ``nn.Linear``, so the LUT rewrite
 pass sees the same weights in every function; norms, MLP and rotary embedding are the model's).
@@ -41,6 +46,45 @@ log = logging.getLogger(__name__)
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # pre-norm, RoPE, GQA, SiLU-gated MLP
 DEFAULT_STEP_LENGTHS = (1, 128)
 CACHE_ALIGN_TOKENS = 16  # S rounded up so that every layer's cache slice is 64-byte aligned
+# steps of at most this many tokens run their attention as one kernel over the filled cache slots
+# (schedules/cache_attention.py); longer ones (prefill chunks) as matmuls over the whole cache
+KERNEL_ATTENTION_TOKENS = 16
+
+
+def attention_math(q, k_cache, v_cache, k_new, v_new, valid, causal, scale: float):
+    """``q [KVH, G*T, D]`` (row r is token r % T) over the cache slots where ``valid`` ([1, 1, S])
+    and over the T new tokens where ``causal`` ([G*T, T]); one softmax over both parts (the scores
+    are small; max-reductions would import as topk, which needs the compiler's registry at run
+    time). The output is ``P_cache @ V_cache + P_new @ V_new``."""
+    s = k_cache.shape[-1]
+    neg = torch.tensor(float("-inf"))
+    s_cache = torch.where(valid, torch.matmul(q, k_cache) * scale, neg)  # [KVH, G*T, S]
+    s_new = torch.where(causal, torch.matmul(q, k_new.transpose(1, 2)) * scale, neg)
+    p = torch.softmax(torch.cat([s_cache, s_new], -1), -1)
+    return torch.matmul(p[..., :s], v_cache) + torch.matmul(p[..., s:], v_new)
+
+
+@torch.library.custom_op("shiftadd::cache_attention", mutates_args=())
+def cache_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    pos: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """A decode step's attention as one op: the Relax import maps it to the kernel of
+    ``schedules/cache_attention.py``, which reads ``pos`` and only touches the filled slots."""
+    t = k_new.shape[1]
+    causal = (torch.arange(q.shape[1]) % t)[:, None] >= torch.arange(t)[None, :]
+    valid = (torch.arange(k_cache.shape[-1]) < pos)[None, None, :]
+    return attention_math(q, k_cache, v_cache, k_new, v_new, valid, causal, scale).contiguous()
+
+
+@cache_attention_op.register_fake
+def _(q, k_cache, v_cache, k_new, v_new, pos, scale):
+    return torch.empty_like(q)
 
 
 def step_name(tokens: int) -> str:
@@ -113,7 +157,7 @@ class KVStep(torch.nn.Module):
         self.register_buffer("slots", torch.arange(self.max_context), persistent=False)
         self.register_buffer("offsets", torch.arange(t), persistent=False)
 
-    def _attend(self, attn, h, cos, sin, k_cache, v_cache, valid):
+    def _attend(self, attn, h, cos, sin, k_cache, v_cache, valid, pos):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         t, kvh, d, g = self.tokens, self.kv_heads, self.head_dim, self.groups
@@ -124,16 +168,10 @@ class KVStep(torch.nn.Module):
         qg = q.reshape(kvh, g * t, d)  # head kv*G + j reads KV head kv (HF repeat_kv order)
         k0, v0 = k[0], v[0]  # [KVH, T, D]
         scale = attn.scaling
-        s_cache = torch.matmul(qg, k_cache) * scale  # k_cache [KVH, D, S] -> [KVH, G*T, S]
-        s_new = torch.matmul(qg, k0.transpose(1, 2)) * scale  # [KVH, G*T, T]
-        neg = torch.tensor(float("-inf"))
-        s_cache = torch.where(valid, s_cache, neg)
-        s_new = torch.where(self.causal, s_new, neg)
-        # one softmax over both parts (the scores are small; max-reductions would import as topk,
-        # which needs the compiler's registry at run time)
-        p = torch.softmax(torch.cat([s_cache, s_new], -1), -1)
-        s = self.max_context
-        out = torch.matmul(p[..., :s], v_cache) + torch.matmul(p[..., s:], v0)  # [KVH, G*T, D]
+        if t <= KERNEL_ATTENTION_TOKENS:
+            out = cache_attention_op(qg, k_cache, v_cache, k0, v0, pos, float(scale))
+        else:
+            out = attention_math(qg, k_cache, v_cache, k0, v0, valid, self.causal, scale)
         out = out.reshape(1, self.heads, t, d).transpose(1, 2).reshape(1, t, self.heads * d)
         return attn.o_proj(out), k0, v0
 
@@ -153,6 +191,7 @@ class KVStep(torch.nn.Module):
                 caches[2 * i],
                 caches[2 * i + 1],
                 valid,
+                pos,
             )
             x = x + a
             x = x + layer.mlp(layer.post_attention_layernorm(x))

@@ -66,6 +66,36 @@ def hadamard_converter(prefix: str = ""):
     return convert
 
 
+def cache_attention_converter(prefix: str = ""):
+    """Converter of ``shiftadd::cache_attention`` (``decode.KVStep``'s attention of a decode step):
+    one ``call_tir`` of the kernel of ``schedules/cache_attention.py``."""
+
+    def convert(node, importer):
+        from tvm import relax
+
+        from .errors import UnsupportedModelError
+        from .schedules.cache_attention import CacheAttentionConfig, make_primfunc
+
+        q, kc, vc, kn, vn, pos = (importer.env[a] for a in node.args[:6])
+        scale = float(node.args[6])
+        h, rows, d = _dims(q.ty)
+        s, tokens = _dims(kc.ty)[2], _dims(kn.ty)[1]
+        dims = (h, rows, d, s, tokens)
+        if q.ty.dtype != "float32" or any(not isinstance(v, int) for v in dims):
+            raise UnsupportedModelError(
+                f"decode attention on {q.ty}: only static float32 shapes are supported; compile "
+                "without decode"
+            )
+        cfg = CacheAttentionConfig(h, rows // tokens, tokens, d, s, scale)
+        bb = importer.block_builder
+        name = prefix + cfg.name
+        gv = bb.add_func(make_primfunc(cfg, name=name), name)
+        out_ty = relax.TensorType((h, rows, d), "float32")
+        return bb.emit(relax.call_tir(gv, [q, kc, vc, kn, vn, pos], out_ty=out_ty))
+
+    return convert
+
+
 def _dims(sinfo) -> list:
     from tvm import tirx
 
@@ -74,7 +104,11 @@ def _dims(sinfo) -> list:
 
 def converters(prefix: str = "") -> dict:
     """``custom_convert_map`` of every torch import of a causal LM."""
-    return {"cumsum.default": _cumsum_bool_fix, "hadamard.default": hadamard_converter(prefix)}
+    return {
+        "cumsum.default": _cumsum_bool_fix,
+        "hadamard.default": hadamard_converter(prefix),
+        "cache_attention.default": cache_attention_converter(prefix),
+    }
 
 
 def import_causal_lm(model, batch: int, seq_len: int):

@@ -74,20 +74,34 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _assert_steps_match(errs: list[float], *context) -> None:
-    """Step functions vs main, per position (relative L2 of the logits). They run the same
-    kernels on the same weights, but their attention and norms see M = 1 or 8 rows instead of
-    M = 24, so activations can differ in the last bit; where such an activation sits on a rounding
-    boundary of an int8 table entry, that entry moves by one step, and the cache rows written there
-    carry the difference to the later positions. Measured on an Intel Xeon (AVX2 tables):
-    2 of 17 positions at 2.5e-3 / 3.2e-3, the others <= 3e-7; with the dense float16 head
-    1.4e-2 at one position and 6.6e-3 - 7.5e-3 at the 4 after it, the 11 before it <= 3e-7; with
-    float tables every position <= 1.3e-6; on Zen 4 nothing had moved. A cache bug (wrong position,
-    stale rows) is off by O(1): every position within 5e-2 (the int8 tables' own logits error),
-    the median within 1e-4."""
+def _assert_steps_match(errs: list[float], *context, tables: str = "int8") -> None:
+    """Step functions vs main, per position (relative L2 of the logits).
+
+    With float tables (``tables="float"``) both compute the same function up to float32 rounding:
+    every position within 1e-5 (measured <= 1.3e-6 before the decode attention kernel; a cache
+    bug, wrong position or stale rows, is off by O(1)). This is the tight check of the cache.
+
+    With int8 tables they run the same kernels on the same weights, but the attention of a step of
+    <= 16 tokens is another kernel (``schedules/cache_attention.py``: other summation order,
+    polynomial exp) and norms see M = 1 or 8 rows instead of M = 24, so activations can differ in
+    the last bit; where such an activation sits on a rounding boundary of an int8 table entry, that
+    entry moves by one step, and the cache rows written there carry the difference to the later
+    positions. Measured on the Intel Xeon (avx512bw tables), 2026-11-28: up to 9.0e-3 with about
+    half the positions moved (median 1.6e-3), the others <= 6e-7. Bounds: every position within
+    5e-2 (the int8 tables' own logits error), the median within 1e-2."""
     text = " ".join(f"{e:.1e}" for e in errs)
+    if tables == "float":
+        assert max(errs) < 1e-5, (*context, text)
+        return
     assert max(errs) < 5e-2, (*context, text)
-    assert float(np.median(errs)) < 1e-4, (*context, text)
+    assert float(np.median(errs)) < 1e-2, (*context, text)
+
+
+@pytest.fixture(scope="module")
+def float_decode_artifact(decode_model, tmp_path_factory):
+    """The decode build with float activation tables: no int8 rounding between steps and main."""
+    art = _compile_decode(decode_model, head_bits=4, tables="float")
+    return art, art.export(tmp_path_factory.mktemp("decf") / "tiny_decode_float.so")
 
 
 def test_head_bits_quantizes_the_tied_head_only(decode_model, decode_artifact):
@@ -149,11 +163,16 @@ def test_torch_step_wrapper_matches_hf_forward(decode_model):
         assert _rel(lg.numpy(), ref[p].numpy()) < 1e-5, p
 
 
-def test_steps_match_main(decode_artifact):
+@pytest.mark.parametrize("tables", ["int8", "float"])
+def test_steps_match_main(request, tables):
     """Prefill (full chunk, padded chunk, single-step tail) + decode == main's logits."""
     from shiftadd_tvm import runtime
 
-    _, path = decode_artifact
+    fixture = "decode_artifact" if tables == "int8" else "float_decode_artifact"
+    art, path = request.getfixturevalue(fixture)
+    if tables == "float":
+        kinds = {k["kind"] for k in art.manifest["rewrite"]["kernels"].values()}
+        assert "lut-int8" not in kinds, kinds
     rt = runtime.load(path)
     assert rt.max_context == 48
     ids = np.random.default_rng(1).integers(0, 512, (1, SEQ))
@@ -163,7 +182,7 @@ def test_steps_match_main(decode_artifact):
         errs = [_rel(rt.prefill(ids[0, :prompt]), full[prompt - 1])]
         assert rt.cache_len == prompt
         errs += [_rel(rt.decode(ids[0, p]), full[p]) for p in range(prompt, SEQ)]
-        _assert_steps_match(errs, prompt)
+        _assert_steps_match(errs, prompt, tables=tables)
 
 
 def test_generate_matches_torch_greedy(decode_model, decode_artifact):

@@ -1,0 +1,200 @@
+"""Attention of a few new tokens over the KV cache (decode steps, CPU), as one TensorIR kernel,
+with its numpy reference.
+
+The step functions of ``shiftadd_tvm/decode.py`` pass the whole static cache (``max_context``
+slots) to the module, of which only the first ``pos`` are filled. Expressed as Relax operators,
+the attention of a decode step computed scores, softmax and the weighted sum of values over all
+slots and masked the empty ones: its cost grew with ``max_context``, not with the tokens cached,
+and the default CPU legalization ran it as unvectorized loops with one libm ``expf`` per score
+(SmolLM2, 512 slots: 5.4 ms of a 21 ms decode step, one thread). This kernel reads ``pos`` at
+run time and only touches the filled slots.
+
+Per KV head ``h`` and query row ``r`` (row ``r`` of a KV head's group block is token ``r % T``,
+the order ``decode.KVStep`` folds grouped query heads in), one parallel work item:
+
+* scores over the cache, 16 slots per vector: ``sum_d q[d] * k[h, d, s]`` (``K`` is cached
+  transposed, ``[kv_heads, head_dim, S]``, so a vector of slots is one contiguous load per ``d``);
+  slots ``>= pos`` in the last vector are masked (``S`` is a multiple of 16, so the vector never
+  reads past the cache);
+* scores over the ``T`` new tokens, causal (new token ``j`` is visible to token ``t`` iff
+  ``j <= t``);
+* one softmax over both (max, ``exp``, sum), then ``sum_s p[s] * v[h, s, :]`` over the filled slots
+  and the visible new tokens, divided by the sum.
+
+``q`` arrives unscaled; ``scale`` (``1 / sqrt(head_dim)`` for LLaMA) multiplies the scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+LANES = 16  # float32 slots per vector; the cache length must be a multiple of it
+EXP_FLOOR = -87.0  # exp(x) is taken as 0 below this (e^-87 ~ 1.6e-38, the float32 normal range)
+# 2^f on [-1/2, 1/2]: Taylor coefficients ln(2)^i / i!, degree 6 (relative error < 2e-7)
+EXP2_COEFFS = tuple(float(np.log(2.0) ** i / np.prod(np.arange(1, i + 1))) for i in range(7))
+
+
+def exp2_poly(y, T):
+    """``2^y`` for float32 ``y >= -126`` as a vectorizable expression (no libm call): a polynomial
+    of the fraction times ``2^round(y)`` built in the exponent bits. ``y`` should be a load: it
+    appears several times (no let binding, which ``T.vectorized`` loops do not keep)."""
+    n = T.round(y)
+    f = y - n
+    p = T.float32(EXP2_COEFFS[-1])
+    for c in reversed(EXP2_COEFFS[:-1]):
+        p = p * f + T.float32(c)
+    return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheAttentionConfig:
+    kv_heads: int
+    groups: int  # query heads per KV head
+    tokens: int  # T: new tokens of the step
+    head_dim: int
+    max_context: int  # S: cache slots (a multiple of LANES)
+    scale: float
+
+    def __post_init__(self):
+        if self.max_context % LANES:
+            raise ValueError(f"max_context={self.max_context} must be a multiple of {LANES}")
+        if min(self.kv_heads, self.groups, self.tokens, self.head_dim, self.max_context) < 1:
+            raise ValueError(f"every size must be >= 1: {self}")
+
+    @property
+    def rows(self) -> int:
+        return self.groups * self.tokens
+
+    @property
+    def name(self) -> str:
+        return (
+            f"cache_attention_h{self.kv_heads}_g{self.groups}_t{self.tokens}"
+            f"_d{self.head_dim}_s{self.max_context}"
+        )
+
+
+def reference(q, k_cache, v_cache, k_new, v_new, pos: int, scale: float) -> np.ndarray:
+    """float64 attention: ``q [KVH, G*T, D]`` over cache slots ``< pos`` of ``k_cache
+    [KVH, D, S]`` / ``v_cache [KVH, S, D]`` and causally over ``k_new``/``v_new [KVH, T, D]``."""
+    q, kc, vc = (np.asarray(a, np.float64) for a in (q, k_cache, v_cache))
+    kn, vn = np.asarray(k_new, np.float64), np.asarray(v_new, np.float64)
+    t = kn.shape[1]
+    rows = q.shape[1]
+    keys = np.concatenate([kc[:, :, :pos].transpose(0, 2, 1), kn], axis=1)  # [KVH, pos + T, D]
+    vals = np.concatenate([vc[:, :pos], vn], axis=1)
+    s = np.einsum("hrd,hsd->hrs", q, keys) * scale
+    tok = np.arange(rows) % t
+    visible = np.concatenate(
+        [np.ones((rows, pos), bool), np.arange(t)[None, :] <= tok[:, None]], axis=1
+    )
+    s = np.where(visible[None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hrs,hsd->hrd", p, vals)
+
+
+def make_primfunc(cfg: CacheAttentionConfig, name: str = ""):
+    """TensorIR PrimFunc ``(q f32[KVH, R, D], k_cache f32[KVH, D, S], v_cache f32[KVH, S, D],
+    k_new f32[KVH, T, D], v_new f32[KVH, T, D], pos int64[1]) -> out f32[KVH, R, D]``."""
+    from tvm.script import tirx as T
+
+    H, R, TT, D, S, V = cfg.kv_heads, cfg.rows, cfg.tokens, cfg.head_dim, cfg.max_context, LANES
+    SC = float(cfg.scale)
+    CH = next(w for w in (4 * V, 2 * V, V) if S % w == 0)  # slots per chunk of the score loops
+    NEG = -3.0e38  # below every finite score; exp(NEG - max) is 0
+    LOG2E = T.float32(1.0 / np.log(2.0))
+
+    @T.prim_func(s_tir=True)
+    def cache_attention(
+        q: T.Buffer((H, R, D), "float32"),
+        kc: T.Buffer((H, D, S), "float32"),
+        vc: T.Buffer((H, S, D), "float32"),
+        kn: T.Buffer((H, TT, D), "float32"),
+        vn: T.Buffer((H, TT, D), "float32"),
+        pos: T.Buffer((1,), "int64"),
+        out: T.Buffer((H, R, D), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            for item in T.parallel(H * R):
+                sc = T.sblock_alloc_buffer((S,), "float32")  # scores, then probabilities
+                sn = T.sblock_alloc_buffer((TT,), "float32")
+                qs = T.sblock_alloc_buffer((D,), "float32")
+                red = T.sblock_alloc_buffer((CH,), "float32")
+                acc = T.sblock_alloc_buffer((2, D), "float32")  # even and odd slots
+                stat = T.sblock_alloc_buffer((2,), "float32")  # max, sum
+                for d in T.vectorized(D):
+                    qs[d] = q[item // R, item % R, d] * T.float32(SC)
+                # scores over the filled cache slots, CH slots (several vectors: independent FMA
+                # chains) at a time; the mask fixes the slots >= pos of the last chunk
+                for c in range((T.Cast("int32", pos[0]) + (CH - 1)) // CH):
+                    for v in T.vectorized(CH):
+                        red[v] = T.float32(0)
+                    for d in range(D):
+                        for v in T.vectorized(CH):
+                            red[v] = red[v] + qs[d] * kc[item // R, d, c * CH + v]
+                    for v in T.vectorized(CH):
+                        sc[c * CH + v] = T.Select(
+                            T.Cast("int64", c * CH + v) < pos[0], red[v], T.float32(NEG)
+                        )
+                # scores over the new tokens (causal)
+                for j in range(TT):
+                    sn[j] = T.float32(0)
+                    for d in range(D):
+                        sn[j] = sn[j] + qs[d] * kn[item // R, j, d]
+                    sn[j] = T.Select(j <= (item % R) % TT, sn[j], T.float32(NEG))
+                # max
+                for v in T.vectorized(CH):
+                    red[v] = T.float32(NEG)
+                for c in range((T.Cast("int32", pos[0]) + (CH - 1)) // CH):
+                    for v in T.vectorized(CH):
+                        red[v] = T.max(red[v], sc[c * CH + v])
+                stat[0] = sn[0]
+                for j in range(TT):
+                    stat[0] = T.max(stat[0], sn[j])
+                for v in range(CH):
+                    stat[0] = T.max(stat[0], red[v])
+                # exp and sum
+                for v in T.vectorized(CH):
+                    red[v] = T.float32(0)
+                for c in range((T.Cast("int32", pos[0]) + (CH - 1)) // CH):
+                    for v in T.vectorized(CH):  # log2 of the probability (clamped)
+                        sc[c * CH + v] = (
+                            T.max(sc[c * CH + v] - stat[0], T.float32(EXP_FLOOR)) * LOG2E
+                        )
+                    for v in T.vectorized(CH):
+                        sc[c * CH + v] = T.Select(
+                            sc[c * CH + v] <= T.float32(EXP_FLOOR * LOG2E),
+                            T.float32(0),
+                            exp2_poly(sc[c * CH + v], T),
+                        )
+                    for v in T.vectorized(CH):
+                        red[v] = red[v] + sc[c * CH + v]
+                stat[1] = T.float32(0)
+                for j in range(TT):
+                    sn[j] = T.exp(sn[j] - stat[0])
+                    stat[1] = stat[1] + sn[j]
+                for v in range(CH):
+                    stat[1] = stat[1] + red[v]
+                # weighted sum of the values: even and odd slots in two accumulators
+                for e in T.unroll(2):
+                    for d in T.vectorized(D):
+                        acc[e, d] = T.float32(0)
+                for s2 in range(T.Cast("int32", pos[0]) // 2):
+                    for e in T.unroll(2):
+                        for d in T.vectorized(D):
+                            acc[e, d] = acc[e, d] + sc[2 * s2 + e] * vc[item // R, 2 * s2 + e, d]
+                for _odd in range(T.Cast("int32", pos[0]) % 2):  # the odd last slot
+                    for d in T.vectorized(D):
+                        acc[0, d] = acc[0, d] + sc[pos[0] - 1] * vc[item // R, pos[0] - 1, d]
+                for j in range(TT):
+                    for d in T.vectorized(D):
+                        acc[0, d] = acc[0, d] + sn[j] * vn[item // R, j, d]
+                for d in T.vectorized(D):
+                    out[item // R, item % R, d] = (acc[0, d] + acc[1, d]) / stat[1]
+
+    return cache_attention.with_attr("global_symbol", name or cfg.name)
