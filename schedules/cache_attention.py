@@ -1,25 +1,26 @@
-"""Attention of a few new tokens over the KV cache (decode steps, CPU), as one TensorIR kernel,
-with its numpy reference.
+"""Attention of the new tokens of a step over the KV cache and over each other (the step
+functions of ``shiftadd_tvm/decode.py``, CPU), as one TensorIR kernel, with its numpy reference.
 
-The step functions of ``shiftadd_tvm/decode.py`` pass the whole static cache (``max_context``
-slots) to the module, of which only the first ``pos`` are filled. Expressed as Relax operators,
-the attention of a decode step computed scores, softmax and the weighted sum of values over all
-slots and masked the empty ones: its cost grew with ``max_context``, not with the tokens cached,
-and the default CPU legalization ran it as unvectorized loops with one libm ``expf`` per score
-(SmolLM2, 512 slots: 5.4 ms of a 21 ms decode step, one thread). This kernel reads ``pos`` at
-run time and only touches the filled slots.
+The step functions pass the whole static cache (``max_context`` slots) to the module, of which
+only the first ``pos`` are filled. Expressed as Relax operators, a step's attention computed
+scores, softmax and the weighted sum of values over all slots and masked the empty ones: its cost
+grew with ``max_context``, not with the tokens cached, and the default CPU legalization ran it as
+unvectorized loops with one libm ``expf`` per score (SmolLM2, 512 slots: 5.4 ms of a 21 ms decode
+step, one thread; at 128 tokens, about 30% of a prefill chunk). This kernel reads ``pos`` at run
+time and only touches the filled slots.
 
-Per KV head ``h`` and query row ``r`` (row ``r`` of a KV head's group block is token ``r % T``,
+Per KV head ``h`` and query row ``r`` (row ``r`` of a KV head's group block is token ``t = r % T``,
 the order ``decode.KVStep`` folds grouped query heads in), one parallel work item:
 
-* scores over the cache, 16 slots per vector: ``sum_d q[d] * k[h, d, s]`` (``K`` is cached
-  transposed, ``[kv_heads, head_dim, S]``, so a vector of slots is one contiguous load per ``d``);
-  slots ``>= pos`` in the last vector are masked (``S`` is a multiple of 16, so the vector never
-  reads past the cache);
-* scores over the ``T`` new tokens, causal (new token ``j`` is visible to token ``t`` iff
-  ``j <= t``);
-* one softmax over both (max, ``exp``, sum), then ``sum_s p[s] * v[h, s, :]`` over the filled slots
-  and the visible new tokens, divided by the sum.
+* scores over the cache, up to 64 slots (four vectors: independent FMA chains) per chunk:
+  ``sum_d q[d] * k[h, d, s]`` (``K`` is cached transposed, ``[kv_heads, head_dim, S]``, so a vector
+  of slots is one contiguous load per ``d``); slots ``>= pos`` in the last chunk are masked (the
+  chunk divides ``S``, so it never reads past the cache);
+* scores over the new tokens ``j <= t`` (causal), the same way: a prologue copies the new keys
+  transposed (``[kv_heads, head_dim, T]``, zero-padded to whole vectors);
+* one softmax over both (max, ``exp`` as a polynomial of ``2^x``: vectorized, no libm call, sum),
+  then ``sum_s p[s] * v[h, s, :]`` over the filled slots and the visible new tokens (even and odd
+  slots in two accumulators), divided by the sum.
 
 ``q`` arrives unscaled; ``scale`` (``1 / sqrt(head_dim)`` for LLaMA) multiplies the scores.
 """
@@ -103,6 +104,8 @@ def make_primfunc(cfg: CacheAttentionConfig, name: str = ""):
     H, R, TT, D, S, V = cfg.kv_heads, cfg.rows, cfg.tokens, cfg.head_dim, cfg.max_context, LANES
     SC = float(cfg.scale)
     CH = next(w for w in (4 * V, 2 * V, V) if S % w == 0)  # slots per chunk of the score loops
+    TP = -(-TT // V) * V  # new tokens padded to whole vectors
+    CHN = next(w for w in (4 * V, 2 * V, V) if TP % w == 0)  # new tokens per score chunk
     NEG = -3.0e38  # below every finite score; exp(NEG - max) is 0
     LOG2E = T.float32(1.0 / np.log(2.0))
 
@@ -120,13 +123,24 @@ def make_primfunc(cfg: CacheAttentionConfig, name: str = ""):
         with T.sblock("root"):
             T.reads()
             T.writes()
+            # the new keys transposed like the cache ([KVH, D, T], zero-padded to TP tokens)
+            knt = T.sblock_alloc_buffer((H, D, TP), "float32")
+            for h in T.parallel(H):
+                for d in range(D):
+                    for j in T.vectorized(TP):
+                        knt[h, d, j] = T.if_then_else(j < TT, kn[h, T.min(j, TT - 1), d], 0.0)
             for item in T.parallel(H * R):
-                sc = T.sblock_alloc_buffer((S,), "float32")  # scores, then probabilities
-                sn = T.sblock_alloc_buffer((TT,), "float32")
-                qs = T.sblock_alloc_buffer((D,), "float32")
-                red = T.sblock_alloc_buffer((CH,), "float32")
-                acc = T.sblock_alloc_buffer((2, D), "float32")  # even and odd slots
-                stat = T.sblock_alloc_buffer((2,), "float32")  # max, sum
+                sc = T.sblock_alloc_buffer(
+                    (S,), "float32", scope="local"
+                )  # scores, then probabilities
+                sn = T.sblock_alloc_buffer(
+                    (TP,), "float32", scope="local"
+                )  # the same for the new tokens
+                qs = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                red = T.sblock_alloc_buffer((CH,), "float32", scope="local")
+                redn = T.sblock_alloc_buffer((CHN,), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((2, D), "float32", scope="local")  # even and odd slots
+                stat = T.sblock_alloc_buffer((2,), "float32", scope="local")  # max, sum
                 for d in T.vectorized(D):
                     qs[d] = q[item // R, item % R, d] * T.float32(SC)
                 # scores over the filled cache slots, CH slots (several vectors: independent FMA
@@ -141,21 +155,31 @@ def make_primfunc(cfg: CacheAttentionConfig, name: str = ""):
                         sc[c * CH + v] = T.Select(
                             T.Cast("int64", c * CH + v) < pos[0], red[v], T.float32(NEG)
                         )
-                # scores over the new tokens (causal)
-                for j in range(TT):
-                    sn[j] = T.float32(0)
+                # scores over the new tokens this row's token sees (j <= its own), the same way
+                for c in range(((item % R) % TT + CHN) // CHN):
+                    for v in T.vectorized(CHN):
+                        redn[v] = T.float32(0)
                     for d in range(D):
-                        sn[j] = sn[j] + qs[d] * kn[item // R, j, d]
-                    sn[j] = T.Select(j <= (item % R) % TT, sn[j], T.float32(NEG))
+                        for v in T.vectorized(CHN):
+                            redn[v] = redn[v] + qs[d] * knt[item // R, d, c * CHN + v]
+                    for v in T.vectorized(CHN):
+                        sn[c * CHN + v] = T.Select(
+                            c * CHN + v <= (item % R) % TT, redn[v], T.float32(NEG)
+                        )
                 # max
                 for v in T.vectorized(CH):
                     red[v] = T.float32(NEG)
                 for c in range((T.Cast("int32", pos[0]) + (CH - 1)) // CH):
                     for v in T.vectorized(CH):
                         red[v] = T.max(red[v], sc[c * CH + v])
-                stat[0] = sn[0]
-                for j in range(TT):
-                    stat[0] = T.max(stat[0], sn[j])
+                for v in T.vectorized(CHN):
+                    redn[v] = T.float32(NEG)
+                for c in range(((item % R) % TT + CHN) // CHN):
+                    for v in T.vectorized(CHN):
+                        redn[v] = T.max(redn[v], sn[c * CHN + v])
+                stat[0] = redn[0]
+                for v in range(CHN):
+                    stat[0] = T.max(stat[0], redn[v])
                 for v in range(CH):
                     stat[0] = T.max(stat[0], red[v])
                 # exp and sum
@@ -174,10 +198,24 @@ def make_primfunc(cfg: CacheAttentionConfig, name: str = ""):
                         )
                     for v in T.vectorized(CH):
                         red[v] = red[v] + sc[c * CH + v]
+                for v in T.vectorized(CHN):
+                    redn[v] = T.float32(0)
+                for c in range(((item % R) % TT + CHN) // CHN):
+                    for v in T.vectorized(CHN):
+                        sn[c * CHN + v] = (
+                            T.max(sn[c * CHN + v] - stat[0], T.float32(EXP_FLOOR)) * LOG2E
+                        )
+                    for v in T.vectorized(CHN):
+                        sn[c * CHN + v] = T.Select(
+                            sn[c * CHN + v] <= T.float32(EXP_FLOOR * LOG2E),
+                            T.float32(0),
+                            exp2_poly(sn[c * CHN + v], T),
+                        )
+                    for v in T.vectorized(CHN):
+                        redn[v] = redn[v] + sn[c * CHN + v]
                 stat[1] = T.float32(0)
-                for j in range(TT):
-                    sn[j] = T.exp(sn[j] - stat[0])
-                    stat[1] = stat[1] + sn[j]
+                for v in range(CHN):
+                    stat[1] = stat[1] + redn[v]
                 for v in range(CH):
                     stat[1] = stat[1] + red[v]
                 # weighted sum of the values: even and odd slots in two accumulators
@@ -191,9 +229,15 @@ def make_primfunc(cfg: CacheAttentionConfig, name: str = ""):
                 for _odd in range(T.Cast("int32", pos[0]) % 2):  # the odd last slot
                     for d in T.vectorized(D):
                         acc[0, d] = acc[0, d] + sc[pos[0] - 1] * vc[item // R, pos[0] - 1, d]
-                for j in range(TT):
+                for j2 in range(((item % R) % TT + 1) // 2):
+                    for e in T.unroll(2):
+                        for d in T.vectorized(D):
+                            acc[e, d] = acc[e, d] + sn[2 * j2 + e] * vn[item // R, 2 * j2 + e, d]
+                for _odd in range(((item % R) % TT + 1) % 2):
                     for d in T.vectorized(D):
-                        acc[0, d] = acc[0, d] + sn[j] * vn[item // R, j, d]
+                        acc[0, d] = (
+                            acc[0, d] + sn[(item % R) % TT] * vn[item // R, (item % R) % TT, d]
+                        )
                 for d in T.vectorized(D):
                     out[item // R, item % R, d] = (acc[0, d] + acc[1, d]) / stat[1]
 

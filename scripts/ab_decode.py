@@ -1,10 +1,11 @@
-"""A/B decode speed of two artifacts with KV-cache step functions, alternating in one process.
+"""A/B prefill and decode speed of two artifacts with KV-cache step functions, alternating in one
+process.
 
     TVM_NUM_THREADS=1 python scripts/ab_decode.py A.so B.so [--new-tokens 128] [--rounds 6]
 
 Each round prefills the same 128-token prompt (the Wikipedia text) into both artifacts and decodes
-greedily, in alternating order; prints the median and every round's decode tokens/s, and whether
-the two artifacts produced the same tokens. For changes that should not move the numbers (a
+greedily, in alternating order; prints the median and every round's prefill and decode tokens/s,
+and whether the two artifacts produced the same tokens. For changes that should not move the numbers (a
 schedule, a prefetch), where a separate `bench model` run's machine noise is larger than the effect.
 """
 
@@ -30,20 +31,22 @@ def main() -> None:
     prompt = np.asarray(token_ids(tok, "wiki", 0, 128))
 
     def run(rt, new):
-        _, decode_s, out = time_generate(rt, prompt, new)
-        return (new - 1) / decode_s, out.tolist()
+        prefill_s, decode_s, out = time_generate(rt, prompt, new)
+        return (len(prompt) / prefill_s, (new - 1) / decode_s), out.tolist()
 
     for rt in rts:  # warm-up
         run(rt, 8)
-    speeds: list[list[float]] = [[], []]
+    speeds: list[list[tuple[float, float]]] = [[], []]
     tokens = [None, None]
     for r in range(args.rounds):
         for i in (0, 1) if r % 2 == 0 else (1, 0):
             tps, tokens[i] = run(rts[i], args.new_tokens)
             speeds[i].append(tps)
     for path, s in zip(args.artifacts, speeds, strict=True):
-        rounds = " ".join(f"{v:.1f}" for v in s)
-        print(f"{path}: decode {statistics.median(s):.1f} tok/s (rounds: {rounds})")
+        for j, what in enumerate(("prefill", "decode")):
+            vals = [v[j] for v in s]
+            rounds = " ".join(f"{v:.1f}" for v in vals)
+            print(f"{path}: {what} {statistics.median(vals):.1f} tok/s (rounds: {rounds})")
     print(f"same tokens: {tokens[0] == tokens[1]}")
 
 

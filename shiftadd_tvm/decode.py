@@ -12,19 +12,15 @@ content, see ``share_constants``). Each step function is
             new_k, new_v float32[L, kv_heads, T, head_dim])   (RoPE already applied to new_k)
 
 ``pos`` is the number of tokens already in the cache (cache rows ``< pos`` are valid, the rest is
-masked out); the T new tokens sit at positions ``pos .. pos + T - 1``. The function does not write
+ignored); the T new tokens sit at positions ``pos .. pos + T - 1``. The function does not write
 the cache: the runtime copies the (small) ``new_k``/``new_v`` rows into its cache arrays, which are
-passed to the module zero-copy through DLPack. Attention is computed without copying or
-concatenating the cache: scores over the cache (masked to ``< pos``) and causal scores over the T
-new tokens share one softmax (over their concatenation: scores only, ``[kv_heads, G*T, S+T]``), and
-the output is ``P_cache @ V_cache + P_new @ V_new``. Grouped
-query heads are folded into the rows of one matmul per KV head (no repeated K/V). K is cached
-transposed so that the scores are a plain matmul (no per-step transpose of the whole cache).
-Steps of up to ``KERNEL_ATTENTION_TOKENS`` tokens (decode) run that attention as one custom op,
-``shiftadd::cache_attention``, which the import maps to the kernel of
-``schedules/cache_attention.py``: it reads ``pos`` at run time and touches only the filled cache
-slots, so a decode step's attention costs what the cache holds, not ``max_context``. Longer steps
-(prefill chunks) keep the matmuls over the whole cache.
+passed to the module zero-copy through DLPack. Attention is one custom op per layer,
+``shiftadd::cache_attention`` (scores over the cache slots ``< pos`` and causal scores over the T
+new tokens share one softmax; the output is ``P_cache @ V_cache + P_new @ V_new``), which the
+import maps to the kernel of ``schedules/cache_attention.py``: it reads ``pos`` at run time and
+touches only the filled slots, so a step costs what the cache holds, not ``max_context``, and
+nothing is copied or concatenated. Grouped query heads are folded into the rows of each KV head
+(no repeated K/V). K is cached transposed, so a vector of slots is one contiguous load.
 
 The wrapper reuses the model's own submodules (projections stay ``nn.Linear``, so the LUT rewrite
 pass sees the same weights in every function; norms, MLP and rotary embedding are the model's).
@@ -46,22 +42,6 @@ log = logging.getLogger(__name__)
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # pre-norm, RoPE, GQA, SiLU-gated MLP
 DEFAULT_STEP_LENGTHS = (1, 128)
 CACHE_ALIGN_TOKENS = 16  # S rounded up so that every layer's cache slice is 64-byte aligned
-# steps of at most this many tokens run their attention as one kernel over the filled cache slots
-# (schedules/cache_attention.py); longer ones (prefill chunks) as matmuls over the whole cache
-KERNEL_ATTENTION_TOKENS = 16
-
-
-def attention_math(q, k_cache, v_cache, k_new, v_new, valid, causal, scale: float):
-    """``q [KVH, G*T, D]`` (row r is token r % T) over the cache slots where ``valid`` ([1, 1, S])
-    and over the T new tokens where ``causal`` ([G*T, T]); one softmax over both parts (the scores
-    are small; max-reductions would import as topk, which needs the compiler's registry at run
-    time). The output is ``P_cache @ V_cache + P_new @ V_new``."""
-    s = k_cache.shape[-1]
-    neg = torch.tensor(float("-inf"))
-    s_cache = torch.where(valid, torch.matmul(q, k_cache) * scale, neg)  # [KVH, G*T, S]
-    s_new = torch.where(causal, torch.matmul(q, k_new.transpose(1, 2)) * scale, neg)
-    p = torch.softmax(torch.cat([s_cache, s_new], -1), -1)
-    return torch.matmul(p[..., :s], v_cache) + torch.matmul(p[..., s:], v_new)
 
 
 @torch.library.custom_op("shiftadd::cache_attention", mutates_args=())
@@ -74,12 +54,21 @@ def cache_attention_op(
     pos: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """A decode step's attention as one op: the Relax import maps it to the kernel of
-    ``schedules/cache_attention.py``, which reads ``pos`` and only touches the filled slots."""
-    t = k_new.shape[1]
+    """A step's attention as one op (the Relax import maps it to the kernel of
+    ``schedules/cache_attention.py``, which reads ``pos`` and only touches the filled slots).
+    ``q [KVH, G*T, D]`` (row r is token r % T) attends to the cache slots ``< pos`` and causally
+    to the T new tokens, one softmax over both parts; the output is ``P_cache @ V_cache + P_new @
+    V_new``. This torch form is what ``torch.export`` traces through and the reference the kernel
+    is tested against."""
+    t, s = k_new.shape[1], k_cache.shape[-1]
     causal = (torch.arange(q.shape[1]) % t)[:, None] >= torch.arange(t)[None, :]
-    valid = (torch.arange(k_cache.shape[-1]) < pos)[None, None, :]
-    return attention_math(q, k_cache, v_cache, k_new, v_new, valid, causal, scale).contiguous()
+    valid = (torch.arange(s) < pos)[None, None, :]
+    neg = torch.tensor(float("-inf"))
+    s_cache = torch.where(valid, torch.matmul(q, k_cache) * scale, neg)  # [KVH, G*T, S]
+    s_new = torch.where(causal, torch.matmul(q, k_new.transpose(1, 2)) * scale, neg)
+    p = torch.softmax(torch.cat([s_cache, s_new], -1), -1)
+    out = torch.matmul(p[..., :s], v_cache) + torch.matmul(p[..., s:], v_new)
+    return out.contiguous()
 
 
 @cache_attention_op.register_fake
@@ -151,13 +140,9 @@ class KVStep(torch.nn.Module):
         self.layers, self.heads = geo["layers"], geo["heads"]
         self.kv_heads, self.head_dim = geo["kv_heads"], geo["head_dim"]
         self.groups = self.heads // self.kv_heads
-        t, g = tokens, self.groups
-        rows = torch.arange(g * t) % t  # row r of a KV head's group block is token r % T
-        self.register_buffer("causal", rows[:, None] >= torch.arange(t)[None, :], persistent=False)
-        self.register_buffer("slots", torch.arange(self.max_context), persistent=False)
-        self.register_buffer("offsets", torch.arange(t), persistent=False)
+        self.register_buffer("offsets", torch.arange(tokens), persistent=False)
 
-    def _attend(self, attn, h, cos, sin, k_cache, v_cache, valid, pos):
+    def _attend(self, attn, h, cos, sin, k_cache, v_cache, pos):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         t, kvh, d, g = self.tokens, self.kv_heads, self.head_dim, self.groups
@@ -167,11 +152,7 @@ class KVStep(torch.nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         qg = q.reshape(kvh, g * t, d)  # head kv*G + j reads KV head kv (HF repeat_kv order)
         k0, v0 = k[0], v[0]  # [KVH, T, D]
-        scale = attn.scaling
-        if t <= KERNEL_ATTENTION_TOKENS:
-            out = cache_attention_op(qg, k_cache, v_cache, k0, v0, pos, float(scale))
-        else:
-            out = attention_math(qg, k_cache, v_cache, k0, v0, valid, self.causal, scale)
+        out = cache_attention_op(qg, k_cache, v_cache, k0, v0, pos, float(attn.scaling))
         out = out.reshape(1, self.heads, t, d).transpose(1, 2).reshape(1, t, self.heads * d)
         return attn.o_proj(out), k0, v0
 
@@ -180,7 +161,6 @@ class KVStep(torch.nn.Module):
         x = inner.embed_tokens(ids)  # [1, T, hidden]
         position_ids = (pos + self.offsets)[None, :]  # [1, T]
         cos, sin = inner.rotary_emb(x, position_ids)
-        valid = (self.slots < pos)[None, None, :]  # [1, 1, S]
         new_k, new_v = [], []
         for i, layer in enumerate(inner.layers):
             a, k0, v0 = self._attend(
@@ -190,7 +170,6 @@ class KVStep(torch.nn.Module):
                 sin,
                 caches[2 * i],
                 caches[2 * i + 1],
-                valid,
                 pos,
             )
             x = x + a

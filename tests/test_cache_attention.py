@@ -52,6 +52,8 @@ def _run(fn, cfg, q, kc, vc, kn, vn, pos: int) -> np.ndarray:
         (2, 3, 8, 16, 48, (0, 5, 16, 17, 40)),  # a prefill chunk of 8 (chunks of 16)
         (1, 1, 3, 20, 96, (0, 31, 33, 93)),  # head_dim not a multiple of 16, chunks of 32
         (4, 2, 1, 8, 16, (0, 7, 15)),  # one vector of slots
+        (1, 3, 128, 64, 256, (0, 128)),  # SmolLM2's prefill chunk (64 new tokens per chunk)
+        (2, 2, 40, 24, 64, (0, 9, 24)),  # new tokens padded from 40 to 48 (chunks of 16)
     ],
 )
 def test_matches_reference_on_random_and_ragged_shapes(h, g, t, d, s, positions):

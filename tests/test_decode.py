@@ -81,9 +81,9 @@ def _assert_steps_match(errs: list[float], *context, tables: str = "int8") -> No
     every position within 1e-5 (measured <= 1.3e-6 before the decode attention kernel; a cache
     bug, wrong position or stale rows, is off by O(1)). This is the tight check of the cache.
 
-    With int8 tables they run the same kernels on the same weights, but the attention of a step of
-    <= 16 tokens is another kernel (``schedules/cache_attention.py``: other summation order,
-    polynomial exp) and norms see M = 1 or 8 rows instead of M = 24, so activations can differ in
+    With int8 tables they run the same kernels on the same weights, but a step's attention is
+    another kernel (``schedules/cache_attention.py``: other summation order, polynomial exp) and
+    norms see M = 1 or 8 rows instead of M = 24, so activations can differ in
     the last bit; where such an activation sits on a rounding boundary of an int8 table entry, that
     entry moves by one step, and the cache rows written there carry the difference to the later
     positions. Measured on the Intel Xeon (avx512bw tables), 2026-11-28: up to 9.0e-3 with about
