@@ -18,7 +18,7 @@ the order ``decode.KVStep`` folds grouped query heads in), one parallel work ite
   chunk divides ``S``, so it never reads past the cache);
 * scores over the new tokens ``j <= t`` (causal), the same way: a prologue copies the new keys
   transposed (``[kv_heads, head_dim, T]``, zero-padded to whole vectors);
-* one softmax over both (max, ``exp`` as a polynomial of ``2^x``: vectorized, no libm call, sum),
+* one softmax over both (max, ``exp`` as ``fast_exp``: vectorized, no libm call, sum),
   then ``sum_s p[s] * v[h, s, :]`` over the filled slots and the visible new tokens (even and odd
   slots in two accumulators), divided by the sum.
 
@@ -33,19 +33,24 @@ import numpy as np
 
 LANES = 16  # float32 slots per vector; the cache length must be a multiple of it
 EXP_FLOOR = -87.0  # exp(x) is taken as 0 below this (e^-87 ~ 1.6e-38, the float32 normal range)
-# 2^f on [-1/2, 1/2]: Taylor coefficients ln(2)^i / i!, degree 6 (relative error < 2e-7)
-EXP2_COEFFS = tuple(float(np.log(2.0) ** i / np.prod(np.arange(1, i + 1))) for i in range(7))
+EXP_CEIL = 88.0  # fast_exp saturates here (e^88 ~ 1.65e38; float32 ends at 3.4e38)
+# e^r for |r| <= ln(2) / 2: Taylor coefficients 1 / i!, degree 6 (relative error < 2e-7)
+EXP_COEFFS = tuple(1.0 / float(np.prod(np.arange(1, i + 1))) for i in range(7))
+LN2_HI, LN2_LO = 0.693145751953125, 1.4286068203094172e-06  # ln 2 = HI + LO, HI in 11 bits
 
 
-def exp2_poly(y, T):
-    """``2^y`` for float32 ``y >= -126`` as a vectorizable expression (no libm call): a polynomial
-    of the fraction times ``2^round(y)`` built in the exponent bits. ``y`` should be a load: it
-    appears several times (no let binding, which ``T.vectorized`` loops do not keep)."""
-    n = T.round(y)
-    f = y - n
-    p = T.float32(EXP2_COEFFS[-1])
-    for c in reversed(EXP2_COEFFS[:-1]):
-        p = p * f + T.float32(c)
+def fast_exp(z, T):
+    """``e^z`` of a float32 expression as a vectorizable expression (no libm call): ``n =
+    round(z / ln 2)``, ``r = z - n ln 2`` in two steps (``n * LN2_HI`` is exact, so ``r`` keeps
+    float32 precision at any ``n``), a polynomial of ``r`` times ``2^n`` built in the exponent
+    bits. ``z`` is clamped to [EXP_FLOOR - 0.3, EXP_CEIL]. ``z`` appears several times (no let
+    binding, which ``T.vectorized`` loops do not keep): pass a load or a cheap expression."""
+    zc = T.max(T.min(z, T.float32(EXP_CEIL)), T.float32(EXP_FLOOR - 0.3))
+    n = T.round(zc * T.float32(1.0 / np.log(2.0)))
+    r = zc - n * T.float32(LN2_HI) - n * T.float32(LN2_LO)
+    p = T.float32(EXP_COEFFS[-1])
+    for c in reversed(EXP_COEFFS[:-1]):
+        p = p * r + T.float32(c)
     return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
 
 
@@ -107,7 +112,6 @@ def make_primfunc(cfg: CacheAttentionConfig, name: str = ""):
     TP = -(-TT // V) * V  # new tokens padded to whole vectors
     CHN = next(w for w in (4 * V, 2 * V, V) if TP % w == 0)  # new tokens per score chunk
     NEG = -3.0e38  # below every finite score; exp(NEG - max) is 0
-    LOG2E = T.float32(1.0 / np.log(2.0))
 
     @T.prim_func(s_tir=True)
     def cache_attention(
@@ -186,15 +190,13 @@ def make_primfunc(cfg: CacheAttentionConfig, name: str = ""):
                 for v in T.vectorized(CH):
                     red[v] = T.float32(0)
                 for c in range((T.Cast("int32", pos[0]) + (CH - 1)) // CH):
-                    for v in T.vectorized(CH):  # log2 of the probability (clamped)
-                        sc[c * CH + v] = (
-                            T.max(sc[c * CH + v] - stat[0], T.float32(EXP_FLOOR)) * LOG2E
-                        )
+                    for v in T.vectorized(CH):
+                        sc[c * CH + v] = sc[c * CH + v] - stat[0]
                     for v in T.vectorized(CH):
                         sc[c * CH + v] = T.Select(
-                            sc[c * CH + v] <= T.float32(EXP_FLOOR * LOG2E),
+                            sc[c * CH + v] < T.float32(EXP_FLOOR),
                             T.float32(0),
-                            exp2_poly(sc[c * CH + v], T),
+                            fast_exp(sc[c * CH + v], T),
                         )
                     for v in T.vectorized(CH):
                         red[v] = red[v] + sc[c * CH + v]
@@ -202,14 +204,12 @@ def make_primfunc(cfg: CacheAttentionConfig, name: str = ""):
                     redn[v] = T.float32(0)
                 for c in range(((item % R) % TT + CHN) // CHN):
                     for v in T.vectorized(CHN):
-                        sn[c * CHN + v] = (
-                            T.max(sn[c * CHN + v] - stat[0], T.float32(EXP_FLOOR)) * LOG2E
-                        )
+                        sn[c * CHN + v] = sn[c * CHN + v] - stat[0]
                     for v in T.vectorized(CHN):
                         sn[c * CHN + v] = T.Select(
-                            sn[c * CHN + v] <= T.float32(EXP_FLOOR * LOG2E),
+                            sn[c * CHN + v] < T.float32(EXP_FLOOR),
                             T.float32(0),
-                            exp2_poly(sn[c * CHN + v], T),
+                            fast_exp(sn[c * CHN + v], T),
                         )
                     for v in T.vectorized(CHN):
                         redn[v] = redn[v] + sn[c * CHN + v]
