@@ -113,6 +113,61 @@ def make_primfunc(cfg: CacheAttentionConfig, name: str = ""):
     CHN = next(w for w in (4 * V, 2 * V, V) if TP % w == 0)  # new tokens per score chunk
     NEG = -3.0e38  # below every finite score; exp(NEG - max) is 0
 
+    @T.macro
+    def scores(sbuf, rbuf, qs, keys, h, W, nvalid):
+        """sbuf[s] = <qs, keys[h, :, s]> for s < nvalid, W slots (W / 16 vectors: independent FMA
+        chains) per chunk; the chunk's slots >= nvalid get NEG (W divides the keys' length)."""
+        for c in range((nvalid + (W - 1)) // W):
+            for v in T.vectorized(W):
+                rbuf[v] = T.float32(0)
+            for d in range(D):
+                for v in T.vectorized(W):
+                    rbuf[v] = rbuf[v] + qs[d] * keys[h, d, c * W + v]
+            for v in T.vectorized(W):
+                sbuf[c * W + v] = T.Select(c * W + v < nvalid, rbuf[v], T.float32(NEG))
+
+    @T.macro
+    def fold_max(sbuf, rbuf, stat, W, nvalid):
+        """stat[0] = max(stat[0], the scores of the chunks that hold slots < nvalid)."""
+        for v in T.vectorized(W):
+            rbuf[v] = T.float32(NEG)
+        for c in range((nvalid + (W - 1)) // W):
+            for v in T.vectorized(W):
+                rbuf[v] = T.max(rbuf[v], sbuf[c * W + v])
+        for v in range(W):
+            stat[0] = T.max(stat[0], rbuf[v])
+
+    @T.macro
+    def exp_sum(sbuf, rbuf, stat, W, nvalid):
+        """sbuf[s] = exp(sbuf[s] - stat[0]) (0 below EXP_FLOOR: the masked slots); stat[1] += the
+        sum."""
+        for v in T.vectorized(W):
+            rbuf[v] = T.float32(0)
+        for c in range((nvalid + (W - 1)) // W):
+            for v in T.vectorized(W):
+                sbuf[c * W + v] = sbuf[c * W + v] - stat[0]
+            for v in T.vectorized(W):
+                sbuf[c * W + v] = T.Select(
+                    sbuf[c * W + v] < T.float32(EXP_FLOOR),
+                    T.float32(0),
+                    fast_exp(sbuf[c * W + v], T),
+                )
+            for v in T.vectorized(W):
+                rbuf[v] = rbuf[v] + sbuf[c * W + v]
+        for v in range(W):
+            stat[1] = stat[1] + rbuf[v]
+
+    @T.macro
+    def weigh_values(acc, pbuf, vals, h, nvalid):
+        """acc[e, :] += pbuf[s] * vals[h, s, :] for s < nvalid, even and odd s into e = 0, 1."""
+        for s2 in range(nvalid // 2):
+            for e in T.unroll(2):
+                for d in T.vectorized(D):
+                    acc[e, d] = acc[e, d] + pbuf[2 * s2 + e] * vals[h, 2 * s2 + e, d]
+        for _odd in range(nvalid % 2):  # the odd last slot
+            for d in T.vectorized(D):
+                acc[0, d] = acc[0, d] + pbuf[nvalid - 1] * vals[h, nvalid - 1, d]
+
     @T.prim_func(s_tir=True)
     def cache_attention(
         q: T.Buffer((H, R, D), "float32"),
@@ -134,110 +189,29 @@ def make_primfunc(cfg: CacheAttentionConfig, name: str = ""):
                     for j in T.vectorized(TP):
                         knt[h, d, j] = T.if_then_else(j < TT, kn[h, T.min(j, TT - 1), d], 0.0)
             for item in T.parallel(H * R):
-                sc = T.sblock_alloc_buffer(
-                    (S,), "float32", scope="local"
-                )  # scores, then probabilities
-                sn = T.sblock_alloc_buffer(
-                    (TP,), "float32", scope="local"
-                )  # the same for the new tokens
+                sc = T.sblock_alloc_buffer((S,), "float32", scope="local")  # scores, then probs
+                sn = T.sblock_alloc_buffer((TP,), "float32", scope="local")  # same, new tokens
                 qs = T.sblock_alloc_buffer((D,), "float32", scope="local")
                 red = T.sblock_alloc_buffer((CH,), "float32", scope="local")
                 redn = T.sblock_alloc_buffer((CHN,), "float32", scope="local")
-                acc = T.sblock_alloc_buffer((2, D), "float32", scope="local")  # even and odd slots
+                acc = T.sblock_alloc_buffer((2, D), "float32", scope="local")  # even, odd slots
                 stat = T.sblock_alloc_buffer((2,), "float32", scope="local")  # max, sum
                 for d in T.vectorized(D):
                     qs[d] = q[item // R, item % R, d] * T.float32(SC)
-                # scores over the filled cache slots, CH slots (several vectors: independent FMA
-                # chains) at a time; the mask fixes the slots >= pos of the last chunk
-                for c in range((T.Cast("int32", pos[0]) + (CH - 1)) // CH):
-                    for v in T.vectorized(CH):
-                        red[v] = T.float32(0)
-                    for d in range(D):
-                        for v in T.vectorized(CH):
-                            red[v] = red[v] + qs[d] * kc[item // R, d, c * CH + v]
-                    for v in T.vectorized(CH):
-                        sc[c * CH + v] = T.Select(
-                            T.Cast("int64", c * CH + v) < pos[0], red[v], T.float32(NEG)
-                        )
-                # scores over the new tokens this row's token sees (j <= its own), the same way
-                for c in range(((item % R) % TT + CHN) // CHN):
-                    for v in T.vectorized(CHN):
-                        redn[v] = T.float32(0)
-                    for d in range(D):
-                        for v in T.vectorized(CHN):
-                            redn[v] = redn[v] + qs[d] * knt[item // R, d, c * CHN + v]
-                    for v in T.vectorized(CHN):
-                        sn[c * CHN + v] = T.Select(
-                            c * CHN + v <= (item % R) % TT, redn[v], T.float32(NEG)
-                        )
-                # max
-                for v in T.vectorized(CH):
-                    red[v] = T.float32(NEG)
-                for c in range((T.Cast("int32", pos[0]) + (CH - 1)) // CH):
-                    for v in T.vectorized(CH):
-                        red[v] = T.max(red[v], sc[c * CH + v])
-                for v in T.vectorized(CHN):
-                    redn[v] = T.float32(NEG)
-                for c in range(((item % R) % TT + CHN) // CHN):
-                    for v in T.vectorized(CHN):
-                        redn[v] = T.max(redn[v], sn[c * CHN + v])
-                stat[0] = redn[0]
-                for v in range(CHN):
-                    stat[0] = T.max(stat[0], redn[v])
-                for v in range(CH):
-                    stat[0] = T.max(stat[0], red[v])
-                # exp and sum
-                for v in T.vectorized(CH):
-                    red[v] = T.float32(0)
-                for c in range((T.Cast("int32", pos[0]) + (CH - 1)) // CH):
-                    for v in T.vectorized(CH):
-                        sc[c * CH + v] = sc[c * CH + v] - stat[0]
-                    for v in T.vectorized(CH):
-                        sc[c * CH + v] = T.Select(
-                            sc[c * CH + v] < T.float32(EXP_FLOOR),
-                            T.float32(0),
-                            fast_exp(sc[c * CH + v], T),
-                        )
-                    for v in T.vectorized(CH):
-                        red[v] = red[v] + sc[c * CH + v]
-                for v in T.vectorized(CHN):
-                    redn[v] = T.float32(0)
-                for c in range(((item % R) % TT + CHN) // CHN):
-                    for v in T.vectorized(CHN):
-                        sn[c * CHN + v] = sn[c * CHN + v] - stat[0]
-                    for v in T.vectorized(CHN):
-                        sn[c * CHN + v] = T.Select(
-                            sn[c * CHN + v] < T.float32(EXP_FLOOR),
-                            T.float32(0),
-                            fast_exp(sn[c * CHN + v], T),
-                        )
-                    for v in T.vectorized(CHN):
-                        redn[v] = redn[v] + sn[c * CHN + v]
+                # the filled cache slots (< pos) and the new tokens this row's token sees (<= it)
+                scores(sc, red, qs, kc, item // R, CH, T.Cast("int32", pos[0]))
+                scores(sn, redn, qs, knt, item // R, CHN, (item % R) % TT + 1)
+                stat[0] = sn[0]  # a real score: new token 0 is visible to every row
+                fold_max(sc, red, stat, CH, T.Cast("int32", pos[0]))
+                fold_max(sn, redn, stat, CHN, (item % R) % TT + 1)
                 stat[1] = T.float32(0)
-                for v in range(CHN):
-                    stat[1] = stat[1] + redn[v]
-                for v in range(CH):
-                    stat[1] = stat[1] + red[v]
-                # weighted sum of the values: even and odd slots in two accumulators
+                exp_sum(sc, red, stat, CH, T.Cast("int32", pos[0]))
+                exp_sum(sn, redn, stat, CHN, (item % R) % TT + 1)
                 for e in T.unroll(2):
                     for d in T.vectorized(D):
                         acc[e, d] = T.float32(0)
-                for s2 in range(T.Cast("int32", pos[0]) // 2):
-                    for e in T.unroll(2):
-                        for d in T.vectorized(D):
-                            acc[e, d] = acc[e, d] + sc[2 * s2 + e] * vc[item // R, 2 * s2 + e, d]
-                for _odd in range(T.Cast("int32", pos[0]) % 2):  # the odd last slot
-                    for d in T.vectorized(D):
-                        acc[0, d] = acc[0, d] + sc[pos[0] - 1] * vc[item // R, pos[0] - 1, d]
-                for j2 in range(((item % R) % TT + 1) // 2):
-                    for e in T.unroll(2):
-                        for d in T.vectorized(D):
-                            acc[e, d] = acc[e, d] + sn[2 * j2 + e] * vn[item // R, 2 * j2 + e, d]
-                for _odd in range(((item % R) % TT + 1) % 2):
-                    for d in T.vectorized(D):
-                        acc[0, d] = (
-                            acc[0, d] + sn[(item % R) % TT] * vn[item // R, (item % R) % TT, d]
-                        )
+                weigh_values(acc, sc, vc, item // R, T.Cast("int32", pos[0]))
+                weigh_values(acc, sn, vn, item // R, (item % R) % TT + 1)
                 for d in T.vectorized(D):
                     out[item // R, item % R, d] = (acc[0, d] + acc[1, d]) / stat[1]
 
