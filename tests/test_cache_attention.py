@@ -102,8 +102,9 @@ def test_matches_the_torch_op_the_step_functions_export():
 
 
 def test_fast_exp_accuracy():
-    """``fast_exp`` over the range it serves, [EXP_FLOOR - 0.3, EXP_CEIL]: relative error < 1e-6
-    (the two-step ``z - n ln 2`` keeps it flat at large ``|z|``); saturates above EXP_CEIL."""
+    """``fast_exp`` over the range it serves, [EXP_FLOOR, EXP_CEIL]: relative error < 1e-6 (the
+    two-step ``z - n ln 2`` keeps it flat at large ``|z|``); exactly 0 below EXP_FLOOR (masked
+    scores of -3e38 included: never a denormal), saturated above EXP_CEIL."""
     from tvm.script import tirx as T
 
     n = 4096
@@ -114,13 +115,16 @@ def test_fast_exp_accuracy():
             y[i] = fast_exp(x[i], T)
 
     fn = tvm.compile(tvm.IRModule({"exp": exp.with_attr("global_symbol", "exp")}), _target())
-    x = np.linspace(EXP_FLOOR - 0.3, EXP_CEIL, n).astype(np.float32)
+    x = np.linspace(EXP_FLOOR, EXP_CEIL, n).astype(np.float32)
     x[:6] = [0.0, -1e-7, 0.3465, -0.3466, 1.0, -50.5]
     y = tvm.runtime.tensor(np.zeros(n, np.float32))
     fn["exp"](tvm.runtime.tensor(x), y)
     want = np.exp(x.astype(np.float64))
     rel = np.abs(y.numpy() - want) / want
     assert rel.max() < 1e-6, (rel.max(), x[rel.argmax()])
+    low = np.concatenate([np.linspace(-3e38, EXP_FLOOR - 1e-3, n - 2), [-87.5, -1e30]])
+    fn["exp"](tvm.runtime.tensor(low.astype(np.float32)), y)
+    assert (y.numpy() == 0).all()
     fn["exp"](tvm.runtime.tensor(np.full(n, 200.0, np.float32)), y)
     assert np.isfinite(y.numpy()).all() and y.numpy().min() > 1e38
 
