@@ -114,6 +114,7 @@ def build_artifact(spec: BuildSpec, work: Path, progress: bool = True) -> Path:
         full=True,
         decode=dec,
         head_bits=spec.head_bits,
+        fused_attention=True,
     )
     if have_stats:
         compiler._load_stats(imp, stats)

@@ -293,10 +293,13 @@ def import_torch(
     full=True,
     decode=None,
     head_bits: int | None = None,
+    fused_attention: bool = False,
 ) -> Imported:
     """``decode``: ``None`` or ``{"max_context": S, "steps": (1, 128)}``: also export the
     KV-cache step functions (``decode.py``) into the same module. ``head_bits``: reparameterize
-    the output head too, at this width (calibrated like the block Linears)."""
+    the output head too, at this width (calibrated like the block Linears). ``fused_attention``
+    (CPU targets): ``main``'s attention as the step functions' kernel
+    (``frontend.import_causal_lm``)."""
     from .frontend import import_causal_lm
 
     model.eval()
@@ -314,7 +317,7 @@ def import_torch(
         t0 = time.time()
         energy_by_name = activation_stats(model, windows, layers, progress, full=full)
         calib_info["seconds"] = round(time.time() - t0, 2)
-    mod, params, names = import_causal_lm(model, 1, seq_len)
+    mod, params, names = import_causal_lm(model, 1, seq_len, fused_attention=fused_attention)
     decode_info, step_params = None, {}
     if decode is not None:
         mod, decode_info, step_params = _add_step_functions(mod, params, model, decode)
@@ -615,6 +618,7 @@ def compile(  # noqa: A001 - the public API name the issue asks for
             full,
             decode=dec,
             head_bits=head_bits,
+            fused_attention=tgt.kind == "llvm",
         )
         if model_spec:
             imp.info["model"] = model_spec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -111,19 +112,78 @@ def converters(prefix: str = "") -> dict:
     }
 
 
-def import_causal_lm(model, batch: int, seq_len: int):
+CAUSAL_ATTENTION = "shiftadd_causal"  # the HF attention implementation fused_attention exports
+
+
+def _causal_attention(empty_k, empty_v, pos):
+    """HF attention interface for ``main`` (batch 1, causal, no padding mask: ``main`` takes right-
+    padded ids, exact because attention is causal): ``decode.cache_attention_op`` with an empty
+    cache (``empty_k``/``empty_v`` zeros, ``pos`` 0: never read), so the import runs it as the
+    kernel of ``schedules/cache_attention.py`` (the step functions' attention, at ``pos = 0``)
+    instead of matmuls, mask and softmax over the full ``seq x seq`` scores. The zeros are made
+    once, outside the trace, so every layer shares one constant."""
+    from .decode import cache_attention_op
+
+    def attend(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        _, heads, t, d = query.shape
+        kvh = key.shape[1]
+        qg = query[0].reshape(kvh, heads // kvh * t, d)  # head kv*G + j: rows j*T .. j*T + T - 1
+        out = cache_attention_op(qg, empty_k, empty_v, key[0], value[0], pos, float(scaling))
+        return out.reshape(1, heads, t, d).transpose(1, 2).contiguous(), None
+
+    return attend
+
+
+@contextlib.contextmanager
+def _fused_attention(model):
+    """Within the block, ``model`` (HF LLaMA family) computes attention through
+    ``_causal_attention``; HF then builds no mask (an implementation it has no mask for)."""
+    from transformers import AttentionInterface
+
+    from .decode import CACHE_ALIGN_TOKENS, cache_shape
+
+    geo = cache_shape(model, CACHE_ALIGN_TOKENS)
+    kvh, d, s = geo["kv_heads"], geo["head_dim"], geo["max_context"]
+    empty = (
+        torch.zeros((kvh, d, s)),
+        torch.zeros((kvh, s, d)),
+        torch.zeros((1,), dtype=torch.int64),
+    )
+    AttentionInterface.register(CAUSAL_ATTENTION, _causal_attention(*empty))
+    before = model.config._attn_implementation
+    model.config._attn_implementation = CAUSAL_ATTENTION
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+
+
+def import_causal_lm(model, batch: int, seq_len: int, fused_attention: bool = False):
     """Export ``model`` for fixed ``[batch, seq_len]`` input ids.
 
     Returns ``(mod, params, names)``: the Relax module whose ``main`` takes the ids followed by the
     weights as parameters, the numpy value of each weight parameter, and the torch parameter name of
     each Relax parameter (``p_model_layers_0_..`` -> ``model.layers.0...``).
+    ``fused_attention`` (CPU targets; batch 1 and the LLaMA family of ``decode.check_supported``,
+    else ignored, logged): each layer's attention is the one kernel the step functions use.
     """
     from tvm.relax.frontend.torch import from_exported_program
 
+    from .decode import check_supported
+    from .errors import UnsupportedModelError
+
+    if fused_attention:
+        try:
+            check_supported(model)
+            if batch != 1:
+                raise UnsupportedModelError(f"batch {batch} (the fused attention runs batch 1)")
+        except UnsupportedModelError as e:
+            log.info("main keeps the model's own attention: %s", e)
+            fused_attention = False
     wrapper = _LogitsOnly(model).eval()
     ids = torch.zeros((batch, seq_len), dtype=torch.int64)
     t0 = time.time()
-    with torch.no_grad():
+    with torch.no_grad(), _fused_attention(model) if fused_attention else contextlib.nullcontext():
         ep = torch.export.export(wrapper, (ids,))
     mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=converters())
     log.info("torch.export + Relax import in %.1fs", time.time() - t0)

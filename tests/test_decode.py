@@ -277,8 +277,11 @@ def test_weights_stored_once(decode_artifact):
     big = [n for n in sizes if n >= 500]  # the smallest weight tensor here has 864 elements
     n_layers = len(man["layers"])
     # one or two tensors (planes, scales) per weight, + the embedding and the rotation's mix
-    # matrix; duplicates per function would give three times as many
-    assert n_layers + 2 <= len(big) <= 2 * n_layers + 2, (len(big), n_layers, shapes)
+    # matrix, + the empty cache main's attention reads (zeros [kv_heads, head_dim, 16] and
+    # [kv_heads, 16, head_dim]: one constant for both, all layers); duplicates per function would
+    # give three times as many
+    assert shapes.count("2, 16, 16") == 1, shapes
+    assert n_layers + 3 <= len(big) <= 2 * n_layers + 3, (len(big), n_layers, shapes)
     assert shapes.count("72, 72") == 1  # the mix matrix (rotate.py), once
     assert shapes.count("512, 72") == 1  # embedding and tied head: one table
 
