@@ -1,10 +1,17 @@
-"""Default CPU schedules for the operators Relax legalizes (attention matmuls and friends).
+"""Default CPU schedules and legalizations for the operators Relax legalizes.
 
 Relax's CPU pipeline legalizes operators into plain loop nests and builds them unscheduled: one
-thread, no vectors. This rule schedules every ``matmul`` block that legalization produces
-(``C[..., i, j] += A[..., i, k] * B[..., k, j]``): batch and row tiles in parallel, ``n_unroll`` rows
-times one ``vector``-wide column strip accumulated in registers, the reduction in between. Our own
-kernels (attribute ``shiftadd.kernel``) are already scheduled and are left alone.
+thread, no vectors, and a libm call per ``exp``. Three rules (``cpu_pipeline``):
+
+* every ``matmul`` block that legalization produces (``C[..., i, j] += A[..., i, k] * B[..., k,
+  j]``; the attention of models outside the LLaMA family): batch and row tiles in parallel,
+  ``n_unroll`` rows times one ``vector``-wide column strip accumulated in registers, the reduction
+  in between;
+* every fused chain of elementwise blocks: inlined into one loop, vectorized, parallel when large;
+* float32 ``exp``, ``sigmoid`` and last-axis ``softmax`` legalized through the polynomial
+  ``fast_exp`` of ``schedules/cache_attention.py``.
+
+Our own kernels (attribute ``shiftadd.kernel``) are already scheduled and are left alone.
 """
 
 from __future__ import annotations
