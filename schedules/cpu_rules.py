@@ -142,7 +142,7 @@ def _fast_unary(kind: str):
 
 def _fast_softmax(bb, call):
     """``relax.nn.softmax`` over the last axis of a float32 tensor with ``fast_exp`` (else TVM's)."""
-    from tvm import te, topi
+    from tvm import te
     from tvm.relax.transform.legalize_ops.nn import _nn_softmax
 
     x = call.args[0]
@@ -159,7 +159,6 @@ def _fast_softmax(bb, call):
         sm = te.compute(lead, lambda *i: te.sum(e(*i, k2), axis=k2), name="T_softmax_expsum")
         return te.compute(x.shape, lambda *i: e(*i) / sm(*i[:-1]), name="T_softmax_norm")
 
-    _ = topi
     return bb.call_te(f, x, primfunc_name_hint="fast_softmax")
 
 
@@ -174,7 +173,8 @@ def fast_legalize_map() -> dict:
 
 
 def schedule_cpu_defaults(mod):
-    """Apply the matmul rule to every unscheduled PrimFunc of ``mod``; returns the new module."""
+    """Apply the matmul rule, else the elementwise rule, to every PrimFunc of ``mod`` that is not
+    one of our kernels; returns the new module (a function a rule fails on keeps its loops)."""
     import tvm
     from tvm import s_tir, tirx
 
@@ -205,7 +205,6 @@ def schedule_cpu_defaults(mod):
                 changed = schedule_elementwise(sch)
             except (tvm.error.InternalError, s_tir.ScheduleError, RuntimeError, ValueError) as e:
                 log.debug("elementwise rule skipped %s: %s", gv.name_hint, str(e).splitlines()[0])
-                sch = s_tir.Schedule(func)  # a failed primitive may leave a partial schedule
             n_elementwise += changed
         if changed:
             new = sch.mod["main"]
@@ -229,7 +228,8 @@ def _has_root(sch) -> bool:
 
 
 def cpu_pipeline(target):
-    """The Relax CPU pipeline with the matmul rule inserted after legalization and fusion."""
+    """The Relax CPU pipeline with the fast legalizations in ``LegalizeOps`` and the matmul and
+    elementwise rules after legalization and fusion."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu

@@ -68,8 +68,9 @@ def hadamard_converter(prefix: str = ""):
 
 
 def cache_attention_converter(prefix: str = ""):
-    """Converter of ``shiftadd::cache_attention`` (``decode.KVStep``'s attention of a decode step):
-    one ``call_tir`` of the kernel of ``schedules/cache_attention.py``."""
+    """Converter of ``shiftadd::cache_attention`` (the attention of ``decode.KVStep``'s steps and of
+    ``main`` under ``fused_attention``): one ``call_tir`` of the kernel of
+    ``schedules/cache_attention.py``."""
 
     def convert(node, importer):
         from tvm import relax
@@ -84,8 +85,8 @@ def cache_attention_converter(prefix: str = ""):
         dims = (h, rows, d, s, tokens)
         if q.ty.dtype != "float32" or any(not isinstance(v, int) for v in dims):
             raise UnsupportedModelError(
-                f"decode attention on {q.ty}: only static float32 shapes are supported; compile "
-                "without decode"
+                f"attention kernel on {q.ty}: it takes float32 with static shapes only; load the "
+                "model in float32 (or compile without decode for the step functions)"
             )
         cfg = CacheAttentionConfig(h, rows // tokens, tokens, d, s, scale)
         bb = importer.block_builder
