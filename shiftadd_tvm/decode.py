@@ -76,6 +76,18 @@ def _(q, k_cache, v_cache, k_new, v_new, pos, scale):
     return torch.empty_like(q)
 
 
+def grouped_attention(q, k_cache, v_cache, k_new, v_new, pos, scale: float) -> torch.Tensor:
+    """``q [1, H, T, D]`` (RoPE applied) through ``cache_attention_op``: the query heads folded
+    into the rows of their KV head (head ``kv * G + j`` reads KV head ``kv``, HF's ``repeat_kv``
+    order; its token ``t`` is row ``j * T + t``), and unfolded again: ``[1, T, H, D]``.
+    ``k_new``/``v_new``: ``[KVH, T, D]``."""
+    _, heads, t, d = q.shape
+    kvh = k_new.shape[0]
+    qg = q.reshape(kvh, heads // kvh * t, d)
+    out = cache_attention_op(qg, k_cache, v_cache, k_new, v_new, pos, float(scale))
+    return out.reshape(1, heads, t, d).transpose(1, 2)
+
+
 def step_name(tokens: int) -> str:
     return f"step_t{tokens}"
 
@@ -139,21 +151,19 @@ class KVStep(torch.nn.Module):
         self.tokens, self.max_context = tokens, geo["max_context"]
         self.layers, self.heads = geo["layers"], geo["heads"]
         self.kv_heads, self.head_dim = geo["kv_heads"], geo["head_dim"]
-        self.groups = self.heads // self.kv_heads
         self.register_buffer("offsets", torch.arange(tokens), persistent=False)
 
     def _attend(self, attn, h, cos, sin, k_cache, v_cache, pos):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        t, kvh, d, g = self.tokens, self.kv_heads, self.head_dim, self.groups
+        t, kvh, d = self.tokens, self.kv_heads, self.head_dim
         q = attn.q_proj(h).view(1, t, self.heads, d).transpose(1, 2)  # [1, H, T, D]
         k = attn.k_proj(h).view(1, t, kvh, d).transpose(1, 2)  # [1, KVH, T, D]
         v = attn.v_proj(h).view(1, t, kvh, d).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        qg = q.reshape(kvh, g * t, d)  # head kv*G + j reads KV head kv (HF repeat_kv order)
         k0, v0 = k[0], v[0]  # [KVH, T, D]
-        out = cache_attention_op(qg, k_cache, v_cache, k0, v0, pos, float(attn.scaling))
-        out = out.reshape(1, self.heads, t, d).transpose(1, 2).reshape(1, t, self.heads * d)
+        out = grouped_attention(q, k_cache, v_cache, k0, v0, pos, attn.scaling)
+        out = out.reshape(1, t, self.heads * d)
         return attn.o_proj(out), k0, v0
 
     def forward(self, ids, pos, last, caches: list[torch.Tensor]):

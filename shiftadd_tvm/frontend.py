@@ -118,19 +118,16 @@ CAUSAL_ATTENTION = "shiftadd_causal"  # the HF attention implementation fused_at
 
 def _causal_attention(empty_k, empty_v, pos):
     """HF attention interface for ``main`` (batch 1, causal, no padding mask: ``main`` takes right-
-    padded ids, exact because attention is causal): ``decode.cache_attention_op`` with an empty
+    padded ids, exact because attention is causal): ``decode.grouped_attention`` with an empty
     cache (``empty_k``/``empty_v`` zeros, ``pos`` 0: never read), so the import runs it as the
     kernel of ``schedules/cache_attention.py`` (the step functions' attention, at ``pos = 0``)
     instead of matmuls, mask and softmax over the full ``seq x seq`` scores. The zeros are made
     once, outside the trace, so every layer shares one constant."""
-    from .decode import cache_attention_op
+    from .decode import grouped_attention
 
     def attend(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        _, heads, t, d = query.shape
-        kvh = key.shape[1]
-        qg = query[0].reshape(kvh, heads // kvh * t, d)  # head kv*G + j: rows j*T .. j*T + T - 1
-        out = cache_attention_op(qg, empty_k, empty_v, key[0], value[0], pos, float(scaling))
-        return out.reshape(1, heads, t, d).transpose(1, 2).contiguous(), None
+        out = grouped_attention(query, empty_k, empty_v, key[0], value[0], pos, scaling)
+        return out.contiguous(), None
 
     return attend
 
