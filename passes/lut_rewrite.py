@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..schedules import dense_gemm, lut_gemm_cuda, lut_gemm_int8
+from ..schedules import dense_gemm, int16_gemm, lut_gemm_cuda, lut_gemm_int8
 from ..schedules.cpu_rules import KERNEL_ATTR
 from ..schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs, make_primfunc
 from ..schedules.packing import plane_term_counts, shared_exponent_form
@@ -69,6 +69,8 @@ class RewriteRecord:
     int8_fallbacks: int = 0  # CPU kernels that could not use the int8 kernel of the target's ISA
     # layers whose scales lack the shared-exponent form the shared_exp option asked for
     shared_exp_missed: int = 0
+    # large-M call sites kept on the table kernel because their weights do not fit the int16 GEMM
+    int16_misfits: int = 0
     low_takes: int = 0  # embedding lookups moved to a dense weight's float16 table
 
     def summary(self) -> str:
@@ -79,6 +81,10 @@ class RewriteRecord:
         slow = f"; {self.int8_fallbacks} on the float-table kernel" if self.int8_fallbacks else ""
         if self.shared_exp_missed:
             slow += f"; {self.shared_exp_missed} without a shared exponent (per-term kernel)"
+        if self.int16_misfits:
+            slow += (
+                f"; {self.int16_misfits} large-M on the table kernel (weights too wide for int16)"
+            )
         return (
             f"{len(self.rewritten)} matmuls rewritten to LUT kernels "
             f"({len({r['kernel'] for r in self.rewritten})} distinct kernels{slow}); "
@@ -163,6 +169,7 @@ def rewrite_matmuls(
     int8_knobs=None,
     dense_weight_dtype: str = "float32",
     shared_exp: bool = False,
+    int16_gemm_ok: bool = False,
 ):
     """Rewrite the matmuls of ``mod[func_name]``; returns ``(new_mod, RewriteRecord)``.
 
@@ -185,6 +192,10 @@ def rewrite_matmuls(
     kernel that applies them with one shift per group; other layers keep the per-term kernel
     (logged, counted in ``RewriteRecord.shared_exp_missed``), and so does every layer on any other
     target (one warning; every layer counted).
+    ``int16_gemm_ok`` (``cpu_isa="avx512bw"`` on a target with AVX-512 VNNI): a call site with many
+    activation rows (``int16_gemm.prefers``) runs ``schedules/int16_gemm.py`` (dequantize to int16,
+    VNNI GEMM) on the same packed weights as the table kernel; a layer whose weights do not fit its
+    16-bit integers keeps the table kernel (logged, counted in ``RewriteRecord.int16_misfits``).
     """
     if dense_weight_dtype not in dense_gemm.WEIGHT_DTYPES:
         raise ValueError(
@@ -276,6 +287,37 @@ def rewrite_matmuls(
                 info["int8_fallback"] = why
             return self.add_kernel(cfg, make_primfunc(cfg, kn), info), None
 
+        def large_m(self, cfg, key, scales) -> bool:
+            """Whether this call site runs the int16 GEMM (``int16_gemm_ok``, enough rows, and the
+            layer's weights fit); a layer that does not fit is logged and counted."""
+            if not (int16_gemm_ok and cpu_isa == "avx512bw" and not cuda):
+                return False
+            if not int16_gemm.prefers(cfg.m, cfg.bits) or int16_gemm.unsupported_reason(cfg):
+                return False
+            why = int16_gemm.misfit_reason(scales)
+            if why:
+                record.int16_misfits += 1
+                log.warning(
+                    "%s (m=%d): table kernel instead of the int16 GEMM: %s", key, cfg.m, why
+                )
+                return False
+            return True
+
+        def int16_kernel(self, cfg):
+            ikey = ("int16", cfg)
+            if ikey not in self.gvars:
+                func = int16_gemm.make_primfunc(cfg).with_attr("op_pattern", 8)
+                func = func.with_attr(KERNEL_ATTR, 1)
+                self.gvars[ikey] = self.builder_.add_func(func, int16_gemm.symbol(cfg))
+                record.kernels[int16_gemm.symbol(cfg)] = {
+                    "config": json.loads(cfg.to_json()),
+                    "kind": "int16-gemm",
+                    "isa": "avx512bw+vnni",
+                    "knobs": dataclasses.asdict(int16_gemm.Int16Knobs()),
+                    "schedule": "rule (int16_gemm.prefers: many rows)",
+                }
+            return self.gvars[ikey]
+
         def call(self, gv, x, dims, m, k, n, weights):
             x2 = x if len(dims) == 2 else self.builder_.emit(relax.op.reshape(x, (m, k)))
             y = relax.call_tir(gv, [x2, *weights], out_ty=relax.TensorType((m, n), "float32"))
@@ -359,8 +401,13 @@ def rewrite_matmuls(
                 plane_term_counts(packed.scales),
                 shared_exp=shared,
             )
-            gv, kn = self.kernel(cfg)
-            record.rewritten.append({**entry, "m": m, "bits": packed.bits, "kernel": cfg.name})
+            if self.large_m(cfg, key, packed.scales):
+                gv, kn = self.int16_kernel(cfg), None
+                self.int8_isa.setdefault(cfg, "avx512bw")  # its packing
+                name = int16_gemm.symbol(cfg)
+            else:
+                (gv, kn), name = self.kernel(cfg), cfg.name
+            record.rewritten.append({**entry, "m": m, "bits": packed.bits, "kernel": name})
             planes, scales = packed.planes, packed.scales
             if cuda:
                 planes = lut_gemm_cuda.planes_to_cuda(planes)

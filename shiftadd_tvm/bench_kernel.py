@@ -4,8 +4,9 @@ For every weight shape ``N x K``, batch ``M``, bit width and thread count it mea
 and one process:
 
 * ours: the CPU LUT kernel the compiler would emit for this machine (``--isa auto``: the kernel
-  chosen from the CPU features; ``avx512``/``avx512bw``/``avx2``/``generic`` force a variant), on
-  random binary planes and power-of-two scale codes of the packed format, checked against the
+  chosen from the CPU features; ``avx512``/``avx512bw``/``avx2``/``generic`` force a variant; on an
+  ``avx512bw`` target with VNNI, M large enough runs the int16 GEMM of ``schedules/int16_gemm.py``
+  as ``compile()`` does, shown as "int16" in the sched column), on random binary planes and power-of-two scale codes of the packed format, checked against the
   float64 reference of the same weights before it is timed;
 * torch ``F.linear`` in float32 and bfloat16 (dense weights);
 * onnxruntime ``MatMulNBits`` (com.microsoft) at 4 bits and at 2 bits, in its fastest configuration
@@ -203,10 +204,28 @@ def resolve_isa(isa: str, target_spec: dict) -> str:
     return kernel_isa(target_spec)
 
 
-def build_ours(cfg, isa: str, threads: int, target, copies: int, x: np.ndarray, seed: int, db=None):
+def sched_label(schedule: str) -> str:
+    """Table column: where our kernel's schedule came from, or 'int16' for the large-M GEMM."""
+    if schedule.startswith("int16"):
+        return "int16"
+    return "tuned" if schedule.startswith("tuned") else "default"
+
+
+def build_ours(
+    cfg,
+    isa: str,
+    threads: int,
+    target,
+    copies: int,
+    x: np.ndarray,
+    seed: int,
+    db=None,
+    int16_ok: bool = False,
+):
     """Compile our kernel for ``cfg`` and make ``copies`` weight copies in its layout. The knobs
     are ``db``'s tuned record for ``cfg`` where it has one (as ``compile()`` picks them), else the
-    default rule for ``threads`` threads."""
+    default rule for ``threads`` threads. ``int16_ok`` (an avx512bw target with VNNI): the int16
+    GEMM where ``compile()`` picks it (``int16_gemm.prefers``; same packed weights)."""
     import tvm
 
     from . import tuning
@@ -220,13 +239,19 @@ def build_ours(cfg, isa: str, threads: int, target, copies: int, x: np.ndarray, 
         def pack(planes, scales):
             return (planes, scales)
     else:
+        from .schedules import int16_gemm
         from .schedules import lut_gemm_int8 as k8
 
-        knobs, how = tuning.lookup_int8_knobs(cfg, db, threads, isa)
-        func = k8.make_int8_primfunc(cfg, knobs, isa)
+        large = int16_ok and isa == "avx512bw" and int16_gemm.prefers(cfg.m, cfg.bits)
+        if large and not int16_gemm.unsupported_reason(cfg):
+            func, how = int16_gemm.make_primfunc(cfg), "int16 GEMM (int16_gemm.prefers)"
+            isa = "int16"
+        else:
+            knobs, how = tuning.lookup_int8_knobs(cfg, db, threads, isa)
+            func = k8.make_int8_primfunc(cfg, knobs, isa)
 
         def pack(planes, scales):
-            return k8.pack_int8(planes, scales, cfg, isa)
+            return k8.pack_int8(planes, scales, cfg, "avx512bw" if isa == "int16" else isa)
 
     name = (
         str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else None
@@ -393,6 +418,9 @@ def run(args) -> dict:
     spec = resolve_target(args.target)
     target = spec.tvm_target()
     isa = resolve_isa(args.isa, spec.to_dict())
+    from .cpu_features import target_features
+
+    int16_ok = isa == "avx512bw" and "avx512vnni" in target_features(spec.to_dict())
     llc = llc_bytes()
     log.info("CPU %s, last-level cache %d MiB, kernel variant %s", cpu_model(), llc >> 20, isa)
     if args.scale_window and isa != "avx512":
@@ -462,7 +490,7 @@ def run(args) -> dict:
             cfg = LutGemmConfig(m, n, k, bits, args.group_size, width, counts, shared)
             probe = random_packed(n, k, bits, args.group_size, width, 0, counts)
             copies = copies_for(probe[0].nbytes + probe[1].nbytes, cold, llc)
-            ker = build_ours(cfg, isa, t, target, copies, x, args.seed, db)
+            ker = build_ours(cfg, isa, t, target, copies, x, args.seed, db, int16_ok)
             yv = tvm.runtime.tensor(np.zeros((m, n), np.float32), tvm.cpu())
             xv = tvm.runtime.tensor(x, tvm.cpu())
             ours[bits] = ker
@@ -546,7 +574,7 @@ def format_table(result: dict) -> str:
             f"| {f(r, 'speedup_vs_torch_fp32', '{:.1f}x')} | {f(r, 'speedup_vs_torch_bf16', '{:.1f}x')} "
             f"| {f(r, 'speedup_vs_ort_4bit', '{:.2f}x')} | {f(r, 'speedup_vs_ort_2bit', '{:.2f}x')} "
             f"| {r['bw_floor_frac'] * 100:.0f}% | {r['ours_rel_err']:.1e} "
-            f"| {'tuned' if r.get('ours_schedule', '').startswith('tuned') else 'default'} |"
+            f"| {sched_label(r.get('ours_schedule', ''))} |"
         )
     return "\n".join(lines)
 

@@ -182,9 +182,11 @@ def _add_compile(sub) -> None:
         choices=defaults.TABLES,
         default="auto",
         help="activation tables of the CPU LUT kernel: auto (int8 tables where the target has "
-        "AVX-512 VBMI+VNNI, AVX-512 BW, AVX2 or NEON, the fastest; float tables elsewhere) or "
-        "float (the float-table kernel everywhere: exact activations, slower; at 4 bits the "
-        "int8 tables cost SmolLM2 0.1-0.5%% perplexity)",
+        "AVX-512 VBMI+VNNI, AVX-512 BW, AVX2 or NEON, the fastest; float tables elsewhere; on "
+        "AVX-512 BW targets with VNNI, prefill-sized matmuls run the int16 GEMM instead), int8 "
+        "(the int8-table kernel at every batch size, no int16 GEMM) or float (the float-table "
+        "kernel everywhere: exact activations, slower; at 4 bits the int8 tables cost SmolLM2 "
+        "0.1-0.5%% perplexity)",
     )
     p.add_argument(
         "--max-context",

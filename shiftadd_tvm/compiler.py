@@ -527,10 +527,12 @@ def compile(  # noqa: A001 - the public API name the issue asks for
     ``True``: an unsupported model is an error; ``False``: off. ``model`` itself is not modified
     (a rotated copy is compiled).
     ``tables``: the CPU LUT kernel's activation tables. ``"auto"``: int8 tables where the target
-    has the instructions (AVX-512 VBMI+VNNI, AVX2, NEON; each layer's activations then enter
-    through 8-bit tables), float tables elsewhere. ``"float"``: the float-table kernel on every
-    CPU target (exact activations, slower; at 4 bits on SmolLM2 the int8 tables cost 0.1-0.5%
-    perplexity). CUDA ignores it.
+    has the instructions (AVX-512 VBMI+VNNI, AVX-512 BW, AVX2, NEON; each layer's activations then
+    enter through 8-bit tables), float tables elsewhere; on AVX-512 BW targets with VNNI a matmul
+    with many activation rows (prefill; ``schedules/int16_gemm.prefers``) runs the int16 GEMM
+    instead (same weights, 12-bit activations). ``"int8"``: the int8-table kernel at every M (no
+    int16 GEMM). ``"float"``: the float-table kernel on every CPU target (exact activations,
+    slower; at 4 bits on SmolLM2 the int8 tables cost 0.1-0.5% perplexity). CUDA ignores it.
     ``scale_window``: 0 (default) fits each power-of-two term freely; 8 keeps the terms of one
     (row, group) within 8 consecutive exponents (``quant.QuantConfig.scale_window``), so that the
     AVX-512 int8 kernel applies a group's scales with one shift instead of one per term
@@ -752,7 +754,7 @@ def build_imported(
     ``tuning`` (``finetune.ScaleTuning``): tune the fitted scales end to end when ``imp`` has a
     tuner (torch models calibrated on text); otherwise logged and skipped.
     ``head_storage``: storage of a dense output head and its tied embedding (see ``compile``).
-    ``tables``: ``"auto"`` or ``"float"`` (see ``compile``).
+    ``tables``: ``"auto"``, ``"int8"`` or ``"float"`` (see ``compile``).
     """
     import tvm
 
@@ -829,7 +831,7 @@ def build_imported(
             return kn, how if source is None or how.startswith("default") else f"{how}, {source}"
 
     cpu_knobs = default_knobs
-    cpu_isa, int8_knobs = "generic", None
+    cpu_isa, int8_knobs, int16_ok = "generic", None, False
     if not cuda:
         from . import tuning
 
@@ -866,6 +868,14 @@ def build_imported(
             else "float tables (asked for, or the target enables no AVX2/AVX-512 VBMI+VNNI/NEON)",
         )
 
+        from .cpu_features import target_features
+
+        int16_ok = (
+            tables == "auto" and cpu_isa == "avx512bw" and "avx512vnni" in target_features(spec)
+        )
+        if int16_ok:
+            log.info("large-M matmuls (prefill): int16 GEMM (AVX-512 VNNI) on the same weights")
+
         def int8_knobs(cfg):
             kn, how = tuning.lookup_int8_knobs(cfg, db, tuning.threads_of(spec), cpu_isa)
             log.info("  %s: %s %s (%s)", cfg.name, cpu_isa, kn, how)
@@ -877,6 +887,7 @@ def build_imported(
         cuda_knobs=cuda_knobs,
         cpu_isa=cpu_isa,
         int8_knobs=int8_knobs,
+        int16_gemm_ok=int16_ok,
         dense_weight_dtype="float32" if cuda else head_storage,
         shared_exp=qcfg.scale_window > 0,
     )
@@ -893,6 +904,7 @@ def build_imported(
         if [d for d in step_record.dense if d.get("fallback")]:
             raise UnsupportedModelError(f"{name}: {step_record.summary()}")
         record.kernels.update(step_record.kernels)
+        record.int16_misfits += step_record.int16_misfits
         step_dense += step_record.dense
         step_takes += step_record.low_takes
     fallbacks = [d for d in record.dense if d.get("fallback")]
@@ -998,11 +1010,17 @@ def build_imported(
                 {**d, "weight": readable.get(d["weight"], d["weight"])} for d in record.dense
             ],
             "dense_fallbacks": len(fallbacks),
+            "int16_misfits": record.int16_misfits,
             "kernels": record.kernels,
         },
         "calibration": imp.calib_info,
         "target": tgt.to_dict(),
-        "cpu_features": required_cpu_features(tgt, cpu_isa),
+        "cpu_features": required_cpu_features(
+            tgt,
+            "int16"
+            if any(k.get("kind") == "int16-gemm" for k in record.kernels.values())
+            else cpu_isa,
+        ),
         **({"cuda_images": images} if images else {}),
         "timings_s": {
             "quantize": round(t_quant, 2),
@@ -1055,9 +1073,11 @@ INT8_LOGITS_RTOL = 3e-2
 
 def logits_tolerance(manifest: dict, exact: float = 1e-3) -> float:
     """Relative L2 bound for ``verify_against_torch`` of this artifact: ``exact`` for float-table
-    and CUDA kernels (float32 sums only), ``INT8_LOGITS_RTOL`` when int8-table kernels run."""
+    and CUDA kernels (float32 sums only), ``INT8_LOGITS_RTOL`` when int8-table kernels or the
+    int16 GEMM (12-bit activations, ~4e-4 per layer) run."""
     kernels = manifest.get("rewrite", {}).get("kernels", {}).values()
-    return INT8_LOGITS_RTOL if any(k.get("kind") == "lut-int8" for k in kernels) else exact
+    lossy = ("lut-int8", "int16-gemm")  # quantized activations
+    return INT8_LOGITS_RTOL if any(k.get("kind") in lossy for k in kernels) else exact
 
 
 def verify_against_torch(

@@ -29,6 +29,8 @@ ISA_FEATURES: dict[str, tuple[str, ...]] = {
     "avx2": ("avx2",),
     "neon": ("neon",),
     "generic": (),
+    # not a table-kernel variant: the large-M int16 GEMM (schedules/int16_gemm.py) next to avx512bw
+    "int16": ("avx512f", "avx512bw", "avx512vnni"),
 }
 
 # /proc/cpuinfo spells a few LLVM feature names differently ("asimd" is NEON on aarch64)

@@ -24,4 +24,4 @@ TUNE_KL_REF = 0.15  # step = lr * max(1, sqrt(held-out KL / kl_ref))
 
 # CPU LUT kernel tables: "auto" = int8 tables where the target has the ISA (AVX-512 VBMI+VNNI,
 # AVX2, NEON), float tables elsewhere; "float" = float tables everywhere (exact activations)
-TABLES = ("auto", "float")
+TABLES = ("auto", "int8", "float")

@@ -292,16 +292,25 @@ def _host_x86_isa():
 
 @pytest.mark.skipif(_host_x86_isa() is None, reason="needs an x86 CPU with AVX2 or AVX-512")
 def test_default_llvm_compile_uses_the_hosts_int8_kernel(tiny_artifact):
-    """compile(target="llvm") runs every LUT matmul on the int8 kernel of the best ISA this machine
-    has (AVX-512 VBMI, else AVX-512 BW, else AVX2), says so in the manifest, and makes the runtime
-    check that ISA's CPU features."""
+    """compile(target="llvm") runs every one-row LUT matmul on the int8 kernel of the best ISA this
+    machine has (AVX-512 VBMI, else AVX-512 BW, else AVX2), says so in the manifest, and makes the
+    runtime check that ISA's CPU features; many-row matmuls take the int16 GEMM on AVX-512 BW
+    hosts with VNNI."""
     art, _ = tiny_artifact
     man = art.manifest
     isa = _host_x86_isa()
-    lut = [k for k in man["rewrite"]["kernels"].values() if k.get("kind") != "dense"]
-    assert lut and all((k["kind"], k["isa"]) == ("lut-int8", isa) for k in lut)
+    kernels = man["rewrite"]["kernels"].values()
+    lut = [k for k in kernels if k["kind"] == "lut-int8"]
+    assert lut and all(k["isa"] == isa for k in lut)
     assert set(cpu_features.ISA_FEATURES[isa]) <= set(man["cpu_features"])
     assert "float-table" not in man["rewrite"]["summary"]
+    # main's 16 rows at 3 bits: the int16 GEMM where the host has AVX-512 BW + VNNI (no VBMI)
+    int16 = [k for k in kernels if k["kind"] == "int16-gemm"]
+    vnni = isa == "avx512bw" and not cpu_features.host_missing("int16")
+    assert bool(int16) == vnni
+    assert {k["kind"] for k in kernels} <= {"lut-int8", "int16-gemm", "dense"}
+    if vnni:
+        assert "avx512vnni" in man["cpu_features"]
 
 
 def test_pass_falls_back_to_float_kernel_and_counts_it():
@@ -339,7 +348,7 @@ def test_tables_float_uses_the_float_kernel_on_any_target(tiny_model, tmp_path):
 
     calib = np.random.default_rng(0).integers(0, 256, (4, 16))
     kw = dict(bits=3, group_size=32, seq_len=16, calib_ids=calib, progress=False, decode=False)
-    with pytest.raises(ConfigError, match="tables='int4': one of auto, float"):
+    with pytest.raises(ConfigError, match="tables='int4': one of auto, int8, float"):
         shiftadd_tvm.compile(tiny_model, tables="int4", **kw)
     art = shiftadd_tvm.compile(tiny_model, tables="float", **kw)
     lut = [k for k in art.manifest["rewrite"]["kernels"].values() if k.get("kind") != "dense"]
