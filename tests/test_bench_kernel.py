@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from shiftadd_tvm import bench_kernel, cli
+from shiftadd_tvm import bench_kernel, cli, cpu_features
 from shiftadd_tvm.errors import ConfigError
 
 
@@ -93,3 +93,22 @@ def test_random_packed_shared_has_the_form():
         _, scales = random_packed(96, 300, bits, 128, max(counts), 0, counts, shared=True)
         assert shared_exponent_form(scales) is not None
         assert plane_term_counts(scales) == counts
+
+
+@pytest.mark.skipif(
+    bool(cpu_features.host_missing("int16")),
+    reason="runs the int16 GEMM: needs AVX-512 BW and VNNI",
+)
+def test_build_ours_times_the_int16_gemm_where_compile_picks_it():
+    """Many rows on an avx512bw target with VNNI: the kernel timed is the int16 GEMM (as compile()
+    picks it), checked against the exact product of the same weights; few rows: the table kernel."""
+    import tvm
+    from shiftadd_tvm.schedules.lut_gemm import LutGemmConfig
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 1})
+    for m, sched in ((32, "int16"), (2, "default")):
+        cfg = LutGemmConfig(m, 40, 96, 3, 32, 3)
+        x = np.random.default_rng(0).standard_normal((m, 96)).astype(np.float32)
+        ker = bench_kernel.build_ours(cfg, "avx512bw", 1, target, 1, x, 0, int16_ok=True)
+        assert bench_kernel.sched_label(ker.schedule) == sched
+        assert ker.err < (2e-3 if sched == "int16" else 2e-2)
