@@ -426,7 +426,15 @@ def tune(
     if kernel not in KERNEL_CHOICES:
         raise ConfigError(f"kernel={kernel!r}: one of {', '.join(KERNEL_CHOICES)}")
     isa = kernel_isa(target)  # as compile() detects it: what LLVM enables for the target
-    families = {cfg: kernel_family(cfg, isa, kernel) for cfg in dict.fromkeys(configs)}
+    configs = list(dict.fromkeys(configs))
+    int16 = _int16_routed(configs, target, isa) if kernel == "auto" else []
+    for cfg in int16:
+        log.info(
+            "skip %s: compile() runs it on the int16 GEMM (many rows, AVX-512 BW + VNNI), "
+            "which has no tuned knobs",
+            cfg.name,
+        )
+    families = {cfg: kernel_family(cfg, isa, kernel) for cfg in configs if cfg not in int16}
     db = Database(log_path(target))
     threads = threads_of(target)
     runner = runner or Runner()
@@ -459,6 +467,7 @@ def tune(
         "runner": runner.where,
         "kernel": kernel,
         "isa": isa,
+        "int16_gemm": [cfg.name for cfg in int16],
         "kernels": [],
     }
     t_start = time.time()
@@ -540,6 +549,20 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def _int16_routed(configs, target: dict, isa: str) -> list:
+    """The configurations ``compile()`` (tables "auto") runs on the int16 GEMM for ``target``."""
+    from .cpu_features import target_features
+    from .schedules import int16_gemm
+
+    if isa != "avx512bw" or "avx512vnni" not in target_features(target):
+        return []
+    return [
+        c
+        for c in configs
+        if int16_gemm.prefers(c.m, c.bits) and int16_gemm.unsupported_reason(c) is None
+    ]
 
 
 def model_configs(

@@ -380,3 +380,20 @@ def test_a_regular_install_carries_the_shipped_logs(tmp_path):
     assert found == target / "shiftadd_tvm" / "tuning_logs"
     shipped = sorted(p.name for p in (repo / "tuning_logs").glob("*.json"))
     assert shipped and sorted(p.name for p in found.glob("*.json")) == shipped
+
+
+@pytest.mark.skipif(
+    bool(cpu_features.host_missing("avx512bw")), reason="tunes locally for an avx512bw target"
+)
+def test_tune_skips_configs_compile_runs_on_the_int16_gemm(logs):
+    """On an AVX-512 BW target with VNNI, the many-row configurations go to the int16 GEMM in
+    compile(): tune() skips them (logged, listed in the summary) instead of tuning a table kernel
+    that is never used; few-row ones are still tuned."""
+    clx = {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2}
+    large = LutGemmConfig(32, 64, 128, 3, 64, 2)
+    summary = tuning.tune([large], clx, trials=1, progress=False)
+    assert summary["int16_gemm"] == [large.name] and summary["kernels"] == []
+    skl = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}  # AVX-512 BW, no VNNI
+    assert tuning._int16_routed([large], skl, "avx512bw") == []
+    small = LutGemmConfig(2, 64, 128, 3, 64, 2)
+    assert tuning._int16_routed([small, large], clx, "avx512bw") == [large]
