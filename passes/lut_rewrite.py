@@ -292,7 +292,7 @@ def rewrite_matmuls(
             layer's weights fit); a layer that does not fit is logged and counted."""
             if not (int16_gemm_ok and cpu_isa == "avx512bw" and not cuda):
                 return False
-            if not int16_gemm.prefers(cfg.m, cfg.bits) or int16_gemm.unsupported_reason(cfg):
+            if not int16_gemm.picks(cfg):
                 return False
             why = int16_gemm.misfit_reason(scales)
             if why:

@@ -47,7 +47,7 @@ import dataclasses
 import numpy as np
 
 from .lut_gemm import LutGemmConfig
-from .lut_gemm_int8 import PAD, ROWS, SHIFT
+from .lut_gemm_int8 import PAD, ROWS, SHIFT, as_root_block
 from .lut_gemm_int8 import unsupported_reason as int8_unsupported
 from .packing import EXP_BIAS
 
@@ -75,6 +75,12 @@ class Int16Knobs:
     def validate(self) -> None:
         if not 1 <= self.m_inner <= 7:
             raise ValueError(f"m_inner={self.m_inner}: 1..7 (4 vector registers per row)")
+
+
+def picks(cfg: LutGemmConfig) -> bool:
+    """Whether a target that runs this kernel gives it ``cfg`` (``prefers`` and supported); the
+    pass also checks the layer's weights (``misfit_reason``)."""
+    return prefers(cfg.m, cfg.bits) and unsupported_reason(cfg) is None
 
 
 def symbol(cfg: LutGemmConfig) -> str:
@@ -162,7 +168,7 @@ def reference(
 def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
     """PrimFunc ``(x f32[M, K], w uint8, codes int16, y f32[M, N])`` (global symbol
     ``symbol(cfg)``), body under a root block."""
-    from tvm import s_tir, tirx
+    from tvm import tirx
     from tvm.script import tirx as T
 
     why = unsupported_reason(cfg)
@@ -186,8 +192,8 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
     exact_x = M == MP and K == KP
     full_n = N % ROWS == 0
 
-    def i16(v, lanes=32):
-        return tirx.Broadcast(tirx.const(v, "int16"), lanes)
+    def i16(v):
+        return tirx.Broadcast(tirx.const(v, "int16"), ROWS)
 
     def term_words(dl, nt, g, slot):
         return dl[tirx.Ramp(PAD + ((nt * G + g) * NTERM + slot) * ROWS, 1, ROWS)]
@@ -220,10 +226,14 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                 tot = tot + tirx.Select(tirx.Broadcast(tirx.EQ(b, plane), ROWS), term, i16(0))
         return tot
 
+    def code_rows(s):
+        """Lanes of code-order words (word 2i + 1 = row i, 2i = row 16 + i) that hold rows 16s + i."""
+        return [2 * i + 1 - s for i in range(16)]
+
     def halves(v, s):
-        """Code-order words (word 2i + 1 = row i, 2i = row 16 + i) -> rows 16s + i (i < 16),
-        repeated for both halves h of a packed vector (words (h, i))."""
-        return tirx.Shuffle([v], [2 * i + 1 - s for i in range(16)] * 2)
+        """Rows 16s + i of code-order words, repeated for both halves h of a packed vector
+        (words (h, i))."""
+        return tirx.Shuffle([v], code_rows(s) * 2)
 
     @T.macro
     def multipliers_into(dl, cs, rs, cq, lq, nt):
@@ -262,9 +272,7 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                     tirx.shift_left(
                         T.Cast(
                             "int32x16",
-                            tirx.Shuffle(
-                                [lq[T.Ramp(0, 1, ROWS)]], [2 * i + 1 - s for i in range(16)]
-                            ),
+                            tirx.Shuffle([lq[T.Ramp(0, 1, ROWS)]], code_rows(s)),
                         )
                         + T.Broadcast(T.int32(127 - SHIFT), 16),
                         T.Broadcast(T.int32(23), 16),
@@ -309,17 +317,11 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                                 )
                             )
 
-    def row16(x, xp, m, k0):
-        """x[m, k0 : k0 + 16] (from the padded copy for ragged shapes)."""
+    def row(x, xp, m, k0, lanes):
+        """x[m, k0 : k0 + lanes] (from the padded copy for ragged shapes)."""
         if exact_x:
-            return x[m, tirx.Ramp(k0, 1, 16)]
-        return xp[tirx.Ramp(m * KP + k0, 1, 16)]
-
-    def row32(x, xp, m, k0):
-        """x[m, k0 : k0 + 32]."""
-        if exact_x:
-            return x[m, tirx.Ramp(k0, 1, 32)]
-        return xp[tirx.Ramp(m * KP + k0, 1, 32)]
+            return x[m, tirx.Ramp(k0, 1, lanes)]
+        return xp[tirx.Ramp(m * KP + k0, 1, lanes)]
 
     def pack_pairs(v, inv):
         """32 activations -> 16 int32 words holding the int16 pairs (xq[2j], xq[2j + 1])."""
@@ -348,7 +350,7 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                 vmx[T.Ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
                 for j in range(GS // 16):
                     vmx[T.Ramp(0, 1, 16)] = T.max(
-                        vmx[T.Ramp(0, 1, 16)], T.fabs(row16(x, xp, m, g * GS + j * 16))
+                        vmx[T.Ramp(0, 1, 16)], T.fabs(row(x, xp, m, g * GS + j * 16, 16))
                     )
                 for c in range(1, 16):
                     vmx[0] = T.max(vmx[0], vmx[c])
@@ -356,7 +358,7 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                 inv[0] = T.if_then_else(vmx[0] > T.float32(0), T.float32(XQ) / vmx[0], T.float32(0))
                 for j in range(GH // 16):
                     xc[T.Ramp(m * KH + g * GH + j * 16, 1, 16)] = pack_pairs(
-                        row32(x, xp, m, g * GS + j * 32), inv[0]
+                        row(x, xp, m, g * GS + j * 32, 32), inv[0]
                     )
 
     @T.macro
@@ -426,5 +428,4 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
             dequantize_into(w, cs, wb, nt)
             gemm_tile(xc, xs, wb, rs, y, nt)
 
-    body = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", kernel.body))
-    return kernel.with_body(body).with_attr("global_symbol", symbol(cfg))
+    return as_root_block(kernel, symbol(cfg))

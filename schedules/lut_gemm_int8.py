@@ -124,6 +124,15 @@ class Int8Knobs:
             raise ValueError("n_chunks must be >= 1")
 
 
+def as_root_block(func, symbol: str):
+    """``func`` with its body under a root block (Relax dataflow needs one) and ``symbol`` as its
+    global symbol."""
+    from tvm import s_tir
+
+    body = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", func.body))
+    return func.with_body(body).with_attr("global_symbol", symbol)
+
+
 def int8_symbol(cfg: LutGemmConfig, isa: str) -> str:
     """Global symbol of ``isa``'s int8 kernel for ``cfg`` (``make_int8_primfunc``)."""
     return f"{cfg.name}_{isa}"
@@ -382,7 +391,7 @@ def reference_int8(
 def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     """PrimFunc ``(x f32[M,K], w, codes, y f32[M,N])`` of ``isa``'s kernel (table build inside),
     global symbol ``<cfg.name>_<isa>``, body under a root block (Relax dataflow needs one)."""
-    from tvm import s_tir, tirx
+    from tvm import tirx
     from tvm.script import tirx as T
 
     reason = unsupported_reason(cfg, isa)
@@ -788,5 +797,4 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                         group(acc, aux, tab, w, dl, ls, yacc, task, tt, g)
                     store_tile(y, yacc, ybuf, task, tt)
 
-    body = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", kernel.body))
-    return kernel.with_body(body).with_attr("global_symbol", int8_symbol(cfg, isa))
+    return as_root_block(kernel, int8_symbol(cfg, isa))

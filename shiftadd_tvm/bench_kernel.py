@@ -242,8 +242,8 @@ def build_ours(
         from .schedules import int16_gemm
         from .schedules import lut_gemm_int8 as k8
 
-        large = int16_ok and isa == "avx512bw" and int16_gemm.prefers(cfg.m, cfg.bits)
-        if large and not int16_gemm.unsupported_reason(cfg):
+        pack_isa = isa  # the int16 GEMM reads the avx512bw table kernel's packing
+        if int16_ok and isa == "avx512bw" and int16_gemm.picks(cfg):
             func, how = int16_gemm.make_primfunc(cfg), "int16 GEMM (int16_gemm.prefers)"
             isa = "int16"
         else:
@@ -251,7 +251,7 @@ def build_ours(
             func = k8.make_int8_primfunc(cfg, knobs, isa)
 
         def pack(planes, scales):
-            return k8.pack_int8(planes, scales, cfg, "avx512bw" if isa == "int16" else isa)
+            return k8.pack_int8(planes, scales, cfg, pack_isa)
 
     name = (
         str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else None
@@ -418,9 +418,9 @@ def run(args) -> dict:
     spec = resolve_target(args.target)
     target = spec.tvm_target()
     isa = resolve_isa(args.isa, spec.to_dict())
-    from .cpu_features import target_features
+    from .cpu_features import int16_gemm_target
 
-    int16_ok = isa == "avx512bw" and "avx512vnni" in target_features(spec.to_dict())
+    int16_ok = int16_gemm_target(spec.to_dict(), isa)
     llc = llc_bytes()
     log.info("CPU %s, last-level cache %d MiB, kernel variant %s", cpu_model(), llc >> 20, isa)
     if args.scale_window and isa != "avx512":

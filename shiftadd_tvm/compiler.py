@@ -868,11 +868,9 @@ def build_imported(
             else "float tables (asked for, or the target enables no AVX2/AVX-512 VBMI+VNNI/NEON)",
         )
 
-        from .cpu_features import target_features
+        from .cpu_features import int16_gemm_target
 
-        int16_ok = (
-            tables == "auto" and cpu_isa == "avx512bw" and "avx512vnni" in target_features(spec)
-        )
+        int16_ok = tables == "auto" and int16_gemm_target(spec, cpu_isa)
         if int16_ok:
             log.info("large-M matmuls (prefill): int16 GEMM (AVX-512 VNNI) on the same weights")
 

@@ -82,6 +82,12 @@ def target_features(spec: dict) -> frozenset[str]:
     return frozenset(str(k) for k in feats)
 
 
+def int16_gemm_target(spec: dict, isa: str) -> bool:
+    """Whether ``compile()`` may run many-row matmuls on the int16 GEMM for this target: its table
+    kernel is ``avx512bw`` (the packing the GEMM reads) and LLVM enables AVX-512 VNNI."""
+    return isa == "avx512bw" and "avx512vnni" in target_features(spec)
+
+
 def _is_aarch64(spec: dict) -> bool:
     triple = str(spec.get("mtriple", ""))
     return triple.startswith(("aarch64", "arm64"))

@@ -553,16 +553,12 @@ def _cpu_name() -> str:
 
 def _int16_routed(configs, target: dict, isa: str) -> list:
     """The configurations ``compile()`` (tables "auto") runs on the int16 GEMM for ``target``."""
-    from .cpu_features import target_features
+    from .cpu_features import int16_gemm_target
     from .schedules import int16_gemm
 
-    if isa != "avx512bw" or "avx512vnni" not in target_features(target):
+    if not int16_gemm_target(target, isa):
         return []
-    return [
-        c
-        for c in configs
-        if int16_gemm.prefers(c.m, c.bits) and int16_gemm.unsupported_reason(c) is None
-    ]
+    return [c for c in configs if int16_gemm.picks(c)]
 
 
 def model_configs(
