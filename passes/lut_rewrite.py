@@ -170,6 +170,7 @@ def rewrite_matmuls(
     dense_weight_dtype: str = "float32",
     shared_exp: bool = False,
     int16_gemm_ok: bool = False,
+    vnni: bool = False,
 ):
     """Rewrite the matmuls of ``mod[func_name]``; returns ``(new_mod, RewriteRecord)``.
 
@@ -187,11 +188,12 @@ def rewrite_matmuls(
     table (a tied output head) reads that float16 table too (its rows widened), so the float32
     table drops out of the function: half the bytes a decode step's head streams, and of the
     artifact's table. An embedding not tied to a dense matmul weight stays float32.
-    ``shared_exp`` (with ``cpu_isa="avx512"``): a layer whose scales have
-    ``packing.shared_exponent_form`` (a fit with ``QuantConfig.scale_window``) runs the int8
-    kernel that applies them with one shift per group; other layers keep the per-term kernel
-    (logged, counted in ``RewriteRecord.shared_exp_missed``), and so does every layer on any other
-    target (one warning; every layer counted).
+    ``shared_exp`` (with ``cpu_isa="avx512"``, or ``"avx512bw"`` and ``vnni``: the target enables
+    AVX-512 VNNI): a layer whose scales have ``packing.shared_exponent_form`` (a fit with
+    ``QuantConfig.scale_window``) runs the int8 kernel that applies them with one shift per group
+    (on avx512bw at every M: the int16 GEMM reads the per-term packing); other layers keep the
+    per-term kernel (logged, counted in ``RewriteRecord.shared_exp_missed``), and so does every
+    layer on any other target (one warning; every layer counted).
     ``int16_gemm_ok`` (``cpu_isa="avx512bw"`` on a target with AVX-512 VNNI): a call site with many
     activation rows (``int16_gemm.prefers``) runs ``schedules/int16_gemm.py`` (dequantize to int16,
     VNNI GEMM) on the same packed weights as the table kernel; a layer whose weights do not fit its
@@ -202,12 +204,14 @@ def rewrite_matmuls(
             f"dense_weight_dtype={dense_weight_dtype!r}: one of {dense_gemm.WEIGHT_DTYPES}"
         )
     cuda = target_kind == "cuda"
-    vbmi = cpu_isa == "avx512" and not cuda  # the only kernel with a shared-exponent variant
-    if shared_exp and not vbmi:
+    # the kernels with a shared-exponent variant: AVX-512 VBMI, AVX-512 BW with VNNI
+    shared_ok = not cuda and (cpu_isa == "avx512" or (cpu_isa == "avx512bw" and vnni))
+    if shared_exp and not shared_ok:
         log.warning(
-            "shared-exponent scales are applied with one shift per group by the AVX-512 VBMI "
-            "kernel only; the %s kernels apply them term by term (same values, no speedup)",
-            "CUDA" if cuda else cpu_isa,
+            "shared-exponent scales are applied with one shift per group by the AVX-512 VBMI and "
+            "AVX-512 BW + VNNI kernels only; the %s kernels apply them term by term (same values, "
+            "no speedup)",
+            "CUDA" if cuda else f"{cpu_isa}{'' if vnni else ' (no VNNI)'}",
         )
     import tvm
     from tvm import relax
@@ -272,7 +276,8 @@ def rewrite_matmuls(
                     func = lut_gemm_int8.make_int8_primfunc(cfg, kn, cpu_isa)
                     info = {
                         "kind": "lut-int8",
-                        "isa": cpu_isa,
+                        "isa": cpu_isa
+                        + ("+vnni" if cfg.shared_exp and cpu_isa == "avx512bw" else ""),
                         "knobs": dataclasses.asdict(kn),
                         "schedule": how,
                     }
@@ -384,7 +389,7 @@ def rewrite_matmuls(
                 raise ValueError(
                     f"quantizer returned shape {(packed.n, packed.k)} for {key} {(n, k)}"
                 )
-            shared = shared_exp and vbmi
+            shared = shared_exp and shared_ok
             if shared_exp and not shared:  # the target's kernel applies the scales term by term
                 record.shared_exp_missed += 1
             elif shared and shared_exponent_form(packed.scales) is None:

@@ -93,7 +93,10 @@ def unsupported_reason(cfg: LutGemmConfig) -> str | None:
     if why:
         return why
     if cfg.shared_exp:
-        return "shared-exponent configs use the AVX-512 VBMI kernel's packing"
+        return (
+            "shared-exponent configs use the shared-exponent table kernel's packing (which runs "
+            "them at every M)"
+        )
     if cfg.group_size * XQ * WMAX >= 2**31:
         return (
             f"group_size={cfg.group_size} overflows the int16 GEMM's int32 sums "

@@ -83,6 +83,30 @@ group the 32 rows' exponent words (as a term's) and then each plane's 32 bytes `
 ``vpermb`` per half). Compiled and checked against the model's asm shape on x86 hosts; run only on
 hosts with VBMI.
 
+AVX-512 BW + VNNI, shared exponent (``isa="avx512bw"``, ``cfg.shared_exp``; no VBMI needed)
+    An in-lane ``vpshufb`` looks up one quad's table per 128-bit lane, so the 16 bytes of a lane
+    cannot be 16 rows summed per row by ``vpdpbusd`` (its 4 bytes would be 4 rows). Here the 4
+    bytes of an int32 are one row's planes of the lane's quad, and ``vpdpbusd`` weights each by
+    the row's ``|c_b|`` (signs folded into the bits, as above): one lookup and one ``vpdpbusd`` per
+    64 table entries, no per-plane sums, no per-term epilogue. Tables: 16 bytes per quad (int8),
+    a 64-byte load gives the 4 quads of a K-block of 16, one per lane. Accumulators: one int32 per
+    (row, quad lane) for row blocks of 4 rows; at the group end the 4 lanes of 4 row blocks are
+    added by lane shuffles (16 rows), then one conversion, one exponent add and one multiply-add.
+    ``w: uint8[NT, Kp/16, PV, 64]``: with 3-4 bits (P = 4 nibbles per row and quad, zero planes
+    past the bits, PV = 4) byte ``16L + 4d + b`` of vector u holds plane b of quad ``4kq + L`` for
+    row ``4(2u + hi) + d`` of the tile in nibble hi. With 1-2 bits (P = 2, PV = 2) byte
+    ``16L + 4d + 2hh + b`` holds row ``4(4u + 2hh + hi) + d``: one lookup serves two row blocks
+    (bytes 0-1 and 2-3 of every int32), each ``vpdpbusd`` weighting the other's bytes 0.
+    ``codes: int16[PAD + NT * G * 96]``: per tile and group the 32 rows' exponent words (as a
+    term's) and 128 bytes of weights, ``|c_b|`` of row ``4v + d`` at byte ``16v + 4d`` + its
+    plane's byte (``pd_byte``), 0 elsewhere. Measured on the Xeon (Cascade Lake, no VBMI), M = 1,
+    4096x4096, one thread, against the per-term avx512bw kernel on the same weights in the same
+    process (``--scale-window 8`` fits): 2 bits 0.302 -> 0.236 ms, 3 bits 0.44-0.46 ->
+    0.41-0.42, 4 bits 0.57-0.63 -> 0.41 (8 MiB at 4 nibbles: the L3 read rate, ~20 GB/s of the
+    24 GB/s a plain read loop gets). A dense 3-nibble layout for 3 bits (a third vector of plane
+    2 nibbles of 4 rows, four ``vpdpbusd`` per lookup) read 25% fewer bytes but ran no faster
+    (0.42 ms: more instructions); not kept.
+
 M > 1: ``m_inner`` rows of x share each loaded weight vector (their tables differ); threads run
 ``T.parallel`` over (row block, chunk of N tiles).
 """
@@ -107,6 +131,25 @@ _TABLE_BYTES = {"avx512": 16, "avx512bw": 32, "avx2": 32, "neon": 16}  # stored 
 _ACC_REGS = {"avx512": 24, "avx512bw": 24, "avx2": 10, "neon": 24}  # registers for accumulators
 BW_MAX_GROUP = 2048  # avx512bw: a (row, group)'s biased byte sums must fit 16 bits
 _WIDE = ("avx512", "avx512bw")  # 64-byte weight vectors of 4 quads, int32 group sums
+PD_PLANES = 4  # avx512bw shared exponent: the bytes of one int32 (one row, 4 planes)
+
+
+def pd_planes(cfg: LutGemmConfig) -> int:
+    """Nibbles stored per (row, quad) by the avx512bw shared-exponent layout: 2 up to 2 bits, 4
+    from 3 bits (zero nibbles past cfg.bits; module docstring "AVX-512 BW + VNNI")."""
+    return 2 if cfg.bits <= 2 else PD_PLANES
+
+
+def pd_vecs(cfg: LutGemmConfig) -> int:
+    """64-byte weight vectors per tile and K-block of 16 in the avx512bw shared-exponent layout."""
+    return ROWS * 4 * pd_planes(cfg) // 128
+
+
+def pd_byte(v: np.ndarray, b: int, pp: int) -> np.ndarray:
+    """The byte (0-3) of an int32 that holds plane b of row block v (rows 4v..4v+3 of a tile):
+    b with 4 planes; with 2, bytes 2hh + b for row block v = 4u + 2hh + hi."""
+    v = np.asarray(v)
+    return np.full(v.shape, b) if pp == PD_PLANES else 2 * ((v >> 1) & 1) + b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,10 +192,15 @@ def unsupported_reason(cfg: LutGemmConfig, isa: str) -> str | None:
             f"group_size={cfg.group_size} > {BW_MAX_GROUP} overflows the avx512bw kernel's "
             "16-bit byte sums"
         )
-    if cfg.shared_exp and isa != "avx512":
+    if cfg.shared_exp and isa not in _WIDE:
         return (
-            f"shared-exponent scales are applied by the AVX-512 kernel only (vpdpbusd byte "
+            f"shared-exponent scales are applied by the AVX-512 kernels only (vpdpbusd byte "
             f"weights), not {isa}; build the config with shared_exp=False"
+        )
+    if cfg.shared_exp and isa == "avx512bw" and cfg.bits > PD_PLANES:
+        return (
+            f"bits={cfg.bits} > {PD_PLANES}: the avx512bw shared-exponent kernel holds 4 planes "
+            "per row; build the config with shared_exp=False"
         )
     if cfg.shared_exp and QMAX * MULT_MAX * (cfg.group_size // 4) * cfg.bits >= 2**31:
         return f"group_size={cfg.group_size} overflows the shared-exponent kernel's int32 sums"
@@ -168,6 +216,8 @@ def default_int8_knobs(cfg: LutGemmConfig, isa: str, threads: int = 2) -> Int8Kn
     # int32 sums (avx512); two 16-bit sums of byte pairs (avx512bw); int16 sums (avx2, neon)
     acc_per_row = cfg.bits * ROWS * (4 if isa in _WIDE else 2) // vreg
     regs = _ACC_REGS.get(isa, 8) - (2 * cfg.bits if cfg.shared_exp else 0)  # byte weights
+    if isa == "avx512bw" and cfg.shared_exp:  # one int32 per (row, quad lane); 8 byte-weight regs
+        acc_per_row, regs = ROWS // 4, _ACC_REGS[isa] - ROWS // 4
     cap = max(1, regs // acc_per_row)
     m_inner = max(d for d in range(1, min(cap, cfg.m) + 1) if cfg.m % d == 0)
     blocks = cfg.m // m_inner
@@ -276,6 +326,21 @@ def pack_int8(
         nib = _nibbles(planes, nt * ROWS).reshape(bits, nt, 2, 16, cfg.kp // 16, 4)
         v = nib.transpose(1, 4, 0, 3, 5, 2)  # [nt, kq, b, r, t, h]
         w = (v[..., 0] | (v[..., 1] << 4)).astype(np.uint8).reshape(nt, cfg.kp // 16, bits, 64)
+    elif isa == "avx512bw" and cfg.shared_exp:
+        pp = pd_planes(cfg)
+        nib = np.zeros((pp, nt * ROWS, cfg.kp // 4), np.uint8)  # planes past cfg.bits: 0
+        nib[:bits] = _nibbles(planes, nt * ROWS)
+        kq = cfg.kp // 16
+        if pp == PD_PLANES:
+            # [b, nt, u, hi, d, kq, L]: row 32nt + 4(2u + hi) + d, quad 4kq + L, plane b at byte
+            # 16L + 4d + b of vector u
+            v = nib.reshape(pp, nt, 4, 2, 4, kq, 4).transpose(1, 5, 2, 6, 4, 0, 3)
+        else:
+            # [b, nt, u, hh, hi, d, kq, L]: row 32nt + 4(4u + 2hh + hi) + d, plane b at byte
+            # 16L + 4d + 2hh + b of vector u
+            v = nib.reshape(pp, nt, 2, 2, 2, 4, kq, 4).transpose(1, 6, 2, 7, 5, 3, 0, 4)
+        w = (v[..., 0] | (v[..., 1] << 4)).astype(np.uint8).reshape(nt, kq, -1, 64)
+        return np.ascontiguousarray(w).reshape(-1), _pd_codes(exps, mult, cfg, nt)
     elif isa == "avx512bw":
         # [b, nt, s, i, kq, hi, h]: row 32nt + 16s + i, quad 4kq + 2hi + h
         nib = _nibbles(planes, nt * ROWS).reshape(bits, nt, 2, 16, cfg.kp // 16, 2, 2)
@@ -327,9 +392,29 @@ def _shared_codes(exps, mult, cfg: LutGemmConfig, nt: int) -> np.ndarray:
     return np.concatenate([pad, per_group.reshape(-1), pad])
 
 
-def shared_words(cfg: LutGemmConfig) -> int:
-    """int16 words per (tile, group) of the shared-exponent layout."""
-    return ROWS + cfg.bits * ROWS // 2
+def _pd_codes(exps, mult, cfg: LutGemmConfig, nt: int) -> np.ndarray:
+    """The avx512bw shared-exponent kernel's int16 words: ``PAD`` zeros, then per tile and group
+    the 32 rows' exponent deltas (as ``encode_deltas``) and the byte weights ``|c|`` of row
+    ``4v + d``, plane b at byte ``16v + 4d + pd_byte(v, b)`` (0 elsewhere)."""
+    n = exps.shape[0]
+    e = np.zeros((nt * ROWS, cfg.groups), np.int32)
+    e[:n] = exps
+    d = shared_deltas(e, cfg).reshape(nt, ROWS, cfg.groups).transpose(0, 2, 1)  # [nt, G, 32]
+    c = np.zeros((PD_PLANES, nt * ROWS, cfg.groups), np.uint8)  # pad rows and planes: weight 0
+    pp = pd_planes(cfg)
+    rows = np.arange(n)
+    for b in range(cfg.bits):  # plane b of row 4v + d at byte pd_byte(v, b)
+        c[pd_byte(rows % ROWS // 4, b, pp), rows] = mult[b]
+    c = c.reshape(PD_PLANES, nt, ROWS, cfg.groups).transpose(1, 3, 2, 0)  # [nt, G, row, b]
+    words = np.ascontiguousarray(c).reshape(nt, cfg.groups, ROWS * PD_PLANES).view(np.int16)
+    per_group = np.concatenate([encode_deltas(d), words], axis=-1)  # [nt, G, SW]
+    return np.concatenate([np.zeros(PAD, np.int16), per_group.reshape(-1)])
+
+
+def shared_words(cfg: LutGemmConfig, isa: str = "avx512") -> int:
+    """int16 words per (tile, group) of ``isa``'s shared-exponent layout."""
+    planes = PD_PLANES if isa == "avx512bw" else cfg.bits
+    return ROWS + planes * ROWS // 2
 
 
 # ----------------------------------------------------------------------------- numpy model
@@ -410,18 +495,22 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     MI, NC = knobs.m_inner, knobs.n_chunks
     MB = M // MI
     TPC = -(-NT // NC)
-    TB = _TABLE_BYTES[isa]  # table bytes per quad (a 16-entry table, repeated per 128-bit lane)
+    SHARED = cfg.shared_exp  # (AVX-512 only: unsupported_reason)
+    PD = SHARED and isa == "avx512bw"  # planes in the bytes of one int32 (module docstring)
+    TB = 16 if PD else _TABLE_BYTES[isa]  # table bytes per quad (16 entries, repeated per lane)
     avx512 = isa == "avx512"
     wide = isa in _WIDE
     W = 64 if wide else _SHUFFLE_BYTES[isa]  # weight bytes per vector
     KV = KP // 16 if wide else KP // 8  # weight vectors per row tile and plane
     VPG = GS // 16 if wide else GS // 8  # weight vectors per group
-    WSIZE = NT * KV * BITS * W
+    PV = pd_vecs(cfg) if PD else 0  # weight vectors per tile and K-block (shared-exp avx512bw)
+    NI = ROWS // 4 // PV if PD else 0  # row blocks (4 rows each) per weight vector: 2 or 4
+    WSIZE = NT * KV * (PV if PD else BITS) * W
     acc_t = "int32" if wide else "int16"
-    tab_t = "uint8" if isa == "avx512bw" else "int8"  # avx512bw: entries + 128 (module docstring)
-    SHARED = cfg.shared_exp  # (avx512 only: unsupported_reason)
-    SW = shared_words(cfg) if SHARED else NTERM * ROWS  # int16 words per (tile, group)
-    DSIZE = PAD + NT * G * SW + (PAD if SHARED else 0)
+    # avx512bw (per term): entries + 128 (module docstring)
+    tab_t = "uint8" if isa == "avx512bw" and not PD else "int8"
+    SW = shared_words(cfg, isa) if SHARED else NTERM * ROWS  # int16 words per (tile, group)
+    DSIZE = PAD + NT * G * SW + (PAD if SHARED and not PD else 0)
     full_n = N % ROWS == 0
     build_loop = T.parallel if knobs.build_parallel else T.serial
 
@@ -470,20 +559,24 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             return yv
         return yv + s * tirx.Broadcast(lsv, 16)
 
-    def lookup_avx512(tab, tbase, wv, hi):
-        offs = tirx.Cast(
-            "uint8x64",
-            tirx.bitwise_and(tirx.Ramp(0, 1, 64), tirx.Broadcast(3, 64)) * tirx.Broadcast(16, 64),
-        )
-        # hi: the unrolled half (0: low nibble, 1: high nibble). A 16-bit shift (vpsrlw; the
-        # neighbour byte's bits are masked off) measured faster than a byte shift (gf2p8affineqb)
+    def nibbles64(wv, hi):
+        """Nibble ``hi`` (0: low, 1: high; the unrolled half) of each of 64 bytes. A 16-bit shift
+        (vpsrlw; the neighbour byte's bits are masked off) measured faster than a byte shift
+        (gf2p8affineqb)."""
         sh = tirx.reinterpret(
             "uint8x64",
             tirx.shift_right(
                 tirx.reinterpret("uint16x32", wv), tirx.Broadcast(tirx.Cast("uint16", hi * 4), 32)
             ),
         )
-        nib = tirx.bitwise_and(sh, tirx.Broadcast(tirx.const(15, "uint8"), 64))
+        return tirx.bitwise_and(sh, tirx.Broadcast(tirx.const(15, "uint8"), 64))
+
+    def lookup_avx512(tab, tbase, wv, hi):
+        offs = tirx.Cast(
+            "uint8x64",
+            tirx.bitwise_and(tirx.Ramp(0, 1, 64), tirx.Broadcast(3, 64)) * tirx.Broadcast(16, 64),
+        )
+        nib = nibbles64(wv, hi)
         return tirx.call_llvm_pure_intrin(
             "int8x64",
             "llvm.x86.avx512.permvar.qi.512",
@@ -746,11 +839,90 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                             )
                         )
 
+    def pd_mults(dl, base, v):
+        """Row block v's 16 byte weights ``[d][b]``, repeated in every 128-bit lane."""
+        raw = tirx.reinterpret("uint8x16", dl[tirx.Ramp(base + PAD + ROWS + 8 * v, 1, 8)])
+        return tirx.Shuffle([raw] * 4, [tirx.const(i, "int32") for i in range(64)])
+
+    def pd_lanes(a, b, sel):
+        """int32x16: 128-bit lanes ``sel`` of a, then the same lanes of b."""
+        idx = [16 * src + 4 * lane + i for src in (0, 1) for lane in sel for i in range(4)]
+        return tirx.Shuffle([a, b], [tirx.const(i, "int32") for i in idx])
+
+    def pd_rows(acc, base):
+        """The int32 sums of 16 rows: row blocks ``acc[base + 16v]`` (v < 4, one row per int32
+        of a lane, one quad per lane) with their 4 lanes added."""
+        a, b, c, d = (acc[tirx.Ramp(base + 16 * v, 1, 16)] for v in range(4))
+        s1 = pd_lanes(a, b, (0, 2)) + pd_lanes(a, b, (1, 3))
+        s2 = pd_lanes(c, d, (0, 2)) + pd_lanes(c, d, (1, 3))
+        return pd_lanes(s1, s2, (0, 2)) + pd_lanes(s1, s2, (1, 3))
+
+    def pd_lookup(tab, tbase, wv, hi):
+        """64 lookups: nibble ``hi`` of every byte of ``wv`` indexes its lane's quad table."""
+        return tirx.call_llvm_pure_intrin(
+            "int8x64",
+            "llvm.x86.avx512.pshuf.b.512",
+            tab[tirx.Ramp(tbase, 1, 64)],
+            nibbles64(wv, hi),
+        )
+
+    @T.macro
+    def pd_group(acc, mv, tab, w, dl, ls, yacc, task, tt, g):
+        """avx512bw, shared exponent: per K-block of 16, PV weight vectors give 8 lookups of 4
+        rows x 4 quads x 4 bytes; vpdpbusd weights each plane's byte by ``|c_b|``."""
+        dbase = (((task % NC) * TPC + tt) * G + g) * SW
+        for v in T.unroll(8):
+            mv[T.Ramp(v * 64, 1, 64)] = pd_mults(dl, dbase, v)
+        for i in T.unroll(MI * 8):
+            acc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
+        for kq in range(VPG):
+            for u in T.unroll(PV):
+                for mi in T.unroll(MI):
+                    # row block v = NI u + 2 hh + hi: nibble hi, bytes P hh.. of every int32
+                    # (one lookup, weighted by two byte-weight vectors when P = 2)
+                    for j in T.unroll(NI):
+                        acc[T.Ramp((mi * 8 + NI * u + j) * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                            "int32x16",
+                            "llvm.x86.avx512.vpdpbusd.512",
+                            acc[T.Ramp((mi * 8 + NI * u + j) * 16, 1, 16)],
+                            mv[T.Ramp((NI * u + j) * 64, 1, 64)],
+                            pd_lookup(
+                                tab,
+                                (((task // NC) * MI + mi) * Q + g * JG + 4 * kq) * TB,
+                                w[
+                                    T.Ramp(
+                                        ((((task % NC) * TPC + tt) * KV + g * VPG + kq) * PV + u)
+                                        * 64,
+                                        1,
+                                        64,
+                                    )
+                                ],  # fmt: skip
+                                j % 2,
+                            ),
+                        )
+        for mi in T.unroll(MI):
+            for h in T.unroll(2):
+                yacc[T.Ramp(mi * ROWS + h * 16, 1, 16)] = yacc[
+                    T.Ramp(mi * ROWS + h * 16, 1, 16)
+                ] + T.reinterpret(
+                    "float32x16",
+                    shift(
+                        T.reinterpret(
+                            "int32x16", T.Cast("float32x16", pd_rows(acc, (mi * 8 + 4 * h) * 16))
+                        ),  # fmt: skip
+                        dl,
+                        dbase,
+                        h,
+                    ),
+                ) * T.Broadcast(ls[((task // NC) * MI + mi) * G + g], 16)
+
     @T.macro
     def group(acc, aux, tab, w, dl, ls, yacc, task, tt, g):
         """One scale group of one tile: zero the sums, look up and add, apply the epilogue.
         ``aux``: avx512's byte weights, avx512bw's int32 sums (unused otherwise)."""
-        if isa == "avx512bw":
+        if PD:
+            pd_group(acc, aux, tab, w, dl, ls, yacc, task, tt, g)
+        elif isa == "avx512bw":
             for i in T.unroll(BITS * MI * 2):
                 acc[T.Ramp(i * 32, 1, 32)] = T.Broadcast(T.uint16(0), 32)
             for kq in range(VPG):
@@ -766,7 +938,9 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                 shuffle_group(acc, tab, w, task, tt, g)
             apply_epilogues(acc, dl, ls, yacc, task, tt, g)
 
-    if isa == "avx512bw":  # biased byte pairs in uint16 words; their int32 sums in aux
+    if PD:  # one int32 per (row, quad lane) of each row block; the byte weights in aux
+        ACC_N, ACC_T, AUX_N, AUX_T = MI * ROWS * 4, "int32", 8 * 64, "uint8"
+    elif isa == "avx512bw":  # biased byte pairs in uint16 words; their int32 sums in aux
         ACC_N, ACC_T, AUX_N, AUX_T = BITS * MI * 64, "uint16", BITS * MI * ROWS, "int32"
     elif avx512:  # int32 sums; the shared-exponent byte weights in aux
         ACC_N, ACC_T, AUX_N, AUX_T = BITS * MI * ROWS, acc_t, BITS * 2 * 64, "uint8"

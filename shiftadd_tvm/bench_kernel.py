@@ -423,10 +423,13 @@ def run(args) -> dict:
     int16_ok = int16_gemm_target(spec.to_dict(), isa)
     llc = llc_bytes()
     log.info("CPU %s, last-level cache %d MiB, kernel variant %s", cpu_model(), llc >> 20, isa)
-    if args.scale_window and isa != "avx512":
+    from .cpu_features import shared_exp_target
+
+    shared_ok = shared_exp_target(spec.to_dict(), isa)
+    if args.scale_window and not shared_ok:
         log.warning(
-            "--scale-window %d: the shared-exponent kernel is AVX-512 VBMI only; the %s kernel "
-            "timed here applies the terms one by one",
+            "--scale-window %d: the shared-exponent kernels are AVX-512 VBMI and AVX-512 BW + "
+            "VNNI only; the %s kernel timed here applies the terms one by one",
             args.scale_window,
             isa,
         )
@@ -486,7 +489,7 @@ def run(args) -> dict:
         ours = {}
         for bits in bits_list:
             width, counts = kernel_terms(bits, args.group_size, args.terms)
-            shared = bool(args.scale_window) and isa == "avx512"
+            shared = bool(args.scale_window) and shared_ok
             cfg = LutGemmConfig(m, n, k, bits, args.group_size, width, counts, shared)
             probe = random_packed(n, k, bits, args.group_size, width, 0, counts)
             copies = copies_for(probe[0].nbytes + probe[1].nbytes, cold, llc)
@@ -618,7 +621,8 @@ def add_parser(sub) -> None:
         type=int,
         default=0,
         help="8: weights fitted with compile --scale-window 8, run by the shared-exponent AVX-512 "
-        "kernel (one shift per group); ignored by the other kernels. 0: free exponents",
+        "kernels (VBMI, or BW + VNNI: one shift per group, the planes weighted inside vpdpbusd; "
+        "at every M); ignored by the other kernels. 0: free exponents",
     )
     p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
     p.add_argument(

@@ -831,7 +831,7 @@ def build_imported(
             return kn, how if source is None or how.startswith("default") else f"{how}, {source}"
 
     cpu_knobs = default_knobs
-    cpu_isa, int8_knobs, int16_ok = "generic", None, False
+    cpu_isa, int8_knobs, int16_ok, vnni = "generic", None, False, False
     if not cuda:
         from . import tuning
 
@@ -868,9 +868,10 @@ def build_imported(
             else "float tables (asked for, or the target enables no AVX2/AVX-512 VBMI+VNNI/NEON)",
         )
 
-        from .cpu_features import int16_gemm_target
+        from .cpu_features import int16_gemm_target, target_features
 
         int16_ok = tables == "auto" and int16_gemm_target(spec, cpu_isa)
+        vnni = "avx512vnni" in target_features(spec)
         if int16_ok:
             log.info("large-M matmuls (prefill): int16 GEMM (AVX-512 VNNI) on the same weights")
 
@@ -886,6 +887,7 @@ def build_imported(
         cpu_isa=cpu_isa,
         int8_knobs=int8_knobs,
         int16_gemm_ok=int16_ok,
+        vnni=vnni,
         dense_weight_dtype="float32" if cuda else head_storage,
         shared_exp=qcfg.scale_window > 0,
     )
@@ -1015,8 +1017,11 @@ def build_imported(
         "target": tgt.to_dict(),
         "cpu_features": required_cpu_features(
             tgt,
-            "int16"
-            if any(k.get("kind") == "int16-gemm" for k in record.kernels.values())
+            "int16"  # the int16 GEMM and the avx512bw shared-exponent kernel need VNNI too
+            if any(
+                k.get("kind") == "int16-gemm" or k.get("isa") == "avx512bw+vnni"
+                for k in record.kernels.values()
+            )
             else cpu_isa,
         ),
         **({"cuda_images": images} if images else {}),

@@ -29,7 +29,8 @@ ISA_FEATURES: dict[str, tuple[str, ...]] = {
     "avx2": ("avx2",),
     "neon": ("neon",),
     "generic": (),
-    # not a table-kernel variant: the large-M int16 GEMM (schedules/int16_gemm.py) next to avx512bw
+    # not table-kernel variants: the large-M int16 GEMM (schedules/int16_gemm.py) and the
+    # shared-exponent table kernel next to avx512bw, both with vpdp* (VNNI)
     "int16": ("avx512f", "avx512bw", "avx512vnni"),
 }
 
@@ -86,6 +87,13 @@ def int16_gemm_target(spec: dict, isa: str) -> bool:
     """Whether ``compile()`` may run many-row matmuls on the int16 GEMM for this target: its table
     kernel is ``avx512bw`` (the packing the GEMM reads) and LLVM enables AVX-512 VNNI."""
     return isa == "avx512bw" and "avx512vnni" in target_features(spec)
+
+
+def shared_exp_target(spec: dict, isa: str) -> bool:
+    """Whether ``isa``'s int8 kernel has a shared-exponent variant on this target: ``avx512``
+    (VBMI + VNNI), or ``avx512bw`` where LLVM enables AVX-512 VNNI (``vpdpbusd`` weights each
+    plane's lookups by its integer scale)."""
+    return isa == "avx512" or int16_gemm_target(spec, isa)
 
 
 def _is_aarch64(spec: dict) -> bool:

@@ -19,6 +19,7 @@ RTOL_EXACT = 2e-2  # int8 tables vs exact float64 (the table quantization costs 
 TARGETS = {
     "avx512": {"kind": "llvm", "mcpu": "znver4", "num-cores": 2},
     "avx512bw": {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2},
+    "avx512bw+vnni": {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2},
     "avx2": {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2},
     "neon": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
     "generic": {"kind": "llvm", "num-cores": 2},
@@ -45,9 +46,9 @@ def random_case(cfg, seed):
     return x, pack_planes(codes, cfg.group_size), encode_terms(signs, exps)
 
 
-def run_int8(cfg, isa, x, planes, scales, knobs=None):
+def run_int8(cfg, isa, x, planes, scales, knobs=None, target=None):
     func = L.make_int8_primfunc(cfg, knobs, isa)
-    ex = tvm.compile(tvm.IRModule({"k": func}), target=tvm.target.Target(TARGETS[isa]))
+    ex = tvm.compile(tvm.IRModule({"k": func}), target=tvm.target.Target(TARGETS[target or isa]))
     args = [x, *L.pack_int8(planes, scales, cfg, isa), np.zeros((cfg.m, cfg.n), np.float32)]
     args = [tvm.runtime.tensor(a) for a in args]
     ex.jit()[f"{cfg.name}_{isa}"](*args)
@@ -415,7 +416,10 @@ def test_shared_exponent_refusals():
     wide[0, 5, 0, :2] = encode_terms(np.array([1, 1]), np.array([0, -9]))
     with pytest.raises(ValueError, match="no shared-exponent form.*shared_exp=False"):
         L.pack_int8(planes, wide, cfg, "avx512")
-    assert "AVX-512 kernel only" in L.unsupported_reason(cfg, "avx2")
+    assert "AVX-512 kernels only" in L.unsupported_reason(cfg, "avx2")
+    five = LutGemmConfig(1, 32, 128, 5, 128, 3, shared_exp=True)
+    assert "holds 4 planes" in L.unsupported_reason(five, "avx512bw")
+    assert L.unsupported_reason(five, "avx512") is None
     big = encode_terms(np.ones((2, 32, 1, 1)), np.full((2, 32, 1, 1), L.max_shared_exp(cfg) + 1))
     with pytest.raises(ValueError, match="outside the shared-exponent"):
         L.pack_int8(
@@ -487,9 +491,83 @@ def test_pass_picks_the_shared_exponent_kernel_and_counts_misses(caplog):
         _, rec2 = rewrite_matmuls(
             Mod, quant, params={"a": w1, "b": w2}, cpu_isa="avx512bw", shared_exp=True
         )
-    assert all("shared_exp" not in i["config"] for i in rec2.kernels.values())  # VBMI only
+    assert all("shared_exp" not in i["config"] for i in rec2.kernels.values())  # needs VNNI
     assert rec2.shared_exp_missed == 2 and "2 without a shared exponent" in rec2.summary()
-    assert "avx512bw kernels apply them term by term" in caplog.text
+    assert "avx512bw (no VNNI) kernels apply them term by term" in caplog.text
+    mod3, rec3 = rewrite_matmuls(
+        Mod, quant, params={"a": w1, "b": w2}, cpu_isa="avx512bw", shared_exp=True, vnni=True
+    )
+    isas = sorted((i["isa"], i["config"].get("shared_exp", False)) for i in rec3.kernels.values())
+    assert isas == [("avx512bw", False), ("avx512bw+vnni", True)]
+    assert rec3.shared_exp_missed == 1
     from tvm import relax
 
     relax.build(mod, target=tvm.target.Target(TARGETS["avx512"]))
+    relax.build(mod3, target=tvm.target.Target(TARGETS["avx512bw+vnni"]))
+
+
+# ------------------------------------------------------- AVX-512 BW + VNNI: shared exponent
+BW_SHARED_SHAPES = [
+    (1, 64, 128, 2, 32, 1),
+    (1, 70, 576, 3, 128, 3),  # ragged N, K = 576 with group 128
+    (3, 100, 100, 4, 32, 3),  # ragged K, M = 3
+    (8, 33, 256, 1, 64, 3),  # one bit, M = 8
+    (8, 96, 192, 2, 64, 2),
+    (2, 40, 256, 4, 128, 3),
+]
+
+
+@pytest.mark.skipif(bool(cpu_features.host_missing("int16")), reason="needs AVX-512 BW + VNNI")
+@pytest.mark.parametrize("shape", BW_SHARED_SHAPES, ids=lambda s: "m{}_n{}_k{}_b{}".format(*s[:4]))
+def test_avx512bw_shared_exponent_kernel_matches_model(shape):
+    """The avx512bw shared-exponent kernel (planes in the bytes of one int32, weighted inside
+    vpdpbusd) computes the shared-exponent model (the same integers as the per-term model)."""
+    cfg = LutGemmConfig(*shape, shared_exp=True)
+    x, planes, scales = shared_case(cfg, seed=sum(shape) + 2)
+    y = run_int8(cfg, "avx512bw", x, planes, scales, target="avx512bw+vnni")
+    assert rel(y, L.reference_int8(x, planes, scales, cfg)) < RTOL_MODEL
+    assert rel(y, reference(x, planes, scales, cfg)) < RTOL_EXACT
+    if cfg.m > 1:  # two rows per weight load
+        y2 = run_int8(
+            cfg,
+            "avx512bw",
+            x,
+            planes,
+            scales,
+            L.Int8Knobs(2 if cfg.m % 2 == 0 else 1, 2, True),
+            target="avx512bw+vnni",
+        )
+        assert rel(y2, y) < 1e-6
+
+
+def test_avx512bw_shared_exponent_layout():
+    """Packed bytes: two nibbles per (row, quad) up to 2 bits, four from 3 bits (zero planes past
+    the bits, byte weight 0); one exponent word and 4 byte weights per (row, group)."""
+    for bits, per in ((1, 2), (2, 2), (3, 4), (4, 4)):
+        cfg = LutGemmConfig(1, 70, 576, bits, 128, 3, shared_exp=True)
+        _, planes, scales = shared_case(cfg, seed=bits)
+        w, codes = L.pack_int8(planes, scales, cfg, "avx512bw")
+        nt = -(-cfg.n // L.ROWS)
+        assert L.pd_planes(cfg) == per
+        assert w.size == nt * L.ROWS * cfg.kp // 4 * per // 2  # one nibble per (row, quad, slot)
+        assert codes.size == L.PAD + nt * cfg.groups * L.shared_words(cfg, "avx512bw")
+        mult = codes[L.PAD :].reshape(nt, cfg.groups, -1)[..., L.ROWS :].view(np.uint8)
+        mult = mult.reshape(nt, cfg.groups, L.ROWS, 4)
+        _, c = L.shared_form(scales, cfg)
+        used = np.count_nonzero(mult[:2, :, :, :])  # real rows only in the first two tiles
+        assert used == np.count_nonzero(c[:, :64])
+        if per == 2:  # a row block's two planes sit in bytes 0-1 or 2-3 of each int32, never both
+            both = (mult[..., :2] != 0).any(-1) & (mult[..., 2:] != 0).any(-1)
+            assert not both.any()
+
+
+def test_avx512bw_shared_exponent_kernel_asm():
+    """Compile-only (any x86 host): in-lane vpshufb lookups into vpdpbusd, no VBMI vpermb, and one
+    masked exponent add per 16 rows and group, at every bit width."""
+    for bits in (2, 3, 4):
+        cfg = LutGemmConfig(1, 256, 512, bits, 128, 3, shared_exp=True)
+        func = L.make_int8_primfunc(cfg, None, "avx512bw")
+        target = tvm.target.Target(TARGETS["avx512bw+vnni"])
+        asm = tvm.compile(tvm.IRModule({"k": func}), target=target).mod.inspect_source("asm")
+        assert "vpermb" not in asm and "vpshufb" in asm and "vpdpbusd" in asm
+        assert len(re.findall(r"\bvpaddw\b.*\{%k", asm)) == 2
