@@ -87,25 +87,29 @@ AVX-512 BW + VNNI, shared exponent (``isa="avx512bw"``, ``cfg.shared_exp``; no V
     An in-lane ``vpshufb`` looks up one quad's table per 128-bit lane, so the 16 bytes of a lane
     cannot be 16 rows summed per row by ``vpdpbusd`` (its 4 bytes would be 4 rows). Here the 4
     bytes of an int32 are one row's planes of the lane's quad, and ``vpdpbusd`` weights each by
-    the row's ``|c_b|`` (signs folded into the bits, as above): one lookup and one ``vpdpbusd`` per
-    64 table entries, no per-plane sums, no per-term epilogue. Tables: 16 bytes per quad (int8),
-    a 64-byte load gives the 4 quads of a K-block of 16, one per lane. Accumulators: one int32 per
+    the row's ``|c_b|`` (signs folded into the bits, as above): no per-plane sums, no per-term
+    epilogue. Tables: 16 bytes per quad (int8), a 64-byte load gives the 4 quads of a K-block of
+    16, one per lane. Accumulators: one int32 per
     (row, quad lane) for row blocks of 4 rows; at the group end the 4 lanes of 4 row blocks are
     added by lane shuffles (16 rows), then one conversion, one exponent add and one multiply-add.
-    ``w: uint8[NT, Kp/16, PV, 64]``: with 3-4 bits (P = 4 nibbles per row and quad, zero planes
-    past the bits, PV = 4) byte ``16L + 4d + b`` of vector u holds plane b of quad ``4kq + L`` for
-    row ``4(2u + hi) + d`` of the tile in nibble hi. With 1-2 bits (P = 2, PV = 2) byte
-    ``16L + 4d + 2hh + b`` holds row ``4(4u + 2hh + hi) + d``: one lookup serves two row blocks
-    (bytes 0-1 and 2-3 of every int32), each ``vpdpbusd`` weighting the other's bytes 0.
-    ``codes: int16[PAD + NT * G * 96]``: per tile and group the 32 rows' exponent words (as a
-    term's) and 128 bytes of weights, ``|c_b|`` of row ``4v + d`` at byte ``16v + 4d`` + its
-    plane's byte (``pd_byte``), 0 elsewhere. Measured on the Xeon (Cascade Lake, no VBMI), M = 1,
+    ``w: uint8[NT, Kp/16, PV, 64]``, one nibble per (row, quad, plane), PV = the planes (2 for
+    one bit): nibble ``j % 2`` of byte ``16L + 4d + k`` of vector ``j // 2`` is lookup j's index
+    for quad ``4kq + L`` and the (row block v, plane b) of ``pd_slots``: row ``4v + d``. 4 bits:
+    one row block per int32 (planes 0-3). 1-2 bits: two row blocks per int32 (bytes 0-1, 2-3),
+    3 bits: a chain of 4 row blocks over 3 lookups, ``(a0 a1 a2 b0) (b1 b2 c0 c1) (c2 d0 d1 d2)``;
+    a lookup then feeds two ``vpdpbusd``, one per row block, each with the other's byte weights
+    0 (``pd_parts``). ``codes: int16[PAD + NT * G * (32 + 8 PV)]``: per tile and group the 32
+    rows' exponent words (as a term's), then per lookup j 16 bytes of weights, byte ``4d + k``
+    = ``|c_b|`` of its slot's row and plane. Measured on the Xeon (Cascade Lake, no VBMI), M = 1,
     4096x4096, one thread, against the per-term avx512bw kernel on the same weights in the same
-    process (``--scale-window 8`` fits): 2 bits 0.302 -> 0.236 ms, 3 bits 0.44-0.46 ->
-    0.41-0.42, 4 bits 0.57-0.63 -> 0.41 (8 MiB at 4 nibbles: the L3 read rate, ~20 GB/s of the
-    24 GB/s a plain read loop gets). A dense 3-nibble layout for 3 bits (a third vector of plane
-    2 nibbles of 4 rows, four ``vpdpbusd`` per lookup) read 25% fewer bytes but ran no faster
-    (0.42 ms: more instructions); not kept.
+    process: 2 bits 0.301 -> 0.237 ms, 3 bits 0.456 -> 0.366, 4 bits 0.586 -> 0.409 (4096x512:
+    14.1 -> 10.9, 23.0 -> 18.0, 33.3 -> 19.9 ps per weight). At 3 bits the chain beat 4 nibbles
+    per row with a zero plane (0.41-0.42 ms: 33% more bytes) and a third vector of plane-2
+    nibbles of 4 rows per int32 (0.42 ms: four ``vpdpbusd`` per lookup). The loop runs below its
+    instruction count's rate (4096x512, 3 bits: ~200 cycles per tile and group for ~270
+    instructions): on this core independent ``vpshufb`` + ``vpdpbusd`` pairs took 0.52 ns each,
+    against 0.375 ns for ``vpshufb`` and 0.23 ns for ``vpdpbusd`` alone (likely the lower clock
+    of AVX-512 multiplies).
 
 M > 1: ``m_inner`` rows of x share each loaded weight vector (their tables differ); threads run
 ``T.parallel`` over (row block, chunk of N tiles).
@@ -135,9 +139,9 @@ PD_PLANES = 4  # avx512bw shared exponent: the bytes of one int32 (one row, 4 pl
 
 
 def pd_planes(cfg: LutGemmConfig) -> int:
-    """Nibbles stored per (row, quad) by the avx512bw shared-exponent layout: 2 up to 2 bits, 4
-    from 3 bits (zero nibbles past cfg.bits; module docstring "AVX-512 BW + VNNI")."""
-    return 2 if cfg.bits <= 2 else PD_PLANES
+    """Nibbles stored per (row, quad) by the avx512bw shared-exponent layout: the bits (2 for one
+    bit; module docstring "AVX-512 BW + VNNI")."""
+    return max(2, cfg.bits)
 
 
 def pd_vecs(cfg: LutGemmConfig) -> int:
@@ -145,11 +149,30 @@ def pd_vecs(cfg: LutGemmConfig) -> int:
     return ROWS * 4 * pd_planes(cfg) // 128
 
 
-def pd_byte(v: np.ndarray, b: int, pp: int) -> np.ndarray:
-    """The byte (0-3) of an int32 that holds plane b of row block v (rows 4v..4v+3 of a tile):
-    b with 4 planes; with 2, bytes 2hh + b for row block v = 4u + 2hh + hi."""
-    v = np.asarray(v)
-    return np.full(v.shape, b) if pp == PD_PLANES else 2 * ((v >> 1) & 1) + b
+def pd_slots(pp: int) -> list[list[tuple[int, int]]]:
+    """``[j][k] = (v, b)``: byte k of every int32 of lookup j (nibble ``j % 2`` of weight vector
+    ``j // 2``) holds plane b of row block v (rows ``4v + d`` at int32 d of each lane). At most two
+    row blocks per int32, each in consecutive bytes (``pd_parts``)."""
+    if pp == PD_PLANES:  # one row block per lookup
+        return [[(j, k) for k in range(4)] for j in range(8)]
+    if pp == 2:  # bytes 0-1: row block 4u + hi, bytes 2-3: 4u + 2 + hi
+        return [[(4 * (j // 2) + 2 * (k // 2) + j % 2, k % 2) for k in range(4)] for j in range(4)]
+    # 3 planes: lookups 3q, 3q + 1, 3q + 2 hold row blocks 4q..4q+3 as a chain
+    # (a0 a1 a2 b0) (b1 b2 c0 c1) (c2 d0 d1 d2)
+    chain = [(r, b) for r in range(4) for b in range(3)]
+    return [[(4 * (j // 3) + chain[4 * (j % 3) + k][0], chain[4 * (j % 3) + k][1]) for k in range(4)]
+            for j in range(6)]  # fmt: skip
+
+
+def pd_parts(pp: int, j, part):
+    """(row block, first byte, bytes) of part ``part`` of lookup j in ``pd_slots(pp)``; j and part
+    may be TIR expressions (unrolled loop variables)."""
+    if pp == PD_PLANES:
+        return j, 0, 4
+    if pp == 2:
+        return 4 * (j // 2) + 2 * part + j % 2, 2 * part, 2
+    split = 3 - j % 3  # bytes [0, split) end the chain's row block j % 3, the rest start the next
+    return 4 * (j // 3) + j % 3 + part, split * part, split + part * (4 - 2 * split)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +239,10 @@ def default_int8_knobs(cfg: LutGemmConfig, isa: str, threads: int = 2) -> Int8Kn
     # int32 sums (avx512); two 16-bit sums of byte pairs (avx512bw); int16 sums (avx2, neon)
     acc_per_row = cfg.bits * ROWS * (4 if isa in _WIDE else 2) // vreg
     regs = _ACC_REGS.get(isa, 8) - (2 * cfg.bits if cfg.shared_exp else 0)  # byte weights
-    if isa == "avx512bw" and cfg.shared_exp:  # one int32 per (row, quad lane); 8 byte-weight regs
-        acc_per_row, regs = ROWS // 4, _ACC_REGS[isa] - ROWS // 4
+    if isa == "avx512bw" and cfg.shared_exp:  # one int32 per (row, quad lane); byte weights
+        pp = pd_planes(cfg)
+        acc_per_row = ROWS // 4
+        regs = _ACC_REGS[isa] - 2 * pd_vecs(cfg) * (1 if pp == PD_PLANES else 2)
     cap = max(1, regs // acc_per_row)
     m_inner = max(d for d in range(1, min(cap, cfg.m) + 1) if cfg.m % d == 0)
     blocks = cfg.m // m_inner
@@ -328,17 +353,15 @@ def pack_int8(
         w = (v[..., 0] | (v[..., 1] << 4)).astype(np.uint8).reshape(nt, cfg.kp // 16, bits, 64)
     elif isa == "avx512bw" and cfg.shared_exp:
         pp = pd_planes(cfg)
-        nib = np.zeros((pp, nt * ROWS, cfg.kp // 4), np.uint8)  # planes past cfg.bits: 0
-        nib[:bits] = _nibbles(planes, nt * ROWS)
+        nib = np.zeros((pp, nt, ROWS // 4, 4, cfg.kp // 16, 4), np.uint8)  # [b, nt, v, d, kq, L]
+        nib[:bits] = _nibbles(planes, nt * ROWS).reshape(bits, nt, ROWS // 4, 4, -1, 4)
+        slots = pd_slots(pp)
+        # lookup j = 2u + hi, byte 16L + 4d + k of vector u: plane b of quad 4kq + L, row 4v + d
+        v = np.stack(
+            [np.stack([nib[b, :, vb] for vb, b in slots[j]], -1) for j in range(len(slots))], -1
+        )  # [nt, d, kq, L, k, j]
         kq = cfg.kp // 16
-        if pp == PD_PLANES:
-            # [b, nt, u, hi, d, kq, L]: row 32nt + 4(2u + hi) + d, quad 4kq + L, plane b at byte
-            # 16L + 4d + b of vector u
-            v = nib.reshape(pp, nt, 4, 2, 4, kq, 4).transpose(1, 5, 2, 6, 4, 0, 3)
-        else:
-            # [b, nt, u, hh, hi, d, kq, L]: row 32nt + 4(4u + 2hh + hi) + d, plane b at byte
-            # 16L + 4d + 2hh + b of vector u
-            v = nib.reshape(pp, nt, 2, 2, 2, 4, kq, 4).transpose(1, 6, 2, 7, 5, 3, 0, 4)
+        v = v.reshape(nt, 4, kq, 4, 4, -1, 2).transpose(0, 2, 5, 3, 1, 4, 6)  # [nt,kq,u,L,d,k,hi]
         w = (v[..., 0] | (v[..., 1] << 4)).astype(np.uint8).reshape(nt, kq, -1, 64)
         return np.ascontiguousarray(w).reshape(-1), _pd_codes(exps, mult, cfg, nt)
     elif isa == "avx512bw":
@@ -395,25 +418,26 @@ def _shared_codes(exps, mult, cfg: LutGemmConfig, nt: int) -> np.ndarray:
 def _pd_codes(exps, mult, cfg: LutGemmConfig, nt: int) -> np.ndarray:
     """The avx512bw shared-exponent kernel's int16 words: ``PAD`` zeros, then per tile and group
     the 32 rows' exponent deltas (as ``encode_deltas``) and the byte weights ``|c|`` of row
-    ``4v + d``, plane b at byte ``16v + 4d + pd_byte(v, b)`` (0 elsewhere)."""
+    of lookup j, 16 bytes each (``pd_slots``: byte ``4d + k`` of lookup j is plane b of row
+    ``4v + d``)."""
     n = exps.shape[0]
     e = np.zeros((nt * ROWS, cfg.groups), np.int32)
     e[:n] = exps
     d = shared_deltas(e, cfg).reshape(nt, ROWS, cfg.groups).transpose(0, 2, 1)  # [nt, G, 32]
-    c = np.zeros((PD_PLANES, nt * ROWS, cfg.groups), np.uint8)  # pad rows and planes: weight 0
-    pp = pd_planes(cfg)
-    rows = np.arange(n)
-    for b in range(cfg.bits):  # plane b of row 4v + d at byte pd_byte(v, b)
-        c[pd_byte(rows % ROWS // 4, b, pp), rows] = mult[b]
-    c = c.reshape(PD_PLANES, nt, ROWS, cfg.groups).transpose(1, 3, 2, 0)  # [nt, G, row, b]
-    words = np.ascontiguousarray(c).reshape(nt, cfg.groups, ROWS * PD_PLANES).view(np.int16)
+    c = np.zeros((PD_PLANES, nt, ROWS // 4, 4, cfg.groups), np.uint8)  # pad rows: weight 0
+    c[: cfg.bits].reshape(cfg.bits, -1, cfg.groups)[:, :n] = mult
+    slots = pd_slots(pd_planes(cfg))
+    # per lookup j: byte 4d + k = |c_b| of row 4v + d for (v, b) = slots[j][k]
+    cj = np.stack([np.stack([c[b, :, vb] for vb, b in sl], -1) for sl in slots], 2)
+    cj = cj.transpose(0, 3, 2, 1, 4)  # [nt, G, j, d, k]
+    words = np.ascontiguousarray(cj).reshape(nt, cfg.groups, -1).view(np.int16)
     per_group = np.concatenate([encode_deltas(d), words], axis=-1)  # [nt, G, SW]
     return np.concatenate([np.zeros(PAD, np.int16), per_group.reshape(-1)])
 
 
 def shared_words(cfg: LutGemmConfig, isa: str = "avx512") -> int:
     """int16 words per (tile, group) of ``isa``'s shared-exponent layout."""
-    planes = PD_PLANES if isa == "avx512bw" else cfg.bits
+    planes = pd_planes(cfg) if isa == "avx512bw" else cfg.bits
     return ROWS + planes * ROWS // 2
 
 
@@ -504,7 +528,9 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     KV = KP // 16 if wide else KP // 8  # weight vectors per row tile and plane
     VPG = GS // 16 if wide else GS // 8  # weight vectors per group
     PV = pd_vecs(cfg) if PD else 0  # weight vectors per tile and K-block (shared-exp avx512bw)
-    NI = ROWS // 4 // PV if PD else 0  # row blocks (4 rows each) per weight vector: 2 or 4
+    PP = pd_planes(cfg) if PD else 0  # nibbles per (row, quad)
+    NJ = 2 * PV  # lookups per K-block (pd_slots)
+    NPART = 1 if PP == PD_PLANES else 2  # row blocks per int32 of a lookup (pd_parts)
     WSIZE = NT * KV * (PV if PD else BITS) * W
     acc_t = "int32" if wide else "int16"
     # avx512bw (per term): entries + 128 (module docstring)
@@ -839,10 +865,21 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                             )
                         )
 
-    def pd_mults(dl, base, v):
-        """Row block v's 16 byte weights ``[d][b]``, repeated in every 128-bit lane."""
-        raw = tirx.reinterpret("uint8x16", dl[tirx.Ramp(base + PAD + ROWS + 8 * v, 1, 8)])
-        return tirx.Shuffle([raw] * 4, [tirx.const(i, "int32") for i in range(64)])
+    def pd_mults(dl, base, j, part):
+        """The byte weights of lookup j's part ``part`` (``pd_parts``; 0 in its other bytes),
+        repeated in every 128-bit lane."""
+        raw = tirx.reinterpret("uint8x16", dl[tirx.Ramp(base + PAD + ROWS + 8 * j, 1, 8)])
+        rep = tirx.Shuffle([raw] * 4, [tirx.const(i, "int32") for i in range(64)])
+        if NPART == 1:
+            return rep
+        _, first, count = pd_parts(PP, j, part)
+        ones = tirx.const(0xFFFFFFFF, "uint32")
+        mask = tirx.shift_left(
+            tirx.shift_right(ones, tirx.Cast("uint32", 32 - 8 * count)),
+            tirx.Cast("uint32", 8 * first),
+        )
+        words = tirx.bitwise_and(tirx.reinterpret("uint32x16", rep), tirx.Broadcast(mask, 16))
+        return tirx.reinterpret("uint8x64", words)
 
     def pd_lanes(a, b, sel):
         """int32x16: 128-bit lanes ``sel`` of a, then the same lanes of b."""
@@ -871,34 +908,38 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         """avx512bw, shared exponent: per K-block of 16, PV weight vectors give 8 lookups of 4
         rows x 4 quads x 4 bytes; vpdpbusd weights each plane's byte by ``|c_b|``."""
         dbase = (((task % NC) * TPC + tt) * G + g) * SW
-        for v in T.unroll(8):
-            mv[T.Ramp(v * 64, 1, 64)] = pd_mults(dl, dbase, v)
+        for j in T.unroll(NJ):
+            for part in T.unroll(NPART):
+                mv[T.Ramp((j * NPART + part) * 64, 1, 64)] = pd_mults(dl, dbase, j, part)
         for i in T.unroll(MI * 8):
             acc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
         for kq in range(VPG):
-            for u in T.unroll(PV):
+            for j in T.unroll(NJ):  # nibble j % 2 of weight vector j // 2
                 for mi in T.unroll(MI):
-                    # row block v = NI u + 2 hh + hi: nibble hi, bytes P hh.. of every int32
-                    # (one lookup, weighted by two byte-weight vectors when P = 2)
-                    for j in T.unroll(NI):
-                        acc[T.Ramp((mi * 8 + NI * u + j) * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                            "int32x16",
-                            "llvm.x86.avx512.vpdpbusd.512",
-                            acc[T.Ramp((mi * 8 + NI * u + j) * 16, 1, 16)],
-                            mv[T.Ramp((NI * u + j) * 64, 1, 64)],
-                            pd_lookup(
-                                tab,
-                                (((task // NC) * MI + mi) * Q + g * JG + 4 * kq) * TB,
-                                w[
-                                    T.Ramp(
-                                        ((((task % NC) * TPC + tt) * KV + g * VPG + kq) * PV + u)
-                                        * 64,
-                                        1,
-                                        64,
-                                    )
-                                ],  # fmt: skip
-                                j % 2,
-                            ),
+                    for part in T.unroll(NPART):  # the row blocks of its int32s (pd_parts)
+                        acc[T.Ramp((mi * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)] = (
+                            T.call_llvm_pure_intrin(  # fmt: skip
+                                "int32x16",
+                                "llvm.x86.avx512.vpdpbusd.512",
+                                acc[T.Ramp((mi * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)],
+                                mv[T.Ramp((j * NPART + part) * 64, 1, 64)],
+                                pd_lookup(
+                                    tab,
+                                    (((task // NC) * MI + mi) * Q + g * JG + 4 * kq) * TB,
+                                    w[
+                                        T.Ramp(
+                                            (
+                                                (((task % NC) * TPC + tt) * KV + g * VPG + kq) * PV
+                                                + j // 2
+                                            )
+                                            * 64,
+                                            1,
+                                            64,
+                                        )
+                                    ],  # fmt: skip
+                                    j % 2,
+                                ),
+                            )
                         )
         for mi in T.unroll(MI):
             for h in T.unroll(2):
@@ -939,7 +980,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             apply_epilogues(acc, dl, ls, yacc, task, tt, g)
 
     if PD:  # one int32 per (row, quad lane) of each row block; the byte weights in aux
-        ACC_N, ACC_T, AUX_N, AUX_T = MI * ROWS * 4, "int32", 8 * 64, "uint8"
+        ACC_N, ACC_T, AUX_N, AUX_T = MI * ROWS * 4, "int32", NJ * NPART * 64, "uint8"
     elif isa == "avx512bw":  # biased byte pairs in uint16 words; their int32 sums in aux
         ACC_N, ACC_T, AUX_N, AUX_T = BITS * MI * 64, "uint16", BITS * MI * ROWS, "int32"
     elif avx512:  # int32 sums; the shared-exponent byte weights in aux

@@ -541,9 +541,10 @@ def test_avx512bw_shared_exponent_kernel_matches_model(shape):
 
 
 def test_avx512bw_shared_exponent_layout():
-    """Packed bytes: two nibbles per (row, quad) up to 2 bits, four from 3 bits (zero planes past
-    the bits, byte weight 0); one exponent word and 4 byte weights per (row, group)."""
-    for bits, per in ((1, 2), (2, 2), (3, 4), (4, 4)):
+    """Packed bytes: one nibble per (row, quad, plane) from 2 bits (2 at one bit, plane 1 zero);
+    every (row, plane) in exactly one byte slot of a lookup's int32s, an int32 holding at most two
+    row blocks in consecutive bytes; per (row, group) one exponent word and the byte weights."""
+    for bits, per in ((1, 2), (2, 2), (3, 3), (4, 4)):
         cfg = LutGemmConfig(1, 70, 576, bits, 128, 3, shared_exp=True)
         _, planes, scales = shared_case(cfg, seed=bits)
         w, codes = L.pack_int8(planes, scales, cfg, "avx512bw")
@@ -551,14 +552,20 @@ def test_avx512bw_shared_exponent_layout():
         assert L.pd_planes(cfg) == per
         assert w.size == nt * L.ROWS * cfg.kp // 4 * per // 2  # one nibble per (row, quad, slot)
         assert codes.size == L.PAD + nt * cfg.groups * L.shared_words(cfg, "avx512bw")
-        mult = codes[L.PAD :].reshape(nt, cfg.groups, -1)[..., L.ROWS :].view(np.uint8)
-        mult = mult.reshape(nt, cfg.groups, L.ROWS, 4)
+        slots = L.pd_slots(per)
+        assert sorted(sum(slots, [])) == [(v, b) for v in range(8) for b in range(per)]
+        for j, sl in enumerate(slots):
+            for part in range(1 if per == 4 else 2):
+                v, first, count = L.pd_parts(per, j, part)
+                assert {sl[k][0] for k in range(first, first + count)} == {v}
         _, c = L.shared_form(scales, cfg)
-        used = np.count_nonzero(mult[:2, :, :, :])  # real rows only in the first two tiles
-        assert used == np.count_nonzero(c[:, :64])
-        if per == 2:  # a row block's two planes sit in bytes 0-1 or 2-3 of each int32, never both
-            both = (mult[..., :2] != 0).any(-1) & (mult[..., 2:] != 0).any(-1)
-            assert not both.any()
+        mult = codes[L.PAD :].reshape(nt, cfg.groups, -1)[..., L.ROWS :].view(np.uint8)
+        mult = mult.reshape(nt, cfg.groups, len(slots), 4, 4)  # [tile, group, j, d, k]
+        for j, sl in enumerate(slots):
+            for k, (v, b) in enumerate(sl):
+                if b < bits:
+                    got = mult[0, :, j, :, k]  # tile 0: rows 4v + d
+                    assert np.array_equal(got, np.abs(c[b, 4 * v : 4 * v + 4]).T)
 
 
 def test_avx512bw_shared_exponent_kernel_asm():
