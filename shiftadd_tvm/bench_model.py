@@ -53,9 +53,12 @@ class BuildSpec:
     seq_len: int = 512
     head_storage: str = "float16"  # the dense head / tied embedding (compile --head-storage)
     rotate: bool = True  # rotated as compile() does by default (rotate.py)
+    scale_window: int = 0  # compile --scale-window (0: free exponents)
 
     def fit_digest(self) -> str:
         keep = (self.model, self.bits, self.group_size, self.terms)
+        if self.scale_window:  # (free-exponent fits keep their old file names)
+            keep += (self.scale_window,)
         return hashlib.sha1(repr(keep).encode()).hexdigest()[:12] + self.rot_suffix()
 
     def rot_suffix(self) -> str:
@@ -64,8 +67,10 @@ class BuildSpec:
     def artifact_name(self) -> str:
         head = f"-h{self.head_bits}" if self.head_bits else f"-{self.head_storage}head"
         steps = "-".join(str(t) for t in self.steps)
+        sw = f"-sw{self.scale_window}" if self.scale_window else ""
         return (
-            f"{self.model}-b{self.bits}{head}-ctx{self.max_context}-t{steps}{self.rot_suffix()}.so"
+            f"{self.model}-b{self.bits}{head}{sw}-ctx{self.max_context}-t{steps}"
+            f"{self.rot_suffix()}.so"
         )
 
 
@@ -124,7 +129,12 @@ def build_artifact(spec: BuildSpec, work: Path, progress: bool = True) -> Path:
     imp.info["model"] = spec.model
     if how is not None:
         imp.info["rotation"] = how
-    qcfg = QuantConfig(bits=spec.bits, group_size=spec.group_size, terms=spec.terms)
+    qcfg = QuantConfig(
+        bits=spec.bits,
+        group_size=spec.group_size,
+        terms=spec.terms,
+        scale_window=spec.scale_window,
+    )
     head = {k: c for k, c in imp.candidates.items() if c[0] in imp.bits_by_name}
     unique: dict[str, str] = {}
     for key, (name, _) in imp.candidates.items():
@@ -303,6 +313,7 @@ def run(args) -> dict:
             max_context=args.max_context,
             head_storage=args.head_storage,
             rotate=not args.no_rotate,
+            scale_window=args.scale_window,
         )
         artifact = build_artifact(spec, Path(args.work))
     cfg = {
@@ -395,6 +406,14 @@ def add_parser(sub) -> None:
         help="compile the unrotated model (default: rotated as compile does; when compiling)",
     )
     p.add_argument("--max-context", type=int, default=256, help="KV cache tokens (when compiling)")
+    p.add_argument(
+        "--scale-window",
+        type=int,
+        default=0,
+        help="8: fit each (row, group)'s scale terms within 8 exponents so the shared-exponent "
+        "kernels (AVX-512 VBMI, AVX-512 BW + VNNI) run every layer (compile --scale-window; when "
+        "compiling). 0: free exponents",
+    )
     p.add_argument("--text", default="wiki", help="prompt / perplexity text: wiki, lee or a file")
     p.add_argument("--start", type=int, default=0, help="first token of the prompt in the text")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length")

@@ -108,3 +108,15 @@ def test_eval_json_terms_name_every_plane():
     assert _terms_of({"terms": 3, "plane_terms": [3, 2], "bits": 3}) == "3,2,2"
     assert _terms_of({"terms": 4, "plane_terms": [4, 3, 2], "bits": 4}) == "4,3,2,2"
     assert _terms_of({"terms": 4, "plane_terms": [4, 3, 2], "bits": 3.5}) == "4,3,2"
+
+
+def test_bench_model_scale_window_names_its_fit_and_artifact():
+    """bench model --scale-window 8 fits and builds apart from the free-exponent cache (whose
+    names are unchanged, so existing caches are still found)."""
+    from shiftadd_tvm.bench_model import BuildSpec
+
+    free, windowed = BuildSpec(), BuildSpec(scale_window=8)
+    assert free.artifact_name() == "smollm2-b3-float16head-ctx256-t1-128-rot.so"
+    assert free.fit_digest() == "f1712561cd5d-rot"  # the digest caches were written under
+    assert "-sw8-" in windowed.artifact_name()
+    assert windowed.fit_digest() != free.fit_digest()
