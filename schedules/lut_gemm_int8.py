@@ -92,24 +92,26 @@ AVX-512 BW + VNNI, shared exponent (``isa="avx512bw"``, ``cfg.shared_exp``; no V
     16, one per lane. Accumulators: one int32 per
     (row, quad lane) for row blocks of 4 rows; at the group end the 4 lanes of 4 row blocks are
     added by lane shuffles (16 rows), then one conversion, one exponent add and one multiply-add.
-    ``w: uint8[NT, Kp/16, PV, 64]``, one nibble per (row, quad, plane), PV = the planes (2 for
-    one bit): nibble ``j % 2`` of byte ``16L + 4d + k`` of vector ``j // 2`` is lookup j's index
-    for quad ``4kq + L`` and the (row block v, plane b) of ``pd_slots``: row ``4v + d``. 4 bits:
-    one row block per int32 (planes 0-3). 1-2 bits: two row blocks per int32 (bytes 0-1, 2-3),
-    3 bits: a chain of 4 row blocks over 3 lookups, ``(a0 a1 a2 b0) (b1 b2 c0 c1) (c2 d0 d1 d2)``;
-    a lookup then feeds two ``vpdpbusd``, one per row block, each with the other's byte weights
-    0 (``pd_parts``). ``codes: int16[PAD + NT * G * (32 + 8 PV)]``: per tile and group the 32
-    rows' exponent words (as a term's), then per lookup j 16 bytes of weights, byte ``4d + k``
-    = ``|c_b|`` of its slot's row and plane. Measured on the Xeon (Cascade Lake, no VBMI), M = 1,
+    ``w: uint8[NT, Kp/16, PV, 64]``: nibble ``j % 2`` of byte ``16L + 4d + k`` of vector
+    ``j // 2`` is lookup j's index for quad ``4kq + L`` and the (row block v, plane b) of
+    ``pd_slots``: row ``4v + d``. 3-4 bits (PV = 4): one row block per int32, planes 0-3 (a zero
+    plane at 3 bits); 1-2 bits (PV = 2): two row blocks per int32 (bytes 0-1, 2-3), each lookup
+    feeding two ``vpdpbusd`` whose byte weights are 0 in the other row block's bytes
+    (``pd_parts``). ``codes: int16[PAD + NT * G * (32 + 8 PV)]``: per tile and group the 32
+    rows' exponent words (as a term's), then per lookup j 16 bytes of weights, byte ``4d + k`` =
+    ``|c_b|`` of its slot's row and plane. Measured on the Xeon (Cascade Lake, no VBMI), M = 1,
     4096x4096, one thread, against the per-term avx512bw kernel on the same weights in the same
-    process: 2 bits 0.301 -> 0.237 ms, 3 bits 0.456 -> 0.366, 4 bits 0.586 -> 0.409 (4096x512:
-    14.1 -> 10.9, 23.0 -> 18.0, 33.3 -> 19.9 ps per weight). At 3 bits the chain beat 4 nibbles
-    per row with a zero plane (0.41-0.42 ms: 33% more bytes) and a third vector of plane-2
-    nibbles of 4 rows per int32 (0.42 ms: four ``vpdpbusd`` per lookup). The loop runs below its
-    instruction count's rate (4096x512, 3 bits: ~200 cycles per tile and group for ~270
-    instructions): on this core independent ``vpshufb`` + ``vpdpbusd`` pairs took 0.52 ns each,
-    against 0.375 ns for ``vpshufb`` and 0.23 ns for ``vpdpbusd`` alone (likely the lower clock
-    of AVX-512 multiplies).
+    process: 2 bits 0.301 -> 0.237 ms, 3 bits 0.44-0.46 -> 0.41, 4 bits 0.586 -> 0.409 (the 4
+    nibbles: 8 MiB read at ~20 GB/s, near the 24 GB/s a plain read loop gets from L3). Tried at 3
+    bits and not kept: a chain of 4 row blocks over 3 lookups, ``(a0 a1 a2 b0) (b1 b2 c0 c1)
+    (c2 d0 d1 d2)``, 25% fewer bytes, 0.366 ms at M = 1, but 12 byte-weight registers leave one
+    row per weight load (``m_inner = 1``): M = 8 3.36 ms and M = 128 49.3 ms against 2.28 and
+    31.4 at 4 bits (4096x4096, same run); and a third vector of plane-2 nibbles of 4 rows per
+    int32 (0.42 ms: four ``vpdpbusd`` per lookup). The loop runs below its instruction count's
+    rate (4096x512, 4 bits: ~220 cycles per tile and group for ~265 instructions): on this core
+    independent ``vpshufb`` + ``vpdpbusd`` pairs took 0.52 ns each, against 0.375 ns for
+    ``vpshufb`` and 0.23 ns for ``vpdpbusd`` alone (likely the lower clock of AVX-512
+    multiplies).
 
 M > 1: ``m_inner`` rows of x share each loaded weight vector (their tables differ); threads run
 ``T.parallel`` over (row block, chunk of N tiles).
@@ -139,9 +141,9 @@ PD_PLANES = 4  # avx512bw shared exponent: the bytes of one int32 (one row, 4 pl
 
 
 def pd_planes(cfg: LutGemmConfig) -> int:
-    """Nibbles stored per (row, quad) by the avx512bw shared-exponent layout: the bits (2 for one
-    bit; module docstring "AVX-512 BW + VNNI")."""
-    return max(2, cfg.bits)
+    """Nibbles stored per (row, quad) by the avx512bw shared-exponent layout: 2 up to 2 bits, 4
+    from 3 bits (a zero plane at 3; module docstring "AVX-512 BW + VNNI")."""
+    return 2 if cfg.bits <= 2 else PD_PLANES
 
 
 def pd_vecs(cfg: LutGemmConfig) -> int:
@@ -151,17 +153,11 @@ def pd_vecs(cfg: LutGemmConfig) -> int:
 
 def pd_slots(pp: int) -> list[list[tuple[int, int]]]:
     """``[j][k] = (v, b)``: byte k of every int32 of lookup j (nibble ``j % 2`` of weight vector
-    ``j // 2``) holds plane b of row block v (rows ``4v + d`` at int32 d of each lane). At most two
-    row blocks per int32, each in consecutive bytes (``pd_parts``)."""
-    if pp == PD_PLANES:  # one row block per lookup
+    ``j // 2``) holds plane b of row block v (rows ``4v + d`` at int32 d of each lane): one row
+    block per int32 with 4 nibbles, two (bytes 0-1, 2-3) with 2 (``pd_parts``)."""
+    if pp == PD_PLANES:
         return [[(j, k) for k in range(4)] for j in range(8)]
-    if pp == 2:  # bytes 0-1: row block 4u + hi, bytes 2-3: 4u + 2 + hi
-        return [[(4 * (j // 2) + 2 * (k // 2) + j % 2, k % 2) for k in range(4)] for j in range(4)]
-    # 3 planes: lookups 3q, 3q + 1, 3q + 2 hold row blocks 4q..4q+3 as a chain
-    # (a0 a1 a2 b0) (b1 b2 c0 c1) (c2 d0 d1 d2)
-    chain = [(r, b) for r in range(4) for b in range(3)]
-    return [[(4 * (j // 3) + chain[4 * (j % 3) + k][0], chain[4 * (j % 3) + k][1]) for k in range(4)]
-            for j in range(6)]  # fmt: skip
+    return [[(4 * (j // 2) + 2 * (k // 2) + j % 2, k % 2) for k in range(4)] for j in range(4)]
 
 
 def pd_parts(pp: int, j, part):
@@ -169,10 +165,7 @@ def pd_parts(pp: int, j, part):
     may be TIR expressions (unrolled loop variables)."""
     if pp == PD_PLANES:
         return j, 0, 4
-    if pp == 2:
-        return 4 * (j // 2) + 2 * part + j % 2, 2 * part, 2
-    split = 3 - j % 3  # bytes [0, split) end the chain's row block j % 3, the rest start the next
-    return 4 * (j // 3) + j % 3 + part, split * part, split + part * (4 - 2 * split)
+    return 4 * (j // 2) + 2 * part + j % 2, 2 * part, 2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -173,12 +173,13 @@ class Database:
         write_text_atomic(self.path, json.dumps(body, indent=1) + "\n")
 
 
-def _lookup(cfg: LutGemmConfig, db: Database | None, kernel: str, knobs_type, default):
-    """(knobs, how): ``cfg``'s record of the ``kernel`` family if it fits, else ``default``."""
+def _lookup(cfg: LutGemmConfig, db: Database | None, kernel: str, knobs_type, default, borrow=True):
+    """(knobs, how): ``cfg``'s record of the ``kernel`` family if it fits, else ``default``.
+    ``borrow=False``: a shared-exponent config does not take the per-term config's record."""
     if db is None:
         return default, "default rule (no tuning log for this target)"
     rec, note = db.get(cfg, kernel), ""
-    if rec is None and (cfg.plane_terms or cfg.shared_exp):
+    if rec is None and (cfg.plane_terms or cfg.shared_exp) and (borrow or not cfg.shared_exp):
         # a per-plane plan or a shared exponent changes only the epilogue: the record of the same
         # shapes with every plane's term slots (the knobs are tile and thread choices, valid for
         # both)
@@ -206,7 +207,10 @@ def lookup_int8_knobs(cfg: LutGemmConfig, db: Database | None, threads: int, isa
     """(knobs, how) for ``cfg``'s ``isa`` int8 kernel: the tuned ``int8-<isa>`` record, else the
     default rule (``default_int8_knobs``) with the reason, as ``lookup_knobs``."""
     default = default_int8_knobs(cfg, isa, threads)
-    return _lookup(cfg, db, int8_family(isa), Int8Knobs, default)
+    # avx512bw's shared-exponent kernel is another loop (byte-weight registers: m_inner <= 2), so
+    # the per-term kernel's knobs do not carry over (VBMI's variant only changes the epilogue)
+    borrow = not (isa == "avx512bw" and cfg.shared_exp)
+    return _lookup(cfg, db, int8_family(isa), Int8Knobs, default, borrow)
 
 
 # ----------------------------------------------------------------------------- CUDA records

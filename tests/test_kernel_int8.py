@@ -541,10 +541,11 @@ def test_avx512bw_shared_exponent_kernel_matches_model(shape):
 
 
 def test_avx512bw_shared_exponent_layout():
-    """Packed bytes: one nibble per (row, quad, plane) from 2 bits (2 at one bit, plane 1 zero);
-    every (row, plane) in exactly one byte slot of a lookup's int32s, an int32 holding at most two
-    row blocks in consecutive bytes; per (row, group) one exponent word and the byte weights."""
-    for bits, per in ((1, 2), (2, 2), (3, 3), (4, 4)):
+    """Packed bytes: 2 nibbles per (row, quad) up to 2 bits, 4 from 3 bits (zero planes past the
+    bits); every (row, plane) in exactly one byte slot of a lookup's int32s, an int32 holding at
+    most two row blocks in consecutive bytes; per (row, group) one exponent word and the byte
+    weights."""
+    for bits, per in ((1, 2), (2, 2), (3, 4), (4, 4)):
         cfg = LutGemmConfig(1, 70, 576, bits, 128, 3, shared_exp=True)
         _, planes, scales = shared_case(cfg, seed=bits)
         w, codes = L.pack_int8(planes, scales, cfg, "avx512bw")

@@ -332,6 +332,14 @@ def test_plan_config_uses_the_uniform_record(tmp_path):
     shared = dataclasses.replace(plan, shared_exp=True)
     kn, how = tuning.lookup_int8_knobs(shared, tuning.Database(tmp_path / "log.json"), 2, "avx512")
     assert kn == chosen and "measured with every term slot per term" in how
+    # avx512bw's shared-exponent kernel is another loop: the per-term record does not carry over
+    rec["kernel"] = "int8-avx512bw"
+    db.put(cfg, rec, {"target": TARGET})
+    db = tuning.Database(tmp_path / "log.json")
+    kn, how = tuning.lookup_int8_knobs(plan, db, 2, "avx512bw")
+    assert kn == chosen
+    kn, how = tuning.lookup_int8_knobs(shared, db, 2, "avx512bw")
+    assert kn == L.default_int8_knobs(shared, "avx512bw", 2) and how.startswith("default rule")
 
 
 def test_tune_times_per_plane_terms_on_this_cpus_int8_kernel(logs):
