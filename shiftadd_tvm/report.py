@@ -872,7 +872,7 @@ def add_parser(sub) -> None:
         type=int,
         default=d.scale_window,
         help="ours: as compile --scale-window (0 = free exponents; 8 = one shift per group on "
-        "the AVX-512 int8 kernel)",
+        "the AVX-512 int8 kernels: VBMI, or BW + VNNI)",
     )
     p.add_argument("--iters", type=int, default=d.iters)
     p.add_argument(
