@@ -191,7 +191,7 @@ def rewrite_matmuls(
     ``shared_exp`` (with ``cpu_isa="avx512"``, or ``"avx512bw"`` and ``vnni``: the target enables
     AVX-512 VNNI): a layer whose scales have ``packing.shared_exponent_form`` (a fit with
     ``QuantConfig.scale_window``) runs the int8 kernel that applies them with one shift per group
-    (on avx512bw at every M: the int16 GEMM reads the per-term packing); other layers keep the
+    (on avx512bw with many rows the int16 GEMM reads that packing too); other layers keep the
     per-term kernel (logged, counted in ``RewriteRecord.shared_exp_missed``), and so does every
     layer on any other target (one warning; every layer counted).
     ``int16_gemm_ok`` (``cpu_isa="avx512bw"`` on a target with AVX-512 VNNI): a call site with many
@@ -299,7 +299,7 @@ def rewrite_matmuls(
                 return False
             if not int16_gemm.picks(cfg):
                 return False
-            why = int16_gemm.misfit_reason(scales)
+            why = int16_gemm.misfit_reason(scales, cfg.shared_exp)
             if why:
                 record.int16_misfits += 1
                 log.warning(

@@ -38,6 +38,17 @@ Kernel layout (one PrimFunc ``(x f32[M, K], w, codes, y f32[M, N])``, ``w``/``co
    word shuffle of two bit positions puts the columns ``k, k + 1`` of a row next to each other;
 3. the GEMM: ``m_inner`` rows of x against the tile's two 16-row vectors, one ``vpdpwssd`` per
    (row, vector, column pair) into int32, and per group one conversion and scale into float32.
+
+Shared-exponent configs (``cfg.shared_exp``, a ``--scale-window 8`` fit) read the avx512bw
+shared-exponent table kernel's packing instead (``lut_gemm_int8``, "AVX-512 BW + VNNI"): the
+weights are exactly ``2^E * sum_b c_b (2 bit - 1)`` (``|c_b| <= 255``, nothing dropped). Per tile,
+plane bit t of each lookup byte is isolated (shift, and) and ``vpdpbusd`` with the byte weights
+gives ``sum_b c_b bit_b`` per (row, column) in the packing's lane order (lane L = quad, int32 d =
+row of a 4-row block); ``2 s - sum_b c_b`` of columns t, t + 1 make an int16 pair. The GEMM keeps
+that order: per row block and column pair one ``vpdpwssd`` against the x pairs of the 4 lanes'
+quads (one dword shuffle per row of x and pair), and at the group end the 4 lanes of 4 row
+blocks are added (``lut_gemm_int8.pd_rows``), then scaled by ``2^E * xs``. ``m_inner`` rows of x
+per register tile: 8 accumulators each (default 3).
 """
 
 from __future__ import annotations
@@ -47,7 +58,19 @@ import dataclasses
 import numpy as np
 
 from .lut_gemm import LutGemmConfig
-from .lut_gemm_int8 import PAD, ROWS, SHIFT, as_root_block
+from .lut_gemm_int8 import (
+    PAD,
+    PD_PLANES,
+    ROWS,
+    SHIFT,
+    as_root_block,
+    pd_mults,
+    pd_parts,
+    pd_planes,
+    pd_rows,
+    pd_vecs,
+    shared_words,
+)
 from .lut_gemm_int8 import unsupported_reason as int8_unsupported
 from .packing import EXP_BIAS
 
@@ -56,6 +79,7 @@ WMAX = 8191  # |W / 2^lo| bound the int32 sums allow (module docstring)
 CUT = 10  # terms more than CUT octaves below a (row, group)'s largest are dropped
 MIN_M = 16  # fewest activation rows the compiler gives this kernel (``prefers``)
 MIN_ROW_BITS = 48  # ... and rows x bits at least this
+SHARED_M_INNER = 3  # shared-exponent packing: rows of x per register tile (8 accumulators each)
 
 
 def prefers(m: int, bits: int) -> bool:
@@ -92,11 +116,6 @@ def unsupported_reason(cfg: LutGemmConfig) -> str | None:
     why = int8_unsupported(cfg, "avx512bw")  # it reads that kernel's packed weights
     if why:
         return why
-    if cfg.shared_exp:
-        return (
-            "shared-exponent configs use the shared-exponent table kernel's packing (which runs "
-            "them at every M)"
-        )
     if cfg.group_size * XQ * WMAX >= 2**31:
         return (
             f"group_size={cfg.group_size} overflows the int16 GEMM's int32 sums "
@@ -114,9 +133,19 @@ def _terms(scales: np.ndarray):
     return present, np.sign(c), e
 
 
-def multipliers(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def multipliers(scales: np.ndarray, shared: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Codes -> (``c`` int64[bits, N, G], ``lo`` int64[N, G]): ``alpha_b ~= c_b * 2^lo`` (module
-    docstring); ``lo = E - CUT`` with ``E`` the largest present exponent (``-SHIFT`` if none)."""
+    docstring); ``lo = E - CUT`` with ``E`` the largest present exponent (``-SHIFT`` if none).
+    ``shared`` (scales with ``packing.shared_exponent_form``): that form, exact (``lo`` = the
+    group exponent, ``|c_b| <= 255``)."""
+    if shared:
+        from .packing import shared_exponent_form
+
+        form = shared_exponent_form(scales)
+        if form is None:
+            raise ValueError("scales without a shared-exponent form (packing.shared_exponent_form)")
+        e, c = form
+        return c.astype(np.int64), e.astype(np.int64)
     present, sign, e = _terms(scales)
     emax = np.where(present, e, -SHIFT).max(axis=(0, 3))
     lo = emax - CUT
@@ -126,9 +155,10 @@ def multipliers(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return c, lo
 
 
-def misfit_reason(scales: np.ndarray) -> str | None:
-    """Why these weights do not fit the kernel's 16-bit integer weights (None if they do)."""
-    c, _ = multipliers(scales)
+def misfit_reason(scales: np.ndarray, shared: bool = False) -> str | None:
+    """Why these weights do not fit the kernel's 16-bit integer weights (None if they do; a
+    shared-exponent form always fits: ``4 * 255 <= WMAX``)."""
+    c, _ = multipliers(scales, shared)
     worst = int(np.abs(c).sum(0).max()) if c.size else 0
     if worst > WMAX:
         return (
@@ -159,7 +189,7 @@ def reference(
     from .packing import unpack_planes
 
     xq, xs = quantize_x(np.asarray(x, np.float32), cfg)
-    c, lo = multipliers(scales)  # [bits, N, G], [N, G]
+    c, lo = multipliers(scales, cfg.shared_exp)  # [bits, N, G], [N, G]
     sgn = unpack_planes(planes, cfg.kp).astype(np.int64) * 2 - 1  # [bits, N, Kp]
     gs = cfg.group_size
     w = (sgn.reshape(cfg.bits, cfg.n, cfg.groups, gs) * c[..., None]).sum(0)  # [N, G, gs]
@@ -177,7 +207,7 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
     why = unsupported_reason(cfg)
     if why:
         raise ValueError(why)
-    knobs = knobs or Int16Knobs()
+    knobs = knobs or Int16Knobs(m_inner=SHARED_M_INNER if cfg.shared_exp else 6)
     knobs.validate()
     M, N, K, BITS = cfg.m, cfg.n, cfg.k, cfg.bits
     GS, G, KP = cfg.group_size, cfg.groups, cfg.kp
@@ -190,8 +220,14 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
     KH, GH = KP // 2, GS // 2  # column pairs
     MR = knobs.m_inner
     MP = -(-M // MR) * MR
-    WSIZE = NT * KV * BITS * 64
-    DSIZE = PAD + NT * G * NTERM * ROWS
+    SHARED = cfg.shared_exp  # the shared-exponent table kernel's packing (module docstring)
+    PV = pd_vecs(cfg) if SHARED else BITS  # 64-byte vectors per tile and K-block of 16
+    PP = pd_planes(cfg) if SHARED else 0
+    NJ, NPART = 2 * PV, 1 if PP == PD_PLANES else 2  # lookups, row blocks per lookup
+    ACC = 8 * 16 if SHARED else ROWS  # int32 accumulators per row of x
+    SW = shared_words(cfg, "avx512bw") if SHARED else NTERM * ROWS  # int16 words per tile, group
+    WSIZE = NT * KV * PV * 64
+    DSIZE = PAD + NT * G * SW
     exact_x = M == MP and K == KP
     full_n = N % ROWS == 0
 
@@ -238,6 +274,16 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
         (words (h, i))."""
         return tirx.Shuffle([v], code_rows(s) * 2)
 
+    def pow2_rows(ef, s):
+        """float32x16: 2^(e) of rows 16s + i from biased exponents ``e + SHIFT`` in code order."""
+        e = T.Cast("int32x16", tirx.Shuffle([ef], code_rows(s)))
+        return T.reinterpret(
+            "float32x16",
+            tirx.shift_left(
+                e + T.Broadcast(T.int32(127 - SHIFT), 16), T.Broadcast(T.int32(23), 16)
+            ),
+        )
+
     @T.macro
     def multipliers_into(dl, cs, rs, cq, lq, nt):
         """Per group g, in the packed words' (h, i) order of rows 16s + i: cs[g, b, s] = 2 c_b,
@@ -270,17 +316,7 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                         cq[T.Ramp(b * ROWS, 1, ROWS)], s
                     )
             for s in T.unroll(2):
-                rs[T.Ramp(g * ROWS + s * 16, 1, 16)] = T.reinterpret(
-                    "float32x16",
-                    tirx.shift_left(
-                        T.Cast(
-                            "int32x16",
-                            tirx.Shuffle([lq[T.Ramp(0, 1, ROWS)]], code_rows(s)),
-                        )
-                        + T.Broadcast(T.int32(127 - SHIFT), 16),
-                        T.Broadcast(T.int32(23), 16),
-                    ),
-                )
+                rs[T.Ramp(g * ROWS + s * 16, 1, 16)] = pow2_rows(lq[T.Ramp(0, 1, ROWS)], s)
 
     def plane_sum(w, cs, nt, kq, s, bit):
         """int16 weights / 2^lo of rows 16s + i at the column of packed bit ``bit`` (words (h, i)):
@@ -319,6 +355,83 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                                     h,
                                 )
                             )
+
+    @T.macro
+    def store_rows(y, yacc, ybuf, mb, nt):
+        for mi in T.unroll(MR):
+            if mb * MR + mi < M:
+                if full_n:
+                    y[mb * MR + mi, T.Ramp(nt * ROWS, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]
+                else:
+                    ybuf[T.Ramp(0, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]
+                    for r in range(ROWS):
+                        if nt * ROWS + r < N:
+                            y[mb * MR + mi, nt * ROWS + r] = ybuf[r]
+
+    # ---- the shared-exponent packing (lut_gemm_int8 "AVX-512 BW + VNNI"): W = sum_b c_b (2 bit - 1)
+    def dpbusd(acc, a, b):
+        return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, a, b)
+
+    def bit_bytes(w, nt, kq, j, t):
+        """int8x64: bit t of nibble ``j % 2`` of every byte of weight vector ``j // 2`` (0 / 1)."""
+        wv = tirx.reinterpret("uint16x32", w[tirx.Ramp(((nt * KV + kq) * PV + j // 2) * 64, 1, 64)])
+        sh = tirx.shift_right(wv, tirx.Broadcast(tirx.Cast("uint16", (j % 2) * 4 + t), 32))
+        one = tirx.bitwise_and(sh, tirx.Broadcast(tirx.const(0x0101, "uint16"), 32))
+        return tirx.reinterpret("int8x64", one)
+
+    @T.macro
+    def sh_scales_into(dl, rs, csum, mvs, nt):
+        """Per group g: rs[g, row] = 2^E (float32, row order) from the exponent words; the byte
+        weights ``mvs[g, j, part]`` and their sums ``csum[g, v]`` (per int32 (lane, d) of row
+        block v: sum_b c_b of row 4v + d)."""
+        for g in range(G):
+            for s in T.unroll(2):
+                rs[T.Ramp(g * ROWS + s * 16, 1, 16)] = pow2_rows(
+                    exp_field(dl[T.Ramp(PAD + (nt * G + g) * SW, 1, ROWS)]), s
+                )
+            for v in T.unroll(8):
+                csum[T.Ramp((g * 8 + v) * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
+            for j in T.unroll(NJ):
+                for part in T.unroll(NPART):
+                    mvs[T.Ramp(((g * NJ + j) * NPART + part) * 64, 1, 64)] = pd_mults(
+                        dl, (nt * G + g) * SW, j, part, PP
+                    )
+                    csum[T.Ramp((g * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)] = dpbusd(
+                        csum[T.Ramp((g * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)],
+                        mvs[T.Ramp(((g * NJ + j) * NPART + part) * 64, 1, 64)],
+                        T.Broadcast(T.int8(1), 64),
+                    )
+
+    def sh_pair(w, mvs, csum, nt, kq, j, part, tp):
+        """int32x16: the int16 pair of row 4v + d's weights (v: ``pd_parts``) at columns
+        16kq + 4L + 2tp, + 1, each ``2 sum_b c_b bit_b - sum_b c_b``, in int32 (L, d)."""
+        g, v = kq // VPG, pd_parts(PP, j, part)[0]
+        mv = mvs[T.Ramp(((g * NJ + j) * NPART + part) * 64, 1, 64)]
+        cs = csum[T.Ramp((g * 8 + v) * 16, 1, 16)]
+        zero = T.Broadcast(T.int32(0), 16)
+        lo, hi = (dpbusd(zero, mv, bit_bytes(w, nt, kq, j, 2 * tp + i)) for i in range(2))
+        return T.bitwise_or(
+            T.bitwise_and(lo + lo - cs, T.Broadcast(T.int32(0xFFFF), 16)),
+            T.shift_left(hi + hi - cs, T.Broadcast(T.int32(16), 16)),
+        )
+
+    @T.macro
+    def sh_dequantize_into(w, mvs, csum, wb, nt):
+        """wb[kq, tp, v] (16 int32 per (lane L, d)): the int16 pair of row 4v + d's weights at
+        columns 16kq + 4L + 2tp, + 1."""
+        for kq in range(KV):
+            for j in T.unroll(NJ):
+                for part in T.unroll(NPART):
+                    for tp in T.unroll(2):
+                        wb[T.Ramp(((kq * 2 + tp) * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)] = (
+                            sh_pair(w, mvs, csum, nt, kq, j, part, tp)
+                        )
+
+    def x_lanes(xc, m, kq, tp):
+        """int16x32: x pair (16kq + 4L + 2tp, + 1) of row m in every int32 (L, d)."""
+        blk = xc[tirx.Ramp(m * KH + 8 * kq, 1, 8)]
+        idx = [2 * lane + tp for lane in range(4) for _ in range(4)]
+        return tirx.reinterpret("int16x32", tirx.Shuffle([blk, blk], idx))
 
     def row(x, xp, m, k0, lanes):
         """x[m, k0 : k0 + lanes] (from the padded copy for ragged shapes)."""
@@ -364,50 +477,70 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                         row(x, xp, m, g * GS + j * 32, 32), inv[0]
                     )
 
+    def group_rows(acc, mi, s):
+        """int32x16: the group sums of rows 16s.. for x row mi of the register tile."""
+        if SHARED:  # the 4 lanes (quads) of row blocks 4s..4s+3 added
+            return pd_rows(acc, (mi * 8 + 4 * s) * 16)
+        return acc[tirx.Ramp(mi * ROWS + s * 16, 1, 16)]
+
     @T.macro
     def gemm_tile(xc, xs, wb, rs, y, nt):
-        acc = T.alloc_buffer((MR * ROWS,), "int32", scope="local")
+        acc = T.alloc_buffer((MR * ACC,), "int32", scope="local")
         yacc = T.alloc_buffer((MR * ROWS,), "float32", scope="local")
         ybuf = T.alloc_buffer((ROWS,), "float32", scope="local")
         for mb in range(MP // MR):
             for i in T.unroll(MR * 2):
                 yacc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.float32(0), 16)
             for g in range(G):
-                for i in T.unroll(MR * 2):
+                for i in T.unroll(MR * ACC // 16):
                     acc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
-                for kp in range(GH):
-                    for mi in T.unroll(MR):
-                        for s in T.unroll(2):
-                            acc[T.Ramp(mi * ROWS + s * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                "int32x16",
-                                "llvm.x86.avx512.vpdpwssd.512",
-                                acc[T.Ramp(mi * ROWS + s * 16, 1, 16)],
-                                T.reinterpret(
-                                    "int16x32", wb[T.Ramp((g * GH + kp) * ROWS + s * 16, 1, 16)]
-                                ),
-                                T.reinterpret(
-                                    "int16x32",
-                                    T.Broadcast(xc[(mb * MR + mi) * KH + g * GH + kp], 16),
-                                ),
-                            )
+                if SHARED:  # row block v's int16 pairs in lane order, x pairs per lane (quad)
+                    for kq in range(VPG):
+                        for tp in T.unroll(2):
+                            for v in T.unroll(8):
+                                for mi in T.unroll(MR):
+                                    acc[T.Ramp((mi * 8 + v) * 16, 1, 16)] = (
+                                        T.call_llvm_pure_intrin(  # fmt: skip
+                                            "int32x16",
+                                            "llvm.x86.avx512.vpdpwssd.512",
+                                            acc[T.Ramp((mi * 8 + v) * 16, 1, 16)],
+                                            T.reinterpret(
+                                                "int16x32",
+                                                wb[
+                                                    T.Ramp(
+                                                        (((g * VPG + kq) * 2 + tp) * 8 + v) * 16,
+                                                        1,
+                                                        16,
+                                                    )
+                                                ],  # fmt: skip
+                                            ),
+                                            x_lanes(xc, mb * MR + mi, g * VPG + kq, tp),
+                                        )
+                                    )
+                else:
+                    for kp in range(GH):
+                        for mi in T.unroll(MR):
+                            for s in T.unroll(2):
+                                acc[T.Ramp(mi * ROWS + s * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                                    "int32x16",
+                                    "llvm.x86.avx512.vpdpwssd.512",
+                                    acc[T.Ramp(mi * ROWS + s * 16, 1, 16)],
+                                    T.reinterpret(
+                                        "int16x32", wb[T.Ramp((g * GH + kp) * ROWS + s * 16, 1, 16)]
+                                    ),
+                                    T.reinterpret(
+                                        "int16x32",
+                                        T.Broadcast(xc[(mb * MR + mi) * KH + g * GH + kp], 16),
+                                    ),
+                                )
                 for mi in T.unroll(MR):
                     for s in T.unroll(2):
                         yacc[T.Ramp(mi * ROWS + s * 16, 1, 16)] = yacc[
                             T.Ramp(mi * ROWS + s * 16, 1, 16)
-                        ] + T.Cast("float32x16", acc[T.Ramp(mi * ROWS + s * 16, 1, 16)]) * rs[
+                        ] + T.Cast("float32x16", group_rows(acc, mi, s)) * rs[
                             T.Ramp(g * ROWS + s * 16, 1, 16)
                         ] * T.Broadcast(xs[(mb * MR + mi) * G + g], 16)
-            for mi in T.unroll(MR):
-                if mb * MR + mi < M:
-                    if full_n:
-                        y[mb * MR + mi, T.Ramp(nt * ROWS, 1, ROWS)] = yacc[
-                            T.Ramp(mi * ROWS, 1, ROWS)
-                        ]
-                    else:
-                        ybuf[T.Ramp(0, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]
-                        for r in range(ROWS):
-                            if nt * ROWS + r < N:
-                                y[mb * MR + mi, nt * ROWS + r] = ybuf[r]
+            store_rows(y, yacc, ybuf, mb, nt)
 
     @T.prim_func
     def kernel(
@@ -422,13 +555,20 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
         xp = T.alloc_buffer((1 if exact_x else MP * KP,), "float32")
         quantize_into(x, xp, xc, xs)
         for nt in T.parallel(NT):
-            cq = T.alloc_buffer(((BITS + 1) * ROWS,), "int16", scope="local")
-            lq = T.alloc_buffer((ROWS,), "int16", scope="local")
-            cs = T.alloc_buffer((G * (BITS + 1) * 2 * 32,), "int16")
             rs = T.alloc_buffer((G * ROWS,), "float32")
             wb = T.alloc_buffer((KH * ROWS,), "int32")
-            multipliers_into(dl, cs, rs, cq, lq, nt)
-            dequantize_into(w, cs, wb, nt)
-            gemm_tile(xc, xs, wb, rs, y, nt)
+            if SHARED:
+                csum = T.alloc_buffer((G * 8 * 16,), "int32")
+                mvs = T.alloc_buffer((G * NJ * NPART * 64,), "uint8")
+                sh_scales_into(dl, rs, csum, mvs, nt)
+                sh_dequantize_into(w, mvs, csum, wb, nt)
+                gemm_tile(xc, xs, wb, rs, y, nt)
+            else:
+                cq = T.alloc_buffer(((BITS + 1) * ROWS,), "int16", scope="local")
+                lq = T.alloc_buffer((ROWS,), "int16", scope="local")
+                cs = T.alloc_buffer((G * (BITS + 1) * 2 * 32,), "int16")
+                multipliers_into(dl, cs, rs, cq, lq, nt)
+                dequantize_into(w, cs, wb, nt)
+                gemm_tile(xc, xs, wb, rs, y, nt)
 
     return as_root_block(kernel, symbol(cfg))

@@ -168,6 +168,45 @@ def pd_parts(pp: int, j, part):
     return 4 * (j // 2) + 2 * part + j % 2, 2 * part, 2
 
 
+def pd_mults(dl, base, j, part, pp: int):
+    """TIR uint8x64: the byte weights of part ``part`` of lookup j (``pd_parts``; 0 in the other
+    row block's bytes), repeated in each 128-bit lane; ``base``: the (tile, group)'s first word
+    of the codes after ``PAD`` (``_pd_codes``)."""
+    from tvm import tirx
+
+    raw = tirx.reinterpret("uint8x16", dl[tirx.Ramp(base + PAD + ROWS + 8 * j, 1, 8)])
+    rep = tirx.Shuffle([raw] * 4, [tirx.const(i, "int32") for i in range(64)])
+    if pp == PD_PLANES:
+        return rep
+    _, first, count = pd_parts(pp, j, part)
+    ones = tirx.const(0xFFFFFFFF, "uint32")
+    mask = tirx.shift_left(
+        tirx.shift_right(ones, tirx.Cast("uint32", 32 - 8 * count)),
+        tirx.Cast("uint32", 8 * first),
+    )
+    words = tirx.bitwise_and(tirx.reinterpret("uint32x16", rep), tirx.Broadcast(mask, 16))
+    return tirx.reinterpret("uint8x64", words)
+
+
+def pd_lanes(a, b, sel):
+    """TIR int32x16: 128-bit lanes ``sel`` of a, then the same lanes of b."""
+    from tvm import tirx
+
+    idx = [16 * src + 4 * lane + i for src in (0, 1) for lane in sel for i in range(4)]
+    return tirx.Shuffle([a, b], [tirx.const(i, "int32") for i in idx])
+
+
+def pd_rows(acc, base):
+    """TIR int32x16: the sums of 16 rows, row blocks ``acc[base + 16v]`` (v < 4; one row per int32
+    of a lane, one share of the columns per lane) with their 4 lanes added."""
+    from tvm import tirx
+
+    a, b, c, d = (acc[tirx.Ramp(base + 16 * v, 1, 16)] for v in range(4))
+    s1 = pd_lanes(a, b, (0, 2)) + pd_lanes(a, b, (1, 3))
+    s2 = pd_lanes(c, d, (0, 2)) + pd_lanes(c, d, (1, 3))
+    return pd_lanes(s1, s2, (0, 2)) + pd_lanes(s1, s2, (1, 3))
+
+
 @dataclasses.dataclass(frozen=True)
 class Int8Knobs:
     """Schedule knobs of the int8 kernels."""
@@ -858,35 +897,6 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                             )
                         )
 
-    def pd_mults(dl, base, j, part):
-        """The byte weights of lookup j's part ``part`` (``pd_parts``; 0 in its other bytes),
-        repeated in every 128-bit lane."""
-        raw = tirx.reinterpret("uint8x16", dl[tirx.Ramp(base + PAD + ROWS + 8 * j, 1, 8)])
-        rep = tirx.Shuffle([raw] * 4, [tirx.const(i, "int32") for i in range(64)])
-        if NPART == 1:
-            return rep
-        _, first, count = pd_parts(PP, j, part)
-        ones = tirx.const(0xFFFFFFFF, "uint32")
-        mask = tirx.shift_left(
-            tirx.shift_right(ones, tirx.Cast("uint32", 32 - 8 * count)),
-            tirx.Cast("uint32", 8 * first),
-        )
-        words = tirx.bitwise_and(tirx.reinterpret("uint32x16", rep), tirx.Broadcast(mask, 16))
-        return tirx.reinterpret("uint8x64", words)
-
-    def pd_lanes(a, b, sel):
-        """int32x16: 128-bit lanes ``sel`` of a, then the same lanes of b."""
-        idx = [16 * src + 4 * lane + i for src in (0, 1) for lane in sel for i in range(4)]
-        return tirx.Shuffle([a, b], [tirx.const(i, "int32") for i in idx])
-
-    def pd_rows(acc, base):
-        """The int32 sums of 16 rows: row blocks ``acc[base + 16v]`` (v < 4, one row per int32
-        of a lane, one quad per lane) with their 4 lanes added."""
-        a, b, c, d = (acc[tirx.Ramp(base + 16 * v, 1, 16)] for v in range(4))
-        s1 = pd_lanes(a, b, (0, 2)) + pd_lanes(a, b, (1, 3))
-        s2 = pd_lanes(c, d, (0, 2)) + pd_lanes(c, d, (1, 3))
-        return pd_lanes(s1, s2, (0, 2)) + pd_lanes(s1, s2, (1, 3))
-
     def pd_lookup(tab, tbase, wv, hi):
         """64 lookups: nibble ``hi`` of every byte of ``wv`` indexes its lane's quad table."""
         return tirx.call_llvm_pure_intrin(
@@ -903,7 +913,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         dbase = (((task % NC) * TPC + tt) * G + g) * SW
         for j in T.unroll(NJ):
             for part in T.unroll(NPART):
-                mv[T.Ramp((j * NPART + part) * 64, 1, 64)] = pd_mults(dl, dbase, j, part)
+                mv[T.Ramp((j * NPART + part) * 64, 1, 64)] = pd_mults(dl, dbase, j, part, PP)
         for i in T.unroll(MI * 8):
             acc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
         for kq in range(VPG):

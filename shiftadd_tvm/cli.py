@@ -79,8 +79,7 @@ def _add_compile(sub) -> None:
         help="0 = each power-of-two term free; 8 = the terms of one row's group, over all its "
         "bit-planes, within 8 consecutive exponents, so the AVX-512 int8 kernels (VBMI, or BW + "
         "VNNI) apply them as byte weights in their lookup loop plus one shift per group (other "
-        "kernels: unchanged; on BW + VNNI such layers keep the table kernel at every M instead "
-        "of the int16 GEMM). Costs 0.03-0.8%% layer error at 2-4 bits on SmolLM2",
+        "kernels: unchanged). Costs 0.03-0.8%% layer error at 2-4 bits on SmolLM2",
     )
     p.add_argument("--iters", type=int, default=15, help="alternating refinement rounds of the fit")
     p.add_argument(

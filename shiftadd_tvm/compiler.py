@@ -872,13 +872,7 @@ def build_imported(
 
         int16_ok = tables == "auto" and int16_gemm_target(spec, cpu_isa)
         vnni = "avx512vnni" in target_features(spec)
-        if int16_ok and qcfg.scale_window:
-            log.info(
-                "shared-exponent fit (scale_window=%d): the avx512bw + VNNI shared-exponent table "
-                "kernel at every M (the int16 GEMM reads the per-term packing)",
-                qcfg.scale_window,
-            )
-        elif int16_ok:
+        if int16_ok:
             log.info("large-M matmuls (prefill): int16 GEMM (AVX-512 VNNI) on the same weights")
 
         def int8_knobs(cfg):

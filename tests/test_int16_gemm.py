@@ -111,8 +111,9 @@ def test_misfit_is_detected_and_named():
 
 def test_unsupported_configs_and_the_dispatch_rule():
     assert "group_size" in I.unsupported_reason(LutGemmConfig(32, 64, 512, 2, 256, 1))
-    assert "shared-exponent" in I.unsupported_reason(
-        LutGemmConfig(32, 64, 256, 2, 128, 1, shared_exp=True)
+    assert I.unsupported_reason(LutGemmConfig(32, 64, 256, 2, 128, 1, shared_exp=True)) is None
+    assert "4 planes" in I.unsupported_reason(
+        LutGemmConfig(32, 64, 256, 5, 128, 1, shared_exp=True)
     )
     assert I.unsupported_reason(LutGemmConfig(32, 64, 256, 2, 128, 1)) is None
     assert not I.prefers(1, 4) and not I.prefers(8, 4) and not I.prefers(16, 2)
@@ -212,3 +213,51 @@ def test_prefill_build_is_closer_to_torch_than_int8_tables(tmp_path):
         assert np.isfinite(rt.decode(ids[0, 5])).all()
     # measured on the Xeon: auto 2.7e-3, int8 4.3e-2 (float tables 1.1e-3)
     assert errs["auto"] < 0.25 * errs["int8"], errs
+
+
+# ------------------------------------------------ the shared-exponent packing (--scale-window)
+def shared_case(cfg, seed):
+    """Activations with an outlier channel; scales with a shared-exponent form (each (row,
+    group)'s terms within 8 exponents, signed, some absent, one group without any)."""
+    from test_kernel_int8 import shared_case as table_case
+
+    return table_case(cfg, seed)
+
+
+SHARED_SHAPES = [  # m, n, k, bits, group_size, terms
+    (16, 64, 256, 3, 128, 3),
+    (20, 70, 576, 2, 128, 3),  # ragged N, K = 576 with group 128
+    (33, 100, 100, 4, 32, 3),  # ragged K, M not a multiple of m_inner
+    (6, 33, 256, 1, 64, 3),  # one bit, N below one tile
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape", SHARED_SHAPES, ids=lambda s: "m{}_n{}_k{}_b{}".format(*s[:4]))
+def test_shared_exponent_packing_matches_model_and_exact_weights(shape):
+    """With a windowed fit the GEMM reads the avx512bw shared-exponent table kernel's packing
+    (the same constants): exact integer weights ``sum_b c_b (2 bit - 1)``, one shift per group."""
+    cfg = LutGemmConfig(*shape, shared_exp=True)
+    x, planes, scales = shared_case(cfg, sum(shape))
+    assert I.misfit_reason(scales, shared=True) is None
+    y = run(cfg, x, planes, scales)
+    model = I.reference(x, planes, scales, cfg)
+    assert np.isfinite(y).all() and rel(y, model) < RTOL_MODEL
+    assert rel(model, reference(x, planes, scales, cfg)) < RTOL_EXACT
+    for m_inner in (1, 2):
+        assert rel(run(cfg, x, planes, scales, I.Int16Knobs(m_inner)), y) < 1e-6
+
+
+def test_pass_dispatches_a_shared_exponent_layer_to_the_int16_gemm():
+    """rewrite_matmuls(shared_exp=True, vnni=True): many rows go to the int16 GEMM on the
+    shared-exponent packing, one row to the shared-exponent table kernel."""
+
+    def windowed(_scales):
+        cfg = LutGemmConfig(32, 64, 128, 3, 32, 3, shared_exp=True)
+        return shared_case(cfg, 5)[2]
+
+    for m, kind in ((32, "int16-gemm"), (1, "lut-int8")):
+        _, rec, _ = _rewrite(m, windowed, int16_gemm_ok=True, shared_exp=True, vnni=True)
+        (info,) = rec.kernels.values()
+        assert info["kind"] == kind and info["config"].get("shared_exp") is True
+        assert rec.shared_exp_missed == 0
