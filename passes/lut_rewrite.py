@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..cpu_features import shared_exp_isa
 from ..schedules import dense_gemm, int16_gemm, lut_gemm_cuda, lut_gemm_int8
 from ..schedules.cpu_rules import KERNEL_ATTR
 from ..schedules.lut_gemm import LutGemmConfig, LutGemmKnobs, default_knobs, make_primfunc
@@ -204,8 +205,7 @@ def rewrite_matmuls(
             f"dense_weight_dtype={dense_weight_dtype!r}: one of {dense_gemm.WEIGHT_DTYPES}"
         )
     cuda = target_kind == "cuda"
-    # the kernels with a shared-exponent variant: AVX-512 VBMI, AVX-512 BW with VNNI
-    shared_ok = not cuda and (cpu_isa == "avx512" or (cpu_isa == "avx512bw" and vnni))
+    shared_ok = not cuda and shared_exp_isa(cpu_isa, vnni)
     if shared_exp and not shared_ok:
         log.warning(
             "shared-exponent scales are applied with one shift per group by the AVX-512 VBMI and "

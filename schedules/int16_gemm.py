@@ -61,16 +61,16 @@ import numpy as np
 from .lut_gemm import LutGemmConfig
 from .lut_gemm_int8 import (
     PAD,
-    PD_PLANES,
     ROWS,
     SHIFT,
     as_root_block,
     pd_lanes,
+    pd_lookups,
     pd_mults,
     pd_parts,
-    pd_planes,
     pd_vecs,
     shared_words,
+    vpdpbusd,
 )
 from .lut_gemm_int8 import unsupported_reason as int8_unsupported
 from .packing import EXP_BIAS
@@ -222,8 +222,7 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
     MP = -(-M // MR) * MR
     SHARED = cfg.shared_exp  # the shared-exponent table kernel's packing (module docstring)
     PV = pd_vecs(cfg) if SHARED else BITS  # 64-byte vectors per tile and K-block of 16
-    PP = pd_planes(cfg) if SHARED else 0
-    NJ, NPART = 2 * PV, 1 if PP == PD_PLANES else 2  # lookups, row blocks per lookup
+    PP, NJ, NPART = pd_lookups(cfg) if SHARED else (0, 0, 0)  # (lut_gemm_int8.pd_lookups)
     SW = shared_words(cfg, "avx512bw") if SHARED else NTERM * ROWS  # int16 words per tile, group
     WSIZE = NT * KV * PV * 64
     DSIZE = PAD + NT * G * SW
@@ -355,22 +354,7 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                                 )
                             )
 
-    @T.macro
-    def store_rows(y, yacc, ybuf, mb, nt):
-        for mi in T.unroll(MR):
-            if mb * MR + mi < M:
-                if full_n:
-                    y[mb * MR + mi, T.Ramp(nt * ROWS, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]
-                else:
-                    ybuf[T.Ramp(0, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]
-                    for r in range(ROWS):
-                        if nt * ROWS + r < N:
-                            y[mb * MR + mi, nt * ROWS + r] = ybuf[r]
-
     # ---- the shared-exponent packing (lut_gemm_int8 "AVX-512 BW + VNNI"): W = sum_b c_b (2 bit - 1)
-    def dpbusd(acc, a, b):
-        return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, a, b)
-
     def bit_bytes(w, nt, kq, j, t):
         """int8x64: bit t of nibble ``j % 2`` of every byte of weight vector ``j // 2`` (0 / 1)."""
         wv = tirx.reinterpret("uint16x32", w[tirx.Ramp(((nt * KV + kq) * PV + j // 2) * 64, 1, 64)])
@@ -395,7 +379,7 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                     mvs[T.Ramp(((g * NJ + j) * NPART + part) * 64, 1, 64)] = pd_mults(
                         dl, (nt * G + g) * SW, j, part, PP
                     )
-                    csum[T.Ramp((g * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)] = dpbusd(
+                    csum[T.Ramp((g * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)] = vpdpbusd(
                         csum[T.Ramp((g * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)],
                         mvs[T.Ramp(((g * NJ + j) * NPART + part) * 64, 1, 64)],
                         T.Broadcast(T.int8(1), 64),
@@ -408,7 +392,7 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
         mv = mvs[T.Ramp(((g * NJ + j) * NPART + part) * 64, 1, 64)]
         cs = csum[T.Ramp((g * 8 + v) * 16, 1, 16)]
         zero = T.Broadcast(T.int32(0), 16)
-        lo, hi = (dpbusd(zero, mv, bit_bytes(w, nt, kq, j, 2 * tp + i)) for i in range(2))
+        lo, hi = (vpdpbusd(zero, mv, bit_bytes(w, nt, kq, j, 2 * tp + i)) for i in range(2))
         return T.bitwise_or(
             T.bitwise_and(lo + lo - cs, T.Broadcast(T.int32(0xFFFF), 16)),
             T.shift_left(hi + hi - cs, T.Broadcast(T.int32(16), 16)),
@@ -525,7 +509,17 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                         ] + T.Cast("float32x16", acc[T.Ramp(mi * ROWS + s * 16, 1, 16)]) * rs[
                             T.Ramp(g * ROWS + s * 16, 1, 16)
                         ] * T.Broadcast(xs[(mb * MR + mi) * G + g], 16)
-            store_rows(y, yacc, ybuf, mb, nt)
+            for mi in T.unroll(MR):
+                if mb * MR + mi < M:
+                    if full_n:
+                        y[mb * MR + mi, T.Ramp(nt * ROWS, 1, ROWS)] = yacc[
+                            T.Ramp(mi * ROWS, 1, ROWS)
+                        ]
+                    else:
+                        ybuf[T.Ramp(0, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]
+                        for r in range(ROWS):
+                            if nt * ROWS + r < N:
+                                y[mb * MR + mi, nt * ROWS + r] = ybuf[r]
 
     @T.prim_func
     def kernel(
@@ -547,13 +541,12 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                 mvs = T.alloc_buffer((G * NJ * NPART * 64,), "uint8")
                 sh_scales_into(dl, rs, csum, mvs, nt)
                 sh_dequantize_into(w, mvs, csum, wb, nt)
-                gemm_tile(xc, xs, wb, rs, y, nt)
             else:
                 cq = T.alloc_buffer(((BITS + 1) * ROWS,), "int16", scope="local")
                 lq = T.alloc_buffer((ROWS,), "int16", scope="local")
                 cs = T.alloc_buffer((G * (BITS + 1) * 2 * 32,), "int16")
                 multipliers_into(dl, cs, rs, cq, lq, nt)
                 dequantize_into(w, cs, wb, nt)
-                gemm_tile(xc, xs, wb, rs, y, nt)
+            gemm_tile(xc, xs, wb, rs, y, nt)
 
     return as_root_block(kernel, symbol(cfg))

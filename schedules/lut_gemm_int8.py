@@ -89,9 +89,9 @@ AVX-512 BW + VNNI, shared exponent (``isa="avx512bw"``, ``cfg.shared_exp``; no V
     bytes of an int32 are one row's planes of the lane's quad, and ``vpdpbusd`` weights each by
     the row's ``|c_b|`` (signs folded into the bits, as above): no per-plane sums, no per-term
     epilogue. Tables: 16 bytes per quad (int8), a 64-byte load gives the 4 quads of a K-block of
-    16, one per lane. Accumulators: one int32 per
-    (row, quad lane) for row blocks of 4 rows; at the group end the 4 lanes of 4 row blocks are
-    added by lane shuffles (16 rows), then one conversion, one exponent add and one multiply-add.
+    16, one per lane. Accumulators: one int32 per (row, quad lane) for row blocks of 4 rows; at
+    the group end the 4 lanes of 4 row blocks are added by lane shuffles (16 rows), then one
+    conversion, one exponent add and one multiply-add.
     ``w: uint8[NT, Kp/16, PV, 64]``: nibble ``j % 2`` of byte ``16L + 4d + k`` of vector
     ``j // 2`` is lookup j's index for quad ``4kq + L`` and the (row block v, plane b) of
     ``pd_slots``: row ``4v + d``. 3-4 bits (PV = 4): one row block per int32, planes 0-3 (a zero
@@ -151,21 +151,35 @@ def pd_vecs(cfg: LutGemmConfig) -> int:
     return ROWS * 4 * pd_planes(cfg) // 128
 
 
-def pd_slots(pp: int) -> list[list[tuple[int, int]]]:
-    """``[j][k] = (v, b)``: byte k of every int32 of lookup j (nibble ``j % 2`` of weight vector
-    ``j // 2``) holds plane b of row block v (rows ``4v + d`` at int32 d of each lane): one row
-    block per int32 with 4 nibbles, two (bytes 0-1, 2-3) with 2 (``pd_parts``)."""
-    if pp == PD_PLANES:
-        return [[(j, k) for k in range(4)] for j in range(8)]
-    return [[(4 * (j // 2) + 2 * (k // 2) + j % 2, k % 2) for k in range(4)] for j in range(4)]
-
-
 def pd_parts(pp: int, j, part):
-    """(row block, first byte, bytes) of part ``part`` of lookup j in ``pd_slots(pp)``; j and part
-    may be TIR expressions (unrolled loop variables)."""
+    """(row block, first byte, bytes) of part ``part`` of lookup j (nibble ``j % 2`` of weight
+    vector ``j // 2``): byte ``first + b`` of every int32 holds plane b of that row block (rows
+    ``4v + d`` at int32 d of each lane). One row block per int32 with 4 nibbles, two (bytes 0-1,
+    2-3) with 2. j and part may be TIR expressions (unrolled loop variables)."""
     if pp == PD_PLANES:
         return j, 0, 4
     return 4 * (j // 2) + 2 * part + j % 2, 2 * part, 2
+
+
+def pd_lookups(cfg: LutGemmConfig) -> tuple[int, int, int]:
+    """(nibbles per (row, quad), lookups per K-block, row blocks per lookup) of the avx512bw
+    shared-exponent layout; lookups x row blocks is the number of byte-weight vectors."""
+    pp = pd_planes(cfg)
+    return pp, 2 * pd_vecs(cfg), 1 if pp == PD_PLANES else 2
+
+
+def pd_slots(pp: int) -> list[list[tuple[int, int]]]:
+    """``[j][k] = (v, b)``: byte k of every int32 of lookup j holds plane b of row block v
+    (``pd_parts`` spelled out per byte, for the numpy packing)."""
+    parts = 1 if pp == PD_PLANES else 2
+    slots = []
+    for j in range(2 * (ROWS * 4 * pp // 128)):
+        row = {}
+        for part in range(parts):
+            v, first, count = pd_parts(pp, j, part)
+            row.update({first + b: (v, b) for b in range(count)})
+        slots.append([row[k] for k in range(4)])
+    return slots
 
 
 def pd_mults(dl, base, j, part, pp: int):
@@ -186,6 +200,13 @@ def pd_mults(dl, base, j, part, pp: int):
     )
     words = tirx.bitwise_and(tirx.reinterpret("uint32x16", rep), tirx.Broadcast(mask, 16))
     return tirx.reinterpret("uint8x64", words)
+
+
+def vpdpbusd(acc, a, b):
+    """TIR int32x16: ``acc`` + the 4-byte sums of ``a`` (uint8) times ``b`` (int8)."""
+    from tvm import tirx
+
+    return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, a, b)
 
 
 def pd_lanes(a, b, sel):
@@ -272,9 +293,8 @@ def default_int8_knobs(cfg: LutGemmConfig, isa: str, threads: int = 2) -> Int8Kn
     acc_per_row = cfg.bits * ROWS * (4 if isa in _WIDE else 2) // vreg
     regs = _ACC_REGS.get(isa, 8) - (2 * cfg.bits if cfg.shared_exp else 0)  # byte weights
     if isa == "avx512bw" and cfg.shared_exp:  # one int32 per (row, quad lane); byte weights
-        pp = pd_planes(cfg)
-        acc_per_row = ROWS // 4
-        regs = _ACC_REGS[isa] - 2 * pd_vecs(cfg) * (1 if pp == PD_PLANES else 2)
+        _, lookups, parts = pd_lookups(cfg)
+        acc_per_row, regs = ROWS // 4, _ACC_REGS[isa] - lookups * parts
     cap = max(1, regs // acc_per_row)
     m_inner = max(d for d in range(1, min(cap, cfg.m) + 1) if cfg.m % d == 0)
     blocks = cfg.m // m_inner
@@ -430,40 +450,40 @@ def _fold_signs(planes: np.ndarray, neg: np.ndarray, cfg: LutGemmConfig) -> np.n
     return planes ^ mask
 
 
+def _exp_words(exps, cfg: LutGemmConfig, nt: int) -> np.ndarray:
+    """int16 ``[nt, G, 32]``: each tile's and group's exponent deltas of its 32 rows
+    (``shared_deltas``, stored as ``encode_deltas``; pad rows: E = 0)."""
+    e = np.zeros((nt * ROWS, cfg.groups), np.int32)
+    e[: exps.shape[0]] = exps
+    d = shared_deltas(e, cfg).reshape(nt, ROWS, cfg.groups).transpose(0, 2, 1)
+    return encode_deltas(d)
+
+
 def _shared_codes(exps, mult, cfg: LutGemmConfig, nt: int) -> np.ndarray:
     """The shared-exponent kernel's int16 words: ``PAD`` zeros, then per tile and group the 32
     rows' exponent deltas (as ``encode_deltas``) and each plane's 32 byte weights ``|c|``, then
     ``PAD`` zeros (a plane's 64-byte load reads past its 32 bytes)."""
-    n = exps.shape[0]
-    e = np.zeros((nt * ROWS, cfg.groups), np.int32)
-    e[:n] = exps
-    d = shared_deltas(e, cfg).reshape(nt, ROWS, cfg.groups).transpose(0, 2, 1)  # [nt, G, 32]
     c = np.zeros((cfg.bits, nt * ROWS, cfg.groups), np.uint8)  # pad rows: weight 0
-    c[:, :n] = mult
+    c[:, : exps.shape[0]] = mult
     c = c.reshape(cfg.bits, nt, ROWS, cfg.groups).transpose(1, 3, 0, 2)  # [nt, G, bits, 32]
     words = np.ascontiguousarray(c).reshape(nt, cfg.groups, cfg.bits * ROWS).view(np.int16)
-    per_group = np.concatenate([encode_deltas(d), words], axis=-1)  # [nt, G, SW]
+    per_group = np.concatenate([_exp_words(exps, cfg, nt), words], axis=-1)  # [nt, G, SW]
     pad = np.zeros(PAD, np.int16)
     return np.concatenate([pad, per_group.reshape(-1), pad])
 
 
 def _pd_codes(exps, mult, cfg: LutGemmConfig, nt: int) -> np.ndarray:
     """The avx512bw shared-exponent kernel's int16 words: ``PAD`` zeros, then per tile and group
-    the 32 rows' exponent deltas (as ``encode_deltas``) and the byte weights ``|c|`` of row
-    of lookup j, 16 bytes each (``pd_slots``: byte ``4d + k`` of lookup j is plane b of row
-    ``4v + d``)."""
-    n = exps.shape[0]
-    e = np.zeros((nt * ROWS, cfg.groups), np.int32)
-    e[:n] = exps
-    d = shared_deltas(e, cfg).reshape(nt, ROWS, cfg.groups).transpose(0, 2, 1)  # [nt, G, 32]
+    the 32 rows' exponent deltas (as ``encode_deltas``) and, per lookup j, 16 bytes of byte
+    weights: byte ``4d + k`` is ``|c_b|`` of row ``4v + d`` for ``(v, b) = pd_slots[j][k]``."""
     c = np.zeros((PD_PLANES, nt, ROWS // 4, 4, cfg.groups), np.uint8)  # pad rows: weight 0
-    c[: cfg.bits].reshape(cfg.bits, -1, cfg.groups)[:, :n] = mult
+    c[: cfg.bits].reshape(cfg.bits, -1, cfg.groups)[:, : exps.shape[0]] = mult
     slots = pd_slots(pd_planes(cfg))
     # per lookup j: byte 4d + k = |c_b| of row 4v + d for (v, b) = slots[j][k]
     cj = np.stack([np.stack([c[b, :, vb] for vb, b in sl], -1) for sl in slots], 2)
     cj = cj.transpose(0, 3, 2, 1, 4)  # [nt, G, j, d, k]
     words = np.ascontiguousarray(cj).reshape(nt, cfg.groups, -1).view(np.int16)
-    per_group = np.concatenate([encode_deltas(d), words], axis=-1)  # [nt, G, SW]
+    per_group = np.concatenate([_exp_words(exps, cfg, nt), words], axis=-1)  # [nt, G, SW]
     return np.concatenate([np.zeros(PAD, np.int16), per_group.reshape(-1)])
 
 
@@ -560,9 +580,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     KV = KP // 16 if wide else KP // 8  # weight vectors per row tile and plane
     VPG = GS // 16 if wide else GS // 8  # weight vectors per group
     PV = pd_vecs(cfg) if PD else 0  # weight vectors per tile and K-block (shared-exp avx512bw)
-    PP = pd_planes(cfg) if PD else 0  # nibbles per (row, quad)
-    NJ = 2 * PV  # lookups per K-block (pd_slots)
-    NPART = 1 if PP == PD_PLANES else 2  # row blocks per int32 of a lookup (pd_parts)
+    PP, NJ, NPART = pd_lookups(cfg) if PD else (0, 0, 0)  # (pd_lookups, pd_parts)
     WSIZE = NT * KV * (PV if PD else BITS) * W
     acc_t = "int32" if wide else "int16"
     # avx512bw (per term): entries + 128 (module docstring)
@@ -650,9 +668,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             if SHARED
             else tirx.Broadcast(tirx.const(1, "uint8"), 64)
         )
-        return tirx.call_llvm_pure_intrin(
-            "int32x16", "llvm.x86.avx512.vpdpbusd.512", accv, weights, lookups
-        )
+        return vpdpbusd(accv, weights, lookups)
 
     def expand_mults(dl, base, b, hh):
         """Plane b's byte weights of half hh's 16 rows, each repeated for its 4 bytes (p = 4r + t)
@@ -920,29 +936,25 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             for j in T.unroll(NJ):  # nibble j % 2 of weight vector j // 2
                 for mi in T.unroll(MI):
                     for part in T.unroll(NPART):  # the row blocks of its int32s (pd_parts)
-                        acc[T.Ramp((mi * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)] = (
-                            T.call_llvm_pure_intrin(  # fmt: skip
-                                "int32x16",
-                                "llvm.x86.avx512.vpdpbusd.512",
-                                acc[T.Ramp((mi * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)],
-                                mv[T.Ramp((j * NPART + part) * 64, 1, 64)],
-                                pd_lookup(
-                                    tab,
-                                    (((task // NC) * MI + mi) * Q + g * JG + 4 * kq) * TB,
-                                    w[
-                                        T.Ramp(
-                                            (
-                                                (((task % NC) * TPC + tt) * KV + g * VPG + kq) * PV
-                                                + j // 2
-                                            )
-                                            * 64,
-                                            1,
-                                            64,
+                        acc[T.Ramp((mi * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)] = vpdpbusd(
+                            acc[T.Ramp((mi * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)],
+                            mv[T.Ramp((j * NPART + part) * 64, 1, 64)],
+                            pd_lookup(
+                                tab,
+                                (((task // NC) * MI + mi) * Q + g * JG + 4 * kq) * TB,
+                                w[
+                                    T.Ramp(
+                                        (
+                                            (((task % NC) * TPC + tt) * KV + g * VPG + kq) * PV
+                                            + j // 2
                                         )
-                                    ],  # fmt: skip
-                                    j % 2,
-                                ),
-                            )
+                                        * 64,
+                                        1,
+                                        64,
+                                    )
+                                ],  # fmt: skip
+                                j % 2,
+                            ),
                         )
         for mi in T.unroll(MI):
             for h in T.unroll(2):

@@ -89,11 +89,16 @@ def int16_gemm_target(spec: dict, isa: str) -> bool:
     return isa == "avx512bw" and "avx512vnni" in target_features(spec)
 
 
+def shared_exp_isa(isa: str, vnni: bool) -> bool:
+    """Whether ``isa``'s int8 kernel has a shared-exponent variant: ``avx512`` (VBMI + VNNI), or
+    ``avx512bw`` with AVX-512 VNNI (``vpdpbusd`` weights each plane's lookups by its integer
+    scale)."""
+    return isa == "avx512" or (isa == "avx512bw" and vnni)
+
+
 def shared_exp_target(spec: dict, isa: str) -> bool:
-    """Whether ``isa``'s int8 kernel has a shared-exponent variant on this target: ``avx512``
-    (VBMI + VNNI), or ``avx512bw`` where LLVM enables AVX-512 VNNI (``vpdpbusd`` weights each
-    plane's lookups by its integer scale)."""
-    return isa == "avx512" or int16_gemm_target(spec, isa)
+    """``shared_exp_isa`` for a target: VNNI as LLVM enables it there."""
+    return shared_exp_isa(isa, "avx512vnni" in target_features(spec))
 
 
 def _is_aarch64(spec: dict) -> bool:
