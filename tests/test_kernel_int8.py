@@ -514,7 +514,16 @@ BW_SHARED_SHAPES = [
     (8, 33, 256, 1, 64, 3),  # one bit, M = 8
     (8, 96, 192, 2, 64, 2),
     (2, 40, 256, 4, 128, 3),
+    (4, 50, 168, 3, 64, 3),  # last group 40 of 64 columns (3 K-blocks of 16 looked up)
 ]
+
+
+def test_one_thread_builds_tables_serially():
+    """The default rule parallelizes the table build only when there are threads to share it (a
+    parallel launch on one thread only adds its cost)."""
+    cfg = LutGemmConfig(8, 576, 576, 3, 128, 3, shared_exp=True)
+    assert not L.default_int8_knobs(cfg, "avx512bw", 1).build_parallel
+    assert L.default_int8_knobs(cfg, "avx512bw", 2).build_parallel
 
 
 @pytest.mark.skipif(bool(cpu_features.host_missing("int16")), reason="needs AVX-512 BW + VNNI")
