@@ -738,10 +738,10 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     K16 = K // 16 * 16
     PADX = K % GS != 0  # the row is copied into a zero-padded buffer first
     XR = KP if PADX else 1
-    # avx512bw shared exponent: the last group's K-blocks of 16 past K are skipped, in the
-    # lookups and in the table build (the other variants read every K-block's tables)
-    KQ_LAST = -(-(K - (G - 1) * GS) // 16) if PD else VPG
-    J_LAST = KQ_LAST * 4 // NMX if PD else JG // NMX  # NMX = 4 for the wide variants
+    # the last group's weight vectors past K (zero-padded columns) are skipped, in the lookups
+    # and in the table build: K = 576 with group 128 pads 64 of 640 columns
+    KQ_LAST = -(-(K - (G - 1) * GS) // (GS // VPG))  # weight vectors of the last group
+    J_LAST = -(-KQ_LAST * (GS // VPG // 4) // NMX)  # their quads' tables, NMX at a time
 
     def lane_max(v):
         """TB lanes, each the max of v's lanes: log2(TB) folds of lane i with lane i ^ half (a
@@ -856,10 +856,11 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             tot = tot + (tirx.shift_right(words, eight) if which else words)
         return tot
 
-    def bw_fold(acc, base, s):
+    def bw_fold(acc, base, s, g):
         """int32 sums of rows ``16 s + i`` (i < 16) of one plane and row: both halves (quads
         4kq + h) added, the high-byte sums (s = 1) or the low-byte sums recovered from the word sums
-        (s = 0: ``words - (high << 8)``, exact below 2^16), less the bias 128 per lookup."""
+        (s = 0: ``words - (high << 8)``, exact below 2^16), less the bias 128 per lookup (the
+        last group looks up KQ_LAST K-blocks of 4 quads)."""
         parts = []
         for h in range(2):
             hs = acc[tirx.Ramp(base + 32 + 16 * h, 1, 16)]
@@ -867,7 +868,10 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                 ws = acc[tirx.Ramp(base + 16 * h, 1, 16)]
                 hs = ws - tirx.shift_left(hs, tirx.Broadcast(tirx.const(8, "uint16"), 16))
             parts.append(tirx.Cast("int32x16", hs))
-        return parts[0] + parts[1] - tirx.Broadcast(tirx.const(128 * (GS // 4), "int32"), 16)
+        bias = tirx.if_then_else(
+            g == G - 1, tirx.const(128 * 4 * KQ_LAST, "int32"), tirx.const(128 * (GS // 4), "int32")
+        )
+        return parts[0] + parts[1] - tirx.Broadcast(bias, 16)
 
     @T.macro
     def bw_accumulate(acc, tab, w, task, tt, g, kq):
@@ -882,12 +886,12 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                 )
 
     @T.macro
-    def bw_fold_all(acc, acc32):
+    def bw_fold_all(acc, acc32, g):
         for b in T.unroll(BITS):
             for mi in T.unroll(MI):
-                acc32[T.Ramp((b * MI + mi) * ROWS, 1, 16)] = bw_fold(acc, (b * MI + mi) * 64, 0)
+                acc32[T.Ramp((b * MI + mi) * ROWS, 1, 16)] = bw_fold(acc, (b * MI + mi) * 64, 0, g)
                 acc32[T.Ramp((b * MI + mi) * ROWS + 16, 1, 16)] = bw_fold(
-                    acc, (b * MI + mi) * 64, 1
+                    acc, (b * MI + mi) * 64, 1, g
                 )
 
     @T.macro
@@ -905,7 +909,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     def vbmi_group(acc, mv, tab, w, dl, task, tt, g):
         """avx512: the group's lookups, vpermb over 4 quads' tables, vpdpbusd into int32."""
         load_mults(dl, mv, task, tt, g)
-        for kq in range(VPG):
+        for kq in range(T.if_then_else(g == G - 1, KQ_LAST, VPG)):
             for b in T.unroll(BITS):
                 for mi in T.unroll(MI):
                     # high nibble first: its shift reads the loaded vector, the low nibble's
@@ -934,7 +938,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     @T.macro
     def shuffle_group(acc, tab, w, task, tt, g):
         """avx2 / neon: the group's lookups, one byte shuffle per quad, widened int16 adds."""
-        for j8 in range(VPG):
+        for j8 in range(T.if_then_else(g == G - 1, KQ_LAST, VPG)):
             for b in T.unroll(BITS):
                 for mi in T.unroll(MI):
                     for s in T.unroll(ROWS // W):
@@ -1038,9 +1042,9 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         elif isa == "avx512bw":
             for i in T.unroll(BITS * MI * 2):
                 acc[T.Ramp(i * 32, 1, 32)] = T.Broadcast(T.uint16(0), 32)
-            for kq in range(VPG):
+            for kq in range(T.if_then_else(g == G - 1, KQ_LAST, VPG)):
                 bw_accumulate(acc, tab, w, task, tt, g, kq)
-            bw_fold_all(acc, aux)
+            bw_fold_all(acc, aux, g)
             apply_epilogues(aux, dl, ls, yacc, task, tt, g)
         else:
             for i in T.unroll(BITS * MI * 2):
