@@ -385,14 +385,12 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                         T.Broadcast(T.int8(1), 64),
                     )
 
-    def sh_pair(w, mvs, csum, nt, kq, j, part, tp):
-        """int32x16: the int16 pair of row 4v + d's weights (v: ``pd_parts``) at columns
-        16kq + 4L + 2tp, + 1, each ``2 sum_b c_b bit_b - sum_b c_b``, in int32 (L, d)."""
-        g, v = kq // VPG, pd_parts(PP, j, part)[0]
-        mv = mvs[T.Ramp(((g * NJ + j) * NPART + part) * 64, 1, 64)]
+    def sh_pair(sb, csum, g, v, tp):
+        """int32x16: the int16 pair of row 4v + d's weights at columns 16kq + 4L + 2tp, + 1, each
+        ``2 sum_b c_b bit_b - sum_b c_b``, in int32 (L, d); ``sb[v, t]``: ``sum_b c_b bit_b`` of
+        column bit t (``sh_bit_sums``)."""
         cs = csum[T.Ramp((g * 8 + v) * 16, 1, 16)]
-        zero = T.Broadcast(T.int32(0), 16)
-        lo, hi = (vpdpbusd(zero, mv, bit_bytes(w, nt, kq, j, 2 * tp + i)) for i in range(2))
+        lo, hi = (sb[T.Ramp((v * 4 + 2 * tp + i) * 16, 1, 16)] for i in range(2))
         return T.bitwise_or(
             T.bitwise_and(lo + lo - cs, T.Broadcast(T.int32(0xFFFF), 16)),
             T.shift_left(hi + hi - cs, T.Broadcast(T.int32(16), 16)),
@@ -414,17 +412,26 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
 
     @T.macro
     def sh_dequantize_into(w, mvs, csum, wb, nt):
-        """wb as the per-term layout (row order): per K-block the int16 pairs of each row block
-        in lane order (``pv[v, tp]``: columns 16kq + 4L + 2tp, + 1 in int32 (L, d)), then a 4x4
-        lane transpose per 16 rows."""
+        """wb as the per-term layout (row order): per K-block, ``sum_b c_b bit_b`` of each row
+        block and column bit (``sb[v, t]``, a vpdpbusd per lookup part: a 3-bit chain puts a row
+        block in two lookups), then the int16 pairs in lane order (``pv[v, tp]``: columns
+        16kq + 4L + 2tp, + 1 in int32 (L, d)) and a 4x4 lane transpose per 16 rows."""
         pv = T.alloc_buffer((8 * 2 * 16,), "int32", scope="local")
+        sb = T.alloc_buffer((8 * 4 * 16,), "int32", scope="local")
         for kq in range(KV):
+            for i in T.unroll(8 * 4):
+                sb[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
             for j in T.unroll(NJ):
                 for part in T.unroll(NPART):
-                    for tp in T.unroll(2):
-                        pv[T.Ramp((pd_parts(PP, j, part)[0] * 2 + tp) * 16, 1, 16)] = sh_pair(
-                            w, mvs, csum, nt, kq, j, part, tp
+                    for t in T.unroll(4):
+                        sb[T.Ramp((pd_parts(PP, j, part)[0] * 4 + t) * 16, 1, 16)] = vpdpbusd(
+                            sb[T.Ramp((pd_parts(PP, j, part)[0] * 4 + t) * 16, 1, 16)],
+                            mvs[T.Ramp((((kq // VPG) * NJ + j) * NPART + part) * 64, 1, 64)],
+                            bit_bytes(w, nt, kq, j, t),
                         )
+            for v in T.unroll(8):
+                for tp in T.unroll(2):
+                    pv[T.Ramp((v * 2 + tp) * 16, 1, 16)] = sh_pair(sb, csum, kq // VPG, v, tp)
             for s in T.unroll(2):
                 for tp in T.unroll(2):
                     for lane in T.unroll(4):

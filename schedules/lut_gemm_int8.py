@@ -94,21 +94,25 @@ AVX-512 BW + VNNI, shared exponent (``isa="avx512bw"``, ``cfg.shared_exp``; no V
     conversion, one exponent add and one multiply-add.
     ``w: uint8[NT, Kp/16, PV, 64]``: nibble ``j % 2`` of byte ``16L + 4d + k`` of vector
     ``j // 2`` is lookup j's index for quad ``4kq + L`` and the (row block v, plane b) of
-    ``pd_slots``: row ``4v + d``. 3-4 bits (PV = 4): one row block per int32, planes 0-3 (a zero
-    plane at 3 bits); 1-2 bits (PV = 2): two row blocks per int32 (bytes 0-1, 2-3), each lookup
-    feeding two ``vpdpbusd`` whose byte weights are 0 in the other row block's bytes
-    (``pd_parts``). ``codes: int16[PAD + NT * G * (32 + 8 PV)]``: per tile and group the 32
-    rows' exponent words (as a term's), then per lookup j 16 bytes of weights, byte ``4d + k`` =
-    ``|c_b|`` of its slot's row and plane. Measured on the Xeon (Cascade Lake, no VBMI), M = 1,
-    4096x4096, one thread, against the per-term avx512bw kernel on the same weights in the same
-    process: 2 bits 0.301 -> 0.237 ms, 3 bits 0.44-0.46 -> 0.41, 4 bits 0.586 -> 0.409 (the 4
-    nibbles: 8 MiB read at ~20 GB/s, near the 24 GB/s a plain read loop gets from L3). Tried at 3
-    bits and not kept: a chain of 4 row blocks over 3 lookups, ``(a0 a1 a2 b0) (b1 b2 c0 c1)
-    (c2 d0 d1 d2)``, 25% fewer bytes, 0.366 ms at M = 1, but 12 byte-weight registers leave one
-    row per weight load (``m_inner = 1``): M = 8 3.36 ms and M = 128 49.3 ms against 2.28 and
-    31.4 at 4 bits (4096x4096, same run); and a third vector of plane-2 nibbles of 4 rows per
-    int32 (0.42 ms: four ``vpdpbusd`` per lookup). The loop runs below its instruction count's
-    rate (4096x512, 4 bits: ~220 cycles per tile and group for ~265 instructions): on this core
+    ``pd_slots``: row ``4v + d``. 4 bits (PV = 4): one row block per int32, planes 0-3; 3 bits
+    (PV = 3): chains of 4 row blocks over 3 lookups, ``(a0 a1 a2 b0) (b1 b2 c0 c1) (c2 d0 d1
+    d2)``; 1-2 bits (PV = 2): two row blocks per int32 (bytes 0-1, 2-3). Where an int32 holds two
+    row blocks, each lookup feeds two ``vpdpbusd`` whose byte weights are 0 in the other row
+    block's bytes (``pd_parts``). ``codes: int16[PAD + NT * G * (32 + 8 PV)]``: per tile and
+    group the 32 rows' exponent words (as a term's), then per lookup j 16 bytes of weights, byte
+    ``4d + k`` = ``|c_b|`` of its slot's row and plane. Measured on the Xeon (Cascade Lake, no
+    VBMI), M = 1, 4096x4096, one thread, against the per-term avx512bw kernel on the same weights
+    in the same process: 2 bits 0.301 -> 0.237 ms, 3 bits 0.44-0.46 -> 0.41 (then 4 nibbles with
+    a zero plane), 4 bits 0.586 -> 0.409 (8 MiB read at ~20 GB/s, near the 24 GB/s a plain read
+    loop gets from L3). The 3-bit chain reads 25% fewer bytes than the zero plane did: M = 1
+    4096x4096 0.369 against 0.423 ms (same process); at first it was dropped because its 12
+    byte-weight vectors left one row per weight load (M = 8 3.36 against 2.28 ms at 4 bits).
+    With several rows per weight load the kernel now works on one 16-row half of the tile per
+    pass (``pd_group``: half the sums and byte weights live), which allows 4 rows: M = 8 at 3
+    bits 1.72 ms (4096x4096) and 0.039 ms (576x576) against 1.95 and 0.045 with the zero plane
+    and 2 rows. Tried and not kept: a third vector of plane-2 nibbles of 4 rows per int32 (0.42
+    ms: four ``vpdpbusd`` per lookup). The loop runs below its instruction count's rate
+    (4096x512, 4 bits: ~220 cycles per tile and group for ~265 instructions): on this core
     independent ``vpshufb`` + ``vpdpbusd`` pairs took 0.52 ns each, against 0.375 ns for
     ``vpshufb`` and 0.23 ns for ``vpdpbusd`` alone (likely the lower clock of AVX-512
     multiplies).
@@ -141,9 +145,9 @@ PD_PLANES = 4  # avx512bw shared exponent: the bytes of one int32 (one row, 4 pl
 
 
 def pd_planes(cfg: LutGemmConfig) -> int:
-    """Nibbles stored per (row, quad) by the avx512bw shared-exponent layout: 2 up to 2 bits, 4
-    from 3 bits (a zero plane at 3; module docstring "AVX-512 BW + VNNI")."""
-    return 2 if cfg.bits <= 2 else PD_PLANES
+    """Nibbles stored per (row, quad) by the avx512bw shared-exponent layout: 2 up to 2 bits, 3 at
+    3 bits (chains of row blocks over the int32s), 4 at 4 (module docstring "AVX-512 BW + VNNI")."""
+    return 2 if cfg.bits <= 2 else cfg.bits
 
 
 def pd_vecs(cfg: LutGemmConfig) -> int:
@@ -152,13 +156,19 @@ def pd_vecs(cfg: LutGemmConfig) -> int:
 
 
 def pd_parts(pp: int, j, part):
-    """(row block, first byte, bytes) of part ``part`` of lookup j (nibble ``j % 2`` of weight
-    vector ``j // 2``): byte ``first + b`` of every int32 holds plane b of that row block (rows
-    ``4v + d`` at int32 d of each lane). One row block per int32 with 4 nibbles, two (bytes 0-1,
-    2-3) with 2. j and part may be TIR expressions (unrolled loop variables)."""
+    """(row block, first byte, bytes, first plane) of part ``part`` of lookup j (nibble ``j % 2``
+    of weight vector ``j // 2``): byte ``first + i`` of every int32 holds plane ``plane + i`` of
+    that row block (rows ``4v + d`` at int32 d of each lane). 4 nibbles: one row block per int32.
+    2: two (bytes 0-1, 2-3). 3: chains of 4 row blocks over 3 lookups, ``(a0 a1 a2 b0) (b1 b2 c0
+    c1) (c2 d0 d1 d2)``, each int32 two row blocks. j and part may be TIR expressions (unrolled
+    loop variables)."""
     if pp == PD_PLANES:
-        return j, 0, 4
-    return 4 * (j // 2) + 2 * part + j % 2, 2 * part, 2
+        return j, 0, 4, 0
+    if pp == 3:
+        i = j % 3  # position in the chain of lookups 3 (j // 3) .. 3 (j // 3) + 2
+        # part 0: row block i of the chain from plane i; part 1: row block i + 1 from plane 0
+        return 4 * (j // 3) + i + part, part * (3 - i), 3 - i + part * (2 * i - 2), (1 - part) * i
+    return 4 * (j // 2) + 2 * part + j % 2, 2 * part, 2, 0
 
 
 def pd_lookups(cfg: LutGemmConfig) -> tuple[int, int, int]:
@@ -176,8 +186,8 @@ def pd_slots(pp: int) -> list[list[tuple[int, int]]]:
     for j in range(2 * (ROWS * 4 * pp // 128)):
         row = {}
         for part in range(parts):
-            v, first, count = pd_parts(pp, j, part)
-            row.update({first + b: (v, b) for b in range(count)})
+            v, first, count, plane = pd_parts(pp, j, part)
+            row.update({first + i: (v, plane + i) for i in range(count)})
         slots.append([row[k] for k in range(4)])
     return slots
 
@@ -192,7 +202,7 @@ def pd_mults(dl, base, j, part, pp: int):
     rep = tirx.Shuffle([raw] * 4, [tirx.const(i, "int32") for i in range(64)])
     if pp == PD_PLANES:
         return rep
-    _, first, count = pd_parts(pp, j, part)
+    _, first, count, _ = pd_parts(pp, j, part)
     ones = tirx.const(0xFFFFFFFF, "uint32")
     mask = tirx.shift_left(
         tirx.shift_right(ones, tirx.Cast("uint32", 32 - 8 * count)),
@@ -292,9 +302,9 @@ def default_int8_knobs(cfg: LutGemmConfig, isa: str, threads: int = 2) -> Int8Kn
     # int32 sums (avx512); two 16-bit sums of byte pairs (avx512bw); int16 sums (avx2, neon)
     acc_per_row = cfg.bits * ROWS * (4 if isa in _WIDE else 2) // vreg
     regs = _ACC_REGS.get(isa, 8) - (2 * cfg.bits if cfg.shared_exp else 0)  # byte weights
-    if isa == "avx512bw" and cfg.shared_exp:  # one int32 per (row, quad lane); byte weights
+    if isa == "avx512bw" and cfg.shared_exp:  # per 16-row half: one int32 per (row, quad lane)
         _, lookups, parts = pd_lookups(cfg)
-        acc_per_row, regs = ROWS // 4, _ACC_REGS[isa] - lookups * parts
+        acc_per_row, regs = ROWS // 8, _ACC_REGS[isa] - lookups // 2 * parts
     cap = max(1, regs // acc_per_row)
     m_inner = max(d for d in range(1, min(cap, cfg.m) + 1) if cfg.m % d == 0)
     blocks = cfg.m // m_inner
@@ -583,6 +593,8 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     VPG = GS // 16 if wide else GS // 8  # weight vectors per group
     PV = pd_vecs(cfg) if PD else 0  # weight vectors per tile and K-block (shared-exp avx512bw)
     PP, NJ, NPART = pd_lookups(cfg) if PD else (0, 0, 0)  # (pd_lookups, pd_parts)
+    PASSES = 2 if MI > 1 else 1  # shared-exponent avx512bw: 16-row halves per pass (pd_group)
+    NJP, RBP = NJ // PASSES, 8 // PASSES  # lookups and row blocks of 4 per pass
     WSIZE = NT * KV * (PV if PD else BITS) * W
     acc_t = "int32" if wide else "int16"
     # avx512bw (per term): entries + 128 (module docstring)
@@ -985,53 +997,76 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
 
     @T.macro
     def pd_group(acc, mv, tab, w, dl, ls, yacc, task, tt, g):
-        """avx512bw, shared exponent: per K-block of 16, PV weight vectors give 8 lookups of 4
-        rows x 4 quads x 4 bytes; vpdpbusd weights each plane's byte by ``|c_b|``."""
+        """avx512bw, shared exponent: per K-block of 16, PV weight vectors give NJ lookups of 4
+        rows x 4 quads x 4 bytes; vpdpbusd weights each plane's byte by ``|c_b|``. One 16-row half
+        of the tile at a time when several rows share a weight load (its NJ / 2 lookups:
+        ``pd_parts`` keeps each half's row blocks in its own lookups), so only half the sums and
+        byte weights are live: with all of them, 3 bits (12 byte-weight vectors) at two rows per
+        weight load spilled and rebuilt the byte weights with lane shuffles in the K loop. One
+        row (M = 1) keeps the whole tile per pass (measured faster: one table and weight load per
+        K-block; 4096x4096 M=1 2 bits 0.234 whole vs 0.258 ms in halves)."""
         dbase = (((task % NC) * TPC + tt) * G + g) * SW
-        for j in T.unroll(NJ):
-            for part in T.unroll(NPART):
-                mv[T.Ramp((j * NPART + part) * 64, 1, 64)] = pd_mults(dl, dbase, j, part, PP)
-        for i in T.unroll(MI * 8):
-            acc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
-        for kq in range(T.if_then_else(g == G - 1, KQ_LAST, VPG)):
-            for j in T.unroll(NJ):  # nibble j % 2 of weight vector j // 2
-                for mi in T.unroll(MI):
-                    for part in T.unroll(NPART):  # the row blocks of its int32s (pd_parts)
-                        acc[T.Ramp((mi * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)] = vpdpbusd(
-                            acc[T.Ramp((mi * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)],
-                            mv[T.Ramp((j * NPART + part) * 64, 1, 64)],
-                            pd_lookup(
-                                tab,
-                                (((task // NC) * MI + mi) * Q + g * JG + 4 * kq) * TB,
-                                w[
+        for h in T.unroll(PASSES):
+            for jj in T.unroll(NJP):
+                for part in T.unroll(NPART):
+                    mv[T.Ramp((jj * NPART + part) * 64, 1, 64)] = pd_mults(
+                        dl, dbase, h * NJP + jj, part, PP
+                    )
+            for i in T.unroll(MI * RBP):
+                acc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
+            for kq in range(T.if_then_else(g == G - 1, KQ_LAST, VPG)):
+                for jj in T.unroll(NJP):  # lookup j: nibble j % 2 of weight vector j // 2
+                    for mi in T.unroll(MI):
+                        for part in T.unroll(NPART):  # the row blocks of its int32s (pd_parts)
+                            acc[
+                                T.Ramp(
+                                    (mi * RBP + pd_parts(PP, h * NJP + jj, part)[0] - RBP * h) * 16,
+                                    1,
+                                    16,
+                                )
+                            ] = vpdpbusd(
+                                acc[
                                     T.Ramp(
-                                        (
-                                            (((task % NC) * TPC + tt) * KV + g * VPG + kq) * PV
-                                            + j // 2
-                                        )
-                                        * 64,
+                                        (mi * RBP + pd_parts(PP, h * NJP + jj, part)[0] - RBP * h)
+                                        * 16,
                                         1,
-                                        64,
+                                        16,
                                     )
-                                ],  # fmt: skip
-                                j % 2,
-                            ),
-                        )
-        for mi in T.unroll(MI):
-            for h in T.unroll(2):
-                yacc[T.Ramp(mi * ROWS + h * 16, 1, 16)] = yacc[
-                    T.Ramp(mi * ROWS + h * 16, 1, 16)
-                ] + T.reinterpret(
-                    "float32x16",
-                    shift(
-                        T.reinterpret(
-                            "int32x16", T.Cast("float32x16", pd_rows(acc, (mi * 8 + 4 * h) * 16))
-                        ),  # fmt: skip
-                        dl,
-                        dbase,
-                        h,
-                    ),
-                ) * T.Broadcast(ls[((task // NC) * MI + mi) * G + g], 16)
+                                ],
+                                mv[T.Ramp((jj * NPART + part) * 64, 1, 64)],
+                                pd_lookup(
+                                    tab,
+                                    (((task // NC) * MI + mi) * Q + g * JG + 4 * kq) * TB,
+                                    w[
+                                        T.Ramp(
+                                            (
+                                                (((task % NC) * TPC + tt) * KV + g * VPG + kq) * PV
+                                                + (h * NJP + jj) // 2
+                                            )
+                                            * 64,
+                                            1,
+                                            64,
+                                        )
+                                    ],  # fmt: skip
+                                    (h * NJP + jj) % 2,
+                                ),
+                            )
+            for mi in T.unroll(MI):
+                for hh in T.unroll(2 // PASSES):  # the 16-row halves of this pass: h + hh
+                    yacc[T.Ramp(mi * ROWS + (h + hh) * 16, 1, 16)] = yacc[
+                        T.Ramp(mi * ROWS + (h + hh) * 16, 1, 16)
+                    ] + T.reinterpret(
+                        "float32x16",
+                        shift(
+                            T.reinterpret(
+                                "int32x16",
+                                T.Cast("float32x16", pd_rows(acc, (mi * RBP + 4 * hh) * 16)),
+                            ),  # fmt: skip
+                            dl,
+                            dbase,
+                            h + hh,
+                        ),
+                    ) * T.Broadcast(ls[((task // NC) * MI + mi) * G + g], 16)
 
     @T.macro
     def group(acc, aux, tab, w, dl, ls, yacc, task, tt, g):
@@ -1056,7 +1091,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             apply_epilogues(acc, dl, ls, yacc, task, tt, g)
 
     if PD:  # one int32 per (row, quad lane) of each row block; the byte weights in aux
-        ACC_N, ACC_T, AUX_N, AUX_T = MI * ROWS * 4, "int32", NJ * NPART * 64, "uint8"
+        ACC_N, ACC_T, AUX_N, AUX_T = MI * RBP * 16, "int32", NJP * NPART * 64, "uint8"
     elif isa == "avx512bw":  # biased byte pairs in uint16 words; their int32 sums in aux
         ACC_N, ACC_T, AUX_N, AUX_T = BITS * MI * 64, "uint16", BITS * MI * ROWS, "int32"
     elif avx512:  # int32 sums; the shared-exponent byte weights in aux

@@ -550,11 +550,11 @@ def test_avx512bw_shared_exponent_kernel_matches_model(shape):
 
 
 def test_avx512bw_shared_exponent_layout():
-    """Packed bytes: 2 nibbles per (row, quad) up to 2 bits, 4 from 3 bits (zero planes past the
-    bits); every (row, plane) in exactly one byte slot of a lookup's int32s, an int32 holding at
-    most two row blocks in consecutive bytes; per (row, group) one exponent word and the byte
-    weights."""
-    for bits, per in ((1, 2), (2, 2), (3, 4), (4, 4)):
+    """Packed bytes: 2 nibbles per (row, quad) up to 2 bits (a zero plane at 1), 3 at 3 bits
+    (chains of row blocks), 4 at 4; every (row, plane) in exactly one byte slot of a lookup's
+    int32s, an int32 holding at most two row blocks in consecutive bytes, each with consecutive
+    planes; per (row, group) one exponent word and the byte weights."""
+    for bits, per in ((1, 2), (2, 2), (3, 3), (4, 4)):
         cfg = LutGemmConfig(1, 70, 576, bits, 128, 3, shared_exp=True)
         _, planes, scales = shared_case(cfg, seed=bits)
         w, codes = L.pack_int8(planes, scales, cfg, "avx512bw")
@@ -566,8 +566,10 @@ def test_avx512bw_shared_exponent_layout():
         assert sorted(sum(slots, [])) == [(v, b) for v in range(8) for b in range(per)]
         for j, sl in enumerate(slots):
             for part in range(1 if per == 4 else 2):
-                v, first, count = L.pd_parts(per, j, part)
-                assert {sl[k][0] for k in range(first, first + count)} == {v}
+                v, first, count, plane = L.pd_parts(per, j, part)
+                assert [sl[k] for k in range(first, first + count)] == [
+                    (v, plane + i) for i in range(count)
+                ]
         _, c = L.shared_form(scales, cfg)
         mult = codes[L.PAD :].reshape(nt, cfg.groups, -1)[..., L.ROWS :].view(np.uint8)
         mult = mult.reshape(nt, cfg.groups, len(slots), 4, 4)  # [tile, group, j, d, k]
