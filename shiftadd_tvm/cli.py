@@ -446,6 +446,13 @@ def _add_tune(sub) -> None:
         help="power-of-two terms per scale, as compile --terms ('auto', one count, or per-plane "
         "counts such as 3,2)",
     )
+    p.add_argument(
+        "--scale-window",
+        type=int,
+        default=0,
+        help="as compile --scale-window: 8 tunes the shared-exponent kernels a windowed fit gets "
+        "(AVX-512 VBMI, or BW + VNNI; their knobs are separate records), 0 the per-term kernels",
+    )
     p.add_argument("--seq-len", type=int, default=512, help="tokens per call (the kernels' M)")
     p.add_argument("--trials", type=int, default=16, help="candidates measured per kernel")
     p.add_argument(
@@ -474,8 +481,20 @@ def cmd_tune(args) -> int:
     from .targets import resolve_target
 
     spec = resolve_target(args.target).to_dict()
+    shared = False
+    if args.scale_window:
+        from .cpu_features import kernel_isa, shared_exp_target
+
+        shared = shared_exp_target(spec, kernel_isa(spec))
+        if not shared:
+            log.warning(
+                "--scale-window %d: this target's int8 kernel (%s) applies the terms one by one, "
+                "so the per-term kernels are tuned",
+                args.scale_window,
+                kernel_isa(spec),
+            )
     model, _ = load_model(args.model)
-    cfgs = tuning.model_configs(model, args.bits, args.group_size, args.terms, args.seq_len)
+    cfgs = tuning.model_configs(model, args.bits, args.group_size, args.terms, args.seq_len, shared)
     runner = tuning.Runner(args.rpc, args.rpc_tracker, args.rpc_key)
     summary = tuning.tune(
         cfgs, spec, args.trials, runner, args.workers, args.retune, kernel=args.kernel

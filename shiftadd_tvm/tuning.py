@@ -207,8 +207,9 @@ def lookup_int8_knobs(cfg: LutGemmConfig, db: Database | None, threads: int, isa
     """(knobs, how) for ``cfg``'s ``isa`` int8 kernel: the tuned ``int8-<isa>`` record, else the
     default rule (``default_int8_knobs``) with the reason, as ``lookup_knobs``."""
     default = default_int8_knobs(cfg, isa, threads)
-    # avx512bw's shared-exponent kernel is another loop (byte-weight registers: m_inner <= 2), so
-    # the per-term kernel's knobs do not carry over (VBMI's variant only changes the epilogue)
+    # avx512bw's shared-exponent kernel is another loop (planes inside vpdpbusd, one 16-row half
+    # per pass for several rows), so the per-term kernel's knobs do not carry over (VBMI's
+    # variant only changes the epilogue)
     borrow = not (isa == "avx512bw" and cfg.shared_exp)
     return _lookup(cfg, db, int8_family(isa), Int8Knobs, default, borrow)
 
@@ -367,7 +368,7 @@ class Runner:
         # the bench's random weights: each plane's term slots past its count absent, which the
         # int8 kernels require (per-plane counts such as auto's 3,2,2)
         planes, scales = random_packed(
-            cfg.n, cfg.k, cfg.bits, cfg.group_size, cfg.terms, 0, cfg.term_counts
+            cfg.n, cfg.k, cfg.bits, cfg.group_size, cfg.terms, 0, cfg.term_counts, cfg.shared_exp
         )
         if family == FLOAT:
             weights = [planes, scales]
@@ -566,11 +567,13 @@ def _int16_routed(configs, target: dict, isa: str) -> list:
 
 
 def model_configs(
-    model, bits: list[int], group_size: int, terms, seq_len: int
+    model, bits: list[int], group_size: int, terms, seq_len: int, shared_exp: bool = False
 ) -> list[LutGemmConfig]:
     """The distinct LUT kernel configurations ``compile()`` builds for ``model`` (a HF causal LM)
     at these bit widths: one per distinct Linear shape of the transformer blocks, M = ``seq_len``.
-    ``terms``: as ``compile(terms=...)`` (a count, or per-plane counts such as ``"3,2"``)."""
+    ``terms``: as ``compile(terms=...)`` (a count, or per-plane counts such as ``"3,2"``).
+    ``shared_exp``: the configs of a windowed fit (``compile(scale_window=8)``) on a target with
+    a shared-exponent kernel (``cpu_features.shared_exp_target``)."""
     from .calibrate import target_linears
     from .quant import kernel_terms
 
@@ -579,5 +582,5 @@ def model_configs(
     for b in bits:
         width, counts = kernel_terms(b, group_size, terms)
         for n, k in sorted(shapes):
-            out.append(LutGemmConfig(seq_len, n, k, b, group_size, width, counts))
+            out.append(LutGemmConfig(seq_len, n, k, b, group_size, width, counts, shared_exp))
     return out

@@ -1,6 +1,7 @@
 """CPU tuning: search through a real TVM RPC server on localhost, resume, records reused by compile;
 the int8 kernels' knobs (their own records beside the float-table kernel's)."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -393,6 +394,37 @@ def test_a_regular_install_carries_the_shipped_logs(tmp_path):
 @pytest.mark.skipif(
     bool(cpu_features.host_missing("avx512bw")), reason="tunes locally for an avx512bw target"
 )
+def test_tune_times_the_shared_exponent_kernel_with_its_own_records(logs):
+    """A windowed fit's configs (``tune --scale-window 8``) are tuned on the shared-exponent
+    kernel with shared-exponent timing weights; compile's lookup then finds that record (and not
+    the per-term one)."""
+    from shiftadd_tvm.targets import host_cpu
+
+    host = {"kind": "llvm", "mcpu": host_cpu(), "num-cores": 2}
+    isa = cpu_features.kernel_isa(host)
+    if not cpu_features.shared_exp_target(host, isa) or cpu_features.host_missing(isa):
+        pytest.skip(f"this CPU's kernel ({isa}) has no shared-exponent variant to run here")
+    cfg = LutGemmConfig(8, 64, 256, 3, 128, 3, (3, 2, 2), shared_exp=True)
+    summary = tuning.tune([cfg], host, trials=3, progress=False)
+    assert [(k["name"], k["kernel"]) for k in summary["kernels"]] == [(cfg.name, f"int8-{isa}")]
+    db = tuning.Database(tuning.log_path(host))
+    rec = db.get(cfg, f"int8-{isa}")
+    assert rec is not None and 0 < rec["us"] <= rec["default_us"] < float("inf")
+    per_term = LutGemmConfig(8, 64, 256, 3, 128, 3, (3, 2, 2))
+    assert db.get(per_term, f"int8-{isa}") is None
+    kn, how = tuning.lookup_int8_knobs(cfg, db, 2, isa)
+    assert how.startswith("tuned") and kn == L.Int8Knobs(**rec["knobs"])
+
+
+def test_model_configs_of_a_windowed_fit():
+    model = tiny_llama()
+    plain = tuning.model_configs(model, [2, 3], 64, "auto", 16)
+    shared = tuning.model_configs(model, [2, 3], 64, "auto", 16, shared_exp=True)
+    assert plain and not any(c.shared_exp for c in plain)
+    assert [dataclasses.replace(c, shared_exp=False) for c in shared] == plain
+    assert all(c.shared_exp for c in shared)
+
+
 def test_tune_skips_configs_compile_runs_on_the_int16_gemm(logs):
     """On an AVX-512 BW target with VNNI, the many-row configurations go to the int16 GEMM in
     compile(): tune() skips them (logged, listed in the summary) instead of tuning a table kernel
