@@ -868,8 +868,11 @@ def build_imported(
             else "float tables (asked for, or the target enables no AVX2/AVX-512 VBMI+VNNI/NEON)",
         )
 
-        from .cpu_features import int16_gemm_target, target_features
+        from .cpu_features import int16_gemm_target, scale_window_hint, target_features
 
+        hint = scale_window_hint(spec, cpu_isa, qcfg.scale_window)
+        if hint:
+            log.info(hint)
         int16_ok = tables == "auto" and int16_gemm_target(spec, cpu_isa)
         vnni = "avx512vnni" in target_features(spec)
         if int16_ok:

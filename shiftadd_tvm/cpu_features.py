@@ -101,6 +101,18 @@ def shared_exp_target(spec: dict, isa: str) -> bool:
     return shared_exp_isa(isa, "avx512vnni" in target_features(spec))
 
 
+def scale_window_hint(spec: dict, isa: str, scale_window: int) -> str | None:
+    """What ``compile`` logs when a free fit (``scale_window`` 0) goes to a target whose int8
+    kernel has a shared-exponent variant that a windowed fit would run; None otherwise."""
+    if scale_window or not shared_exp_target(spec, isa):
+        return None
+    return (
+        f"this target has a shared-exponent {isa} kernel, which a windowed fit (--scale-window 8) "
+        "would run: fewer bytes and instructions per lookup, a small accuracy cost (README, "
+        "'CPU speed': decode speed and perplexity measured both ways)"
+    )
+
+
 def _is_aarch64(spec: dict) -> bool:
     triple = str(spec.get("mtriple", ""))
     return triple.startswith(("aarch64", "arm64"))

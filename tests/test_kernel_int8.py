@@ -266,6 +266,18 @@ def test_kernel_isa_from_target():
     assert cpu_features.kernel_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}) == "neon"
 
 
+def test_scale_window_hint_names_the_shared_exponent_kernel():
+    """compile() suggests --scale-window 8 for a free fit exactly where a shared-exponent kernel
+    would run it: VBMI, or BW with VNNI; not without VNNI, not on AVX2, not when already asked."""
+    for name in ("avx512", "avx512bw+vnni"):
+        spec = TARGETS[name]
+        hint = cpu_features.scale_window_hint(spec, cpu_features.kernel_isa(spec), 0)
+        assert hint and "--scale-window 8" in hint and cpu_features.kernel_isa(spec) in hint
+        assert cpu_features.scale_window_hint(spec, cpu_features.kernel_isa(spec), 8) is None
+    for spec in (TARGETS["avx512bw"], {"kind": "llvm", "mcpu": "x86-64-v3"}, TARGETS["neon"]):
+        assert cpu_features.scale_window_hint(spec, cpu_features.kernel_isa(spec), 0) is None
+
+
 def test_host_refuses_missing_features(monkeypatch):
     if cpu_features.host_flags() and "asimd" not in cpu_features.host_flags():  # an x86 host
         with pytest.raises(ConfigError, match="neon"):
