@@ -793,11 +793,11 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         Measured against the former one-pass build (max of |x| sums in a scalar loop, entries
         computed once), M=1, one thread, bit-identical output: 576x576 2 bits 5.47 -> 3.05 us,
         1536x576 8.99 -> 6.55 us, 4096x4096 unchanged (102.7 us). Then NMX maxima, the padded
-        row, a lane-fold max, vcvtps2dq, no parallel launch on one thread and (avx512bw shared
-        exponent) the last group's padded K-blocks skipped, against the former build in the same
-        process, bit-identical output, one thread, Xeon (Cascade Lake): 32x576 M=8 (the build dominates) 13.3 -> 7.6 us,
-        576x576 M=8 36.9 -> 29.5 us (2 bits) and 44.9 -> 36.7 us (3 bits), 576x576 M=1 6.0 ->
-        5.2 us, 4096x4096 M=1 unchanged."""
+        row, a lane-fold max, vcvtps2dq, no parallel launch on one thread and the last group's
+        padded K-blocks skipped, against the former build in the same process, bit-identical
+        output, one thread, Xeon (Cascade Lake), avx512bw shared exponent: 32x576 M=8 (the build
+        dominates) 13.3 -> 7.6 us, 576x576 M=8 36.9 -> 29.5 us (2 bits) and 44.9 -> 36.7 us (3
+        bits), 576x576 M=1 6.0 -> 5.2 us, 4096x4096 M=1 unchanged."""
         for m in build_loop(M):
             mx = T.alloc_buffer((1,), "float32", scope="local")
             inv = T.alloc_buffer((1,), "float32", scope="local")
@@ -995,6 +995,12 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             nibbles64(wv, hi),
         )
 
+    def pd_sums(mi, h, jj, part):
+        """Index of the int32 sums that part ``part`` of pass h's lookup jj adds to for row mi
+        (pass h holds row blocks ``RBP h ..``; ``pd_parts``)."""
+        v = pd_parts(PP, h * NJP + jj, part)[0] - RBP * h
+        return tirx.Ramp((mi * RBP + v) * 16, 1, 16)
+
     @T.macro
     def pd_group(acc, mv, tab, w, dl, ls, yacc, task, tt, g):
         """avx512bw, shared exponent: per K-block of 16, PV weight vectors give NJ lookups of 4
@@ -1018,21 +1024,8 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                 for jj in T.unroll(NJP):  # lookup j: nibble j % 2 of weight vector j // 2
                     for mi in T.unroll(MI):
                         for part in T.unroll(NPART):  # the row blocks of its int32s (pd_parts)
-                            acc[
-                                T.Ramp(
-                                    (mi * RBP + pd_parts(PP, h * NJP + jj, part)[0] - RBP * h) * 16,
-                                    1,
-                                    16,
-                                )
-                            ] = vpdpbusd(
-                                acc[
-                                    T.Ramp(
-                                        (mi * RBP + pd_parts(PP, h * NJP + jj, part)[0] - RBP * h)
-                                        * 16,
-                                        1,
-                                        16,
-                                    )
-                                ],
+                            acc[pd_sums(mi, h, jj, part)] = vpdpbusd(
+                                acc[pd_sums(mi, h, jj, part)],
                                 mv[T.Ramp((jj * NPART + part) * 64, 1, 64)],
                                 pd_lookup(
                                     tab,
