@@ -388,7 +388,7 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
     def sh_pair(sb, csum, g, v, tp):
         """int32x16: the int16 pair of row 4v + d's weights at columns 16kq + 4L + 2tp, + 1, each
         ``2 sum_b c_b bit_b - sum_b c_b``, in int32 (L, d); ``sb[v, t]``: ``sum_b c_b bit_b`` of
-        column bit t (``sh_bit_sums``)."""
+        column bit t (``sh_dequantize_into``)."""
         cs = csum[T.Ramp((g * 8 + v) * 16, 1, 16)]
         lo, hi = (sb[T.Ramp((v * 4 + 2 * tp + i) * 16, 1, 16)] for i in range(2))
         return T.bitwise_or(

@@ -485,13 +485,14 @@ def cmd_tune(args) -> int:
     if args.scale_window:
         from .cpu_features import kernel_isa, shared_exp_target
 
-        shared = shared_exp_target(spec, kernel_isa(spec))
+        isa = kernel_isa(spec)
+        shared = shared_exp_target(spec, isa)
         if not shared:
             log.warning(
                 "--scale-window %d: this target's int8 kernel (%s) applies the terms one by one, "
                 "so the per-term kernels are tuned",
                 args.scale_window,
-                kernel_isa(spec),
+                isa,
             )
     model, _ = load_model(args.model)
     cfgs = tuning.model_configs(model, args.bits, args.group_size, args.terms, args.seq_len, shared)
