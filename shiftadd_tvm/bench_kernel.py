@@ -13,7 +13,11 @@ and one process:
   (block size 32 or 128, ``accuracy_level`` 4 = int8 activations, the VNNI path; both block sizes
   are timed hot and the faster one is used), called with IO binding;
 * the machine's read bandwidth (a vectorized TVM reduction over 512 MiB, per thread count), from
-  which the "floor" column is the time our packed bytes take at that bandwidth over our time.
+  which the "floor" column is the time our packed bytes take at that bandwidth over our time;
+* a plain read of the same bytes (the same reduction over a buffer of our packed size, hot or
+  cold as ours, timed in the same rounds): the "read" column is its time over ours, i.e. how
+  close our kernel comes to a kernel that only loads its bytes from wherever they sit (L2, L3 or
+  DRAM). Hot weights of a few MiB come from L3, where the floor column (DRAM) reads over 100%.
 
 Hot = one weight buffer called in a loop (weights stay in cache when they fit); cold = calls
 rotating over enough weight copies to exceed twice the last-level cache. Timings are the median
@@ -117,13 +121,17 @@ def copies_for(nbytes: int, cold: bool, llc: int, cap: int = 64) -> int:
 
 
 # ----------------------------------------------------------------------------- bandwidth
-def _read_bw_func(rows: int, cols: int):
+def _read_bw_func(rows: int, cols: int, parallel: bool = True):
+    """Sum of an int32 [rows, cols] buffer into [rows, 64]: one load per 64 bytes, nothing else;
+    the rows in parallel (``parallel``) or in one thread (no launch cost where one thread runs)."""
     from tvm.script import tirx as T
+
+    row_loop = T.parallel if parallel else T.serial
 
     @T.prim_func
     def read_bw(a: T.Buffer((rows, cols), "int32"), out: T.Buffer((rows, 64), "int32")):
         T.func_attr({"global_symbol": "read_bw", "tirx.noalias": True})
-        for r in T.parallel(rows):
+        for r in row_loop(rows):
             acc = T.alloc_buffer((64,), "int32", scope="local")
             for u in T.unroll(4):
                 acc[T.Ramp(u * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
@@ -136,6 +144,38 @@ def _read_bw_func(rows: int, cols: int):
                 out[r, T.Ramp(u * 16, 1, 16)] = acc[T.Ramp(u * 16, 1, 16)]
 
     return read_bw
+
+
+READ_ROWS = 16  # rows of the plain-read kernel of the same bytes (parallel over rows)
+
+
+class PlainRead:
+    """A plain vectorized read of ``nbytes`` (rounded up to whole 4 KiB: 16 rows of int32 in
+    64-lane steps), compiled once per size: what the memory system gives a kernel that only loads
+    the bytes ours loads, timed hot or cold exactly as ours is (same copies, same rotation)."""
+
+    def __init__(self, target):
+        self.target = target
+        self._funcs: dict[int, object] = {}
+
+    def calls(self, nbytes: int, copies: int, threads: int = 1) -> list:
+        import tvm
+
+        cols = max(64, -(-nbytes // (4 * READ_ROWS * 64)) * 64)
+        key = (cols, threads > 1)
+        if key not in self._funcs:
+            mod = tvm.IRModule({"read_bw": _read_bw_func(READ_ROWS, cols, threads > 1)})
+            self._funcs[key] = tvm.compile(mod, target=self.target)["read_bw"]
+        f = self._funcs[key]
+        dev = tvm.cpu()
+        bufs = [
+            tvm.runtime.tensor(np.ones((READ_ROWS, cols), np.int32), dev) for _ in range(copies)
+        ]
+        out = tvm.runtime.tensor(np.zeros((READ_ROWS, 64), np.int32), dev)
+        f(bufs[0], out)
+        if int(out.numpy().sum()) != READ_ROWS * cols:
+            raise RuntimeError("plain-read kernel summed wrong: its time would be meaningless")
+        return [lambda a=a: f(a, out) for a in bufs]
 
 
 def measure_read_bandwidth(target, threads: list[int], mib: int = 512) -> dict[int, float]:
@@ -443,6 +483,7 @@ def run(args) -> dict:
         else "default rule (no tuning log for this target)",
     )
     bw = measure_read_bandwidth(target, threads_list)
+    plain = PlainRead(target)
     log.info("read bandwidth: %s", ", ".join(f"{t} thr {v:.1f} GB/s" for t, v in bw.items()))
 
     rows = []
@@ -500,6 +541,7 @@ def run(args) -> dict:
             timers[f"ours_{bits}bit"] = [
                 lambda w=w, f=ker.func, a=xv, y=yv: f(a, *w, y) for w in ker.weights
             ]
+            timers[f"read_{bits}bit"] = plain.calls(ker.nbytes, len(ker.weights), t)
         # alternating rounds: every timer once per round, medians over rounds
         samples: dict[str, list[float]] = {key: [] for key in timers}
         for _ in range(args.rounds):
@@ -511,6 +553,7 @@ def run(args) -> dict:
         for bits, ker in ours.items():
             ms_ours = med[f"ours_{bits}bit"]
             floor_ms = ker.nbytes / (bw[t] * 1e9) * 1e3
+            read_ms = med[f"read_{bits}bit"]
             row = {
                 **case,
                 "bits": bits,
@@ -521,6 +564,8 @@ def run(args) -> dict:
                 "ours_bytes": ker.nbytes,
                 "bw_floor_ms": floor_ms,
                 "bw_floor_frac": floor_ms / ms_ours,
+                "plain_read_ms": read_ms,
+                "plain_read_frac": read_ms / ms_ours,
             }
             for key in ("torch_fp32", "torch_bf16", "ort_4bit", "ort_2bit"):
                 if key in med:
@@ -562,9 +607,9 @@ def _ort_version() -> str:
 def format_table(result: dict) -> str:
     head = (
         "| N x K | M | bits | thr | mode | ours ms | fp32 ms | bf16 ms | ort4 ms | ort2 ms "
-        "| x fp32 | x bf16 | x ort4 | x ort2 | BW floor | rel err | sched |"
+        "| x fp32 | x bf16 | x ort4 | x ort2 | BW floor | read | rel err | sched |"
     )
-    lines = [head, "|" + "---|" * 17]
+    lines = [head, "|" + "---|" * 18]
 
     def f(row, key, fmt="{:.3f}"):
         return fmt.format(row[key]) if key in row else "-"
@@ -576,7 +621,8 @@ def format_table(result: dict) -> str:
             f"| {f(r, 'ort_4bit_ms')} | {f(r, 'ort_2bit_ms')} "
             f"| {f(r, 'speedup_vs_torch_fp32', '{:.1f}x')} | {f(r, 'speedup_vs_torch_bf16', '{:.1f}x')} "
             f"| {f(r, 'speedup_vs_ort_4bit', '{:.2f}x')} | {f(r, 'speedup_vs_ort_2bit', '{:.2f}x')} "
-            f"| {r['bw_floor_frac'] * 100:.0f}% | {r['ours_rel_err']:.1e} "
+            f"| {r['bw_floor_frac'] * 100:.0f}% | {f(r, 'plain_read_frac', '{:.0%}')} "
+            f"| {r['ours_rel_err']:.1e} "
             f"| {sched_label(r.get('ours_schedule', ''))} |"
         )
     return "\n".join(lines)

@@ -29,9 +29,24 @@ def test_bench_kernel_small_case(tmp_path, capsys):
             assert r[f"{key}_ms"] > 0
             assert r[f"speedup_vs_{key}"] == pytest.approx(r[f"{key}_ms"] / r["ours_ms"])
         assert 0 < r["bw_floor_frac"] == pytest.approx(r["bw_floor_ms"] / r["ours_ms"])
+        assert 0 < r["plain_read_frac"] == pytest.approx(r["plain_read_ms"] / r["ours_ms"])
     assert all(v > 0.5 for v in res["read_bandwidth_gbs"].values())  # GB/s
     table = capsys.readouterr().out
     assert "| 40x100 | 3 | 2 | 1 | cold |" in table
+    assert "| BW floor | read |" in table
+
+
+def test_plain_read_sums_every_byte_it_stands_for():
+    """The plain read of N bytes loads at least N bytes (whole 4 KiB steps), one buffer per copy."""
+    import tvm
+
+    plain = bench_kernel.PlainRead(tvm.target.Target("llvm"))
+    calls = plain.calls(10_000, copies=3)
+    assert len(calls) == 3
+    ((cols, parallel),) = plain._funcs  # 10 000 bytes -> 3 steps of 16 rows x 64 int32 = 12 KiB
+    assert cols == 192 and bench_kernel.READ_ROWS * cols * 4 >= 10_000 and not parallel
+    for c in calls:
+        c()
 
 
 def test_cold_copies_exceed_cache():
