@@ -156,7 +156,7 @@ class PlainRead:
 
     def __init__(self, target):
         self.target = target
-        self._funcs: dict[int, object] = {}
+        self._funcs: dict[tuple[int, bool], object] = {}  # (int32 columns, parallel) -> kernel
 
     def calls(self, nbytes: int, copies: int, threads: int = 1) -> list:
         import tvm
