@@ -628,6 +628,65 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path) -> None:
+    """Three panels over the rows (one bar per bit width, cases along x): our speedup over torch
+    fp32 and over onnxruntime's 4-bit kernel (log scale, 1x marked), and our speed as a fraction
+    of a plain read of the same bytes (100% = only loading them). Written atomically."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ._files import atomic_path
+
+    rows = result["rows"]
+    cases = list(dict.fromkeys((r["n"], r["k"], r["m"], r["threads"], r["mode"]) for r in rows))
+    bits = sorted({r["bits"] for r in rows})
+    at = {(r["n"], r["k"], r["m"], r["threads"], r["mode"], r["bits"]): r for r in rows}
+    panels = [
+        ("speedup_vs_torch_fp32", "x torch fp32 F.linear", True),
+        ("speedup_vs_ort_4bit", "x onnxruntime MatMulNBits 4-bit", True),
+        ("plain_read_frac", "speed / plain read of our bytes", False),
+    ]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.55 * len(cases) * len(bits)), 10))
+    width = 0.8 / len(bits)
+    for ax, (key, label, log_scale) in zip(axes, panels, strict=True):
+        for i, b in enumerate(bits):
+            xs, ys = [], []
+            for j, c in enumerate(cases):
+                r = at.get((*c, b))
+                if r is not None and key in r:
+                    xs.append(j + (i - (len(bits) - 1) / 2) * width)
+                    ys.append(r[key])
+            ax.bar(xs, ys, width, label=f"{b} bits")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        if log_scale:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+            ax.yaxis.set_minor_formatter(  # 2x, 3x, 5x, 20x, ... between the decades
+                matplotlib.ticker.FuncFormatter(
+                    lambda v, _: f"{v:g}x" if f"{v:g}"[0] in "235" else ""
+                )
+            )
+        else:
+            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.set_ylabel(label)
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(
+            [f"{n}x{k}\nM={m} t={t} {mode}" for n, k, m, t, mode in cases], fontsize=7
+        )
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title(
+        f"bench kernel: {result['cpu']}, {result['isa']} ({result['date']})", fontsize=9
+    )
+    fig.tight_layout()
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "kernel",
@@ -685,6 +744,11 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--json", default="reports/bench/kernel.json", help="where to write the JSON")
     p.add_argument("--md", help="also write the table as Markdown here")
+    p.add_argument(
+        "--png",
+        help="also plot the rows here: speedup over torch fp32 and onnxruntime 4-bit, and the "
+        "fraction of a plain read of the same bytes, per case and bit width",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench_kernel)
 
@@ -702,5 +766,9 @@ def cmd_bench_kernel(args) -> int:
     write_text_atomic(args.json, json.dumps(result, indent=1) + "\n")
     if args.md:
         write_text_atomic(args.md, table + "\n")
+    if args.png:
+        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+        plot(result, args.png)
+        log.info("wrote %s", args.png)
     log.info("wrote %s", args.json)
     return 0

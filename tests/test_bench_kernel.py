@@ -16,6 +16,7 @@ def test_bench_kernel_small_case(tmp_path, capsys):
             "bench", "kernel", "--shapes", "40x100", "--m", "3", "--bits", "2",
             "--threads", "1", "--modes", "hot,cold", "--group-size", "32", "--rounds", "1",
             "--budget-ms", "1", "--isa", "generic", "--json", str(out), "--no-progress",
+            "--png", str(tmp_path / "k.png"),
         ]
     )  # fmt: skip
     assert rc == 0
@@ -34,6 +35,7 @@ def test_bench_kernel_small_case(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| 40x100 | 3 | 2 | 1 | cold |" in table
     assert "| BW floor | read |" in table
+    assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plain_read_sums_every_byte_it_stands_for():
