@@ -391,9 +391,6 @@ def test_a_regular_install_carries_the_shipped_logs(tmp_path):
     assert shipped and sorted(p.name for p in found.glob("*.json")) == shipped
 
 
-@pytest.mark.skipif(
-    bool(cpu_features.host_missing("avx512bw")), reason="tunes locally for an avx512bw target"
-)
 def test_tune_times_the_shared_exponent_kernel_with_its_own_records(logs):
     """A windowed fit's configs (``tune --scale-window 8``) are tuned on the shared-exponent
     kernel with shared-exponent timing weights; compile's lookup then finds that record (and not
@@ -425,6 +422,9 @@ def test_model_configs_of_a_windowed_fit():
     assert all(c.shared_exp for c in shared)
 
 
+@pytest.mark.skipif(
+    bool(cpu_features.host_missing("avx512bw")), reason="tunes locally for an avx512bw target"
+)
 def test_tune_skips_configs_compile_runs_on_the_int16_gemm(logs):
     """On an AVX-512 BW target with VNNI, the many-row configurations go to the int16 GEMM in
     compile(): tune() skips them (logged, listed in the summary) instead of tuning a table kernel
