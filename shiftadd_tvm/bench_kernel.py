@@ -150,52 +150,46 @@ READ_ROWS = 16  # rows of the plain-read kernel of the same bytes (parallel over
 
 
 class PlainRead:
-    """A plain vectorized read of ``nbytes`` (rounded up to whole 4 KiB: 16 rows of int32 in
-    64-lane steps), compiled once per size: what the memory system gives a kernel that only loads
-    the bytes ours loads, timed hot or cold exactly as ours is (same copies, same rotation)."""
+    """A plain vectorized read of ``nbytes`` (rounded up to whole steps of ``rows`` rows of 64
+    int32: 4 KiB at the default 16 rows), compiled once per size: what the memory system gives a
+    kernel that only loads the bytes ours loads, timed hot or cold exactly as ours is (same
+    copies, same rotation); also the bandwidth measurement (``measure_read_bandwidth``)."""
 
-    def __init__(self, target):
+    def __init__(self, target, rows: int = READ_ROWS):
         self.target = target
+        self.rows = rows
         self._funcs: dict[tuple[int, bool], object] = {}  # (int32 columns, parallel) -> kernel
 
-    def calls(self, nbytes: int, copies: int, threads: int = 1) -> list:
+    def calls(self, nbytes: int, copies: int, parallel: bool) -> list:
+        """One call per copy; the rows in parallel (more than one thread) or serial (one thread:
+        no launch cost). The first copy's sum is checked before anything is timed."""
         import tvm
 
-        cols = max(64, -(-nbytes // (4 * READ_ROWS * 64)) * 64)
-        key = (cols, threads > 1)
+        rows = self.rows
+        cols = max(64, -(-nbytes // (4 * rows * 64)) * 64)
+        key = (cols, parallel)
         if key not in self._funcs:
-            mod = tvm.IRModule({"read_bw": _read_bw_func(READ_ROWS, cols, threads > 1)})
+            mod = tvm.IRModule({"read_bw": _read_bw_func(rows, cols, parallel)})
             self._funcs[key] = tvm.compile(mod, target=self.target)["read_bw"]
         f = self._funcs[key]
         dev = tvm.cpu()
-        bufs = [
-            tvm.runtime.tensor(np.ones((READ_ROWS, cols), np.int32), dev) for _ in range(copies)
-        ]
-        out = tvm.runtime.tensor(np.zeros((READ_ROWS, 64), np.int32), dev)
+        bufs = [tvm.runtime.tensor(np.ones((rows, cols), np.int32), dev) for _ in range(copies)]
+        out = tvm.runtime.tensor(np.zeros((rows, 64), np.int32), dev)
         f(bufs[0], out)
-        if int(out.numpy().sum()) != READ_ROWS * cols:
+        if int(out.numpy().sum()) != rows * cols:
             raise RuntimeError("plain-read kernel summed wrong: its time would be meaningless")
         return [lambda a=a: f(a, out) for a in bufs]
 
 
 def measure_read_bandwidth(target, threads: list[int], mib: int = 512) -> dict[int, float]:
-    """Read bandwidth in GB/s per thread count: a TVM vector reduction over ``mib`` MiB."""
-    import tvm
-
-    rows, cols = 64, (mib << 20) // 4 // 64
-    lib = tvm.compile(tvm.IRModule({"read_bw": _read_bw_func(rows, cols)}), target=target)
-    dev = tvm.cpu()
-    a = tvm.runtime.tensor(np.ones((rows, cols), np.int32), dev)
-    out = tvm.runtime.tensor(np.zeros((rows, 64), np.int32), dev)
-    f = lib["read_bw"]
-    f(a, out)
-    if int(out.numpy().sum()) != rows * cols:
-        raise RuntimeError("bandwidth kernel summed wrong: the measurement would be meaningless")
+    """Read bandwidth in GB/s per thread count: a TVM vector reduction over ``mib`` MiB (64 rows
+    in parallel)."""
+    (call,) = PlainRead(target, rows=64).calls(mib << 20, copies=1, parallel=True)
     res = {}
     for t in threads:
         set_tvm_threads(t)
-        sec = time_calls([lambda: f(a, out)], budget_s=0.2, repeats=5)
-        res[t] = rows * cols * 4 / sec / 1e9
+        sec = time_calls([call], budget_s=0.2, repeats=5)
+        res[t] = (mib << 20) / sec / 1e9
     return res
 
 
@@ -541,7 +535,7 @@ def run(args) -> dict:
             timers[f"ours_{bits}bit"] = [
                 lambda w=w, f=ker.func, a=xv, y=yv: f(a, *w, y) for w in ker.weights
             ]
-            timers[f"read_{bits}bit"] = plain.calls(ker.nbytes, len(ker.weights), t)
+            timers[f"read_{bits}bit"] = plain.calls(ker.nbytes, len(ker.weights), parallel=t > 1)
         # alternating rounds: every timer once per round, medians over rounds
         samples: dict[str, list[float]] = {key: [] for key in timers}
         for _ in range(args.rounds):

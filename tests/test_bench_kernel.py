@@ -43,7 +43,7 @@ def test_plain_read_sums_every_byte_it_stands_for():
     import tvm
 
     plain = bench_kernel.PlainRead(tvm.target.Target("llvm"))
-    calls = plain.calls(10_000, copies=3)
+    calls = plain.calls(10_000, copies=3, parallel=False)
     assert len(calls) == 3
     ((cols, parallel),) = plain._funcs  # 10 000 bytes -> 3 steps of 16 rows x 64 int32 = 12 KiB
     assert cols == 192 and bench_kernel.READ_ROWS * cols * 4 >= 10_000 and not parallel
