@@ -43,13 +43,15 @@ Shared-exponent configs (``cfg.shared_exp``, a ``--scale-window 8`` fit) read th
 shared-exponent table kernel's packing instead (``lut_gemm_int8``, "AVX-512 BW + VNNI"): the
 weights are exactly ``2^E * sum_b c_b (2 bit - 1)`` (``|c_b| <= 255``, nothing dropped). Per tile,
 plane bit t of each lookup byte is isolated (shift, and) and ``vpdpbusd`` with the byte weights
-gives ``sum_b c_b bit_b`` per (row, column) in the packing's lane order (lane L = quad, int32 d =
-row of a 4-row block); ``2 s - sum_b c_b`` of columns t, t + 1 make an int16 pair, and a 4x4
-transpose of 128-bit lanes per 16 rows puts the pairs in the row order above, so step 3 is the
-same GEMM. Measured on the Xeon, M = 128, one thread, same process: 576x1536 1.45 / 1.49 ms
-(2 / 4 bits, per-term packing) and 1.43 / 1.46 (shared); 4096x4096 25.8 / 25.9 and 25.0 / 24.6.
-(A first version that kept the lane order in the GEMM, one x shuffle per row and column pair and
-lane sums per group, ran 1.35-1.45x slower.)
+gives ``sum_b c_b bit_b`` per (row, column) in the packing's int32 order (each int32 one row of
+one quad, ``lut_gemm_int8.pd_position``); ``2 s - sum_b c_b`` of columns t, t + 1 make an int16
+pair, already in row order with one quad per lookup (1, 2, 4 bits) and after one lane shuffle per
+16 rows and quad with two (3 bits), so step 3 is the same GEMM. Measured on the Xeon, M = 128,
+one thread, same process (with the table kernel's previous packing, one quad per lane and a 4x4
+lane transpose per 16 rows): 576x1536 1.45 / 1.49 ms (2 / 4 bits, per-term packing) and 1.43 /
+1.46 (shared); 4096x4096 25.8 / 25.9 and 25.0 / 24.6. (A first version that kept the lane order
+in the GEMM, one x shuffle per row and column pair and lane sums per group, ran 1.35-1.45x
+slower.)
 """
 
 from __future__ import annotations
@@ -64,10 +66,11 @@ from .lut_gemm_int8 import (
     ROWS,
     SHIFT,
     as_root_block,
-    pd_lanes,
     pd_lookups,
     pd_mults,
     pd_parts,
+    pd_quads,
+    pd_rows,
     pd_vecs,
     shared_words,
     vpdpbusd,
@@ -222,7 +225,9 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
     MP = -(-M // MR) * MR
     SHARED = cfg.shared_exp  # the shared-exponent table kernel's packing (module docstring)
     PV = pd_vecs(cfg) if SHARED else BITS  # 64-byte vectors per tile and K-block of 16
-    PP, NJ, NPART = pd_lookups(cfg) if SHARED else (0, 0, 0)  # (lut_gemm_int8.pd_lookups)
+    PP, LU, NPART = pd_lookups(cfg) if SHARED else (0, 0, 0)  # (lut_gemm_int8.pd_lookups)
+    QL = pd_quads(PP) if SHARED else 1  # quads per lookup
+    NBK, UPK = 2 * QL, 4 // QL  # row blocks per tile, units of QL quads per K-block
     SW = shared_words(cfg, "avx512bw") if SHARED else NTERM * ROWS  # int16 words per tile, group
     WSIZE = NT * KV * PV * 64
     DSIZE = PAD + NT * G * SW
@@ -355,89 +360,95 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                             )
 
     # ---- the shared-exponent packing (lut_gemm_int8 "AVX-512 BW + VNNI"): W = sum_b c_b (2 bit - 1)
-    def bit_bytes(w, nt, kq, j, t):
-        """int8x64: bit t of nibble ``j % 2`` of every byte of weight vector ``j // 2`` (0 / 1)."""
-        wv = tirx.reinterpret("uint16x32", w[tirx.Ramp(((nt * KV + kq) * PV + j // 2) * 64, 1, 64)])
-        sh = tirx.shift_right(wv, tirx.Broadcast(tirx.Cast("uint16", (j % 2) * 4 + t), 32))
+    def bit_bytes(w, nt, kq, n, t):
+        """int8x64: bit t of nibble ``n % 2`` of every byte of weight vector ``n // 2`` (0 / 1)."""
+        wv = tirx.reinterpret("uint16x32", w[tirx.Ramp(((nt * KV + kq) * PV + n // 2) * 64, 1, 64)])
+        sh = tirx.shift_right(wv, tirx.Broadcast(tirx.Cast("uint16", (n % 2) * 4 + t), 32))
         one = tirx.bitwise_and(sh, tirx.Broadcast(tirx.const(0x0101, "uint16"), 32))
         return tirx.reinterpret("int8x64", one)
 
     @T.macro
     def sh_scales_into(dl, rs, csum, mvs, nt):
         """Per group g: rs[g, row] = 2^E (float32, row order) from the exponent words; the byte
-        weights ``mvs[g, j, part]`` and their sums ``csum[g, v]`` (per int32 (lane, d) of row
-        block v: sum_b c_b of row 4v + d)."""
+        weights ``mvs[g, j, part]`` and their sums ``csum[g, v]`` (per int32 of row block v:
+        sum_b c_b of its row)."""
         for g in range(G):
             for s in T.unroll(2):
                 rs[T.Ramp(g * ROWS + s * 16, 1, 16)] = pow2_rows(
                     exp_field(dl[T.Ramp(PAD + (nt * G + g) * SW, 1, ROWS)]), s
                 )
-            for v in T.unroll(8):
-                csum[T.Ramp((g * 8 + v) * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
-            for j in T.unroll(NJ):
+            for v in T.unroll(NBK):
+                csum[T.Ramp((g * NBK + v) * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
+            for j in T.unroll(LU):
                 for part in T.unroll(NPART):
-                    mvs[T.Ramp(((g * NJ + j) * NPART + part) * 64, 1, 64)] = pd_mults(
+                    mvs[T.Ramp(((g * LU + j) * NPART + part) * 64, 1, 64)] = pd_mults(
                         dl, (nt * G + g) * SW, j, part, PP
                     )
-                    csum[T.Ramp((g * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)] = vpdpbusd(
-                        csum[T.Ramp((g * 8 + pd_parts(PP, j, part)[0]) * 16, 1, 16)],
-                        mvs[T.Ramp(((g * NJ + j) * NPART + part) * 64, 1, 64)],
+                    csum[T.Ramp((g * NBK + pd_parts(PP, j, part)[0]) * 16, 1, 16)] = vpdpbusd(
+                        csum[T.Ramp((g * NBK + pd_parts(PP, j, part)[0]) * 16, 1, 16)],
+                        mvs[T.Ramp(((g * LU + j) * NPART + part) * 64, 1, 64)],
                         T.Broadcast(T.int8(1), 64),
                     )
 
-    def sh_pair(sb, csum, g, v, tp):
-        """int32x16: the int16 pair of row 4v + d's weights at columns 16kq + 4L + 2tp, + 1, each
-        ``2 sum_b c_b bit_b - sum_b c_b``, in int32 (L, d); ``sb[v, t]``: ``sum_b c_b bit_b`` of
-        column bit t (``sh_dequantize_into``)."""
-        cs = csum[T.Ramp((g * 8 + v) * 16, 1, 16)]
-        lo, hi = (sb[T.Ramp((v * 4 + 2 * tp + i) * 16, 1, 16)] for i in range(2))
+    def sh_pair(sb, csum, g, uv, v, tp):
+        """int32x16: the int16 pair of each int32's weights at columns 2tp, 2tp + 1 of its quad,
+        each ``2 sum_b c_b bit_b - sum_b c_b``; ``sb[uv, t]``: ``sum_b c_b bit_b`` of column bit
+        t of unit u's row block v (``uv = u NBK + v``, ``sh_dequantize_into``)."""
+        cs = csum[T.Ramp((g * NBK + v) * 16, 1, 16)]
+        lo, hi = (sb[T.Ramp((uv * 4 + 2 * tp + i) * 16, 1, 16)] for i in range(2))
         return T.bitwise_or(
             T.bitwise_and(lo + lo - cs, T.Broadcast(T.int32(0xFFFF), 16)),
             T.shift_left(hi + hi - cs, T.Broadcast(T.int32(16), 16)),
         )
 
-    def lane_transpose(pv, s, tp, lane):
-        """int32x16: lane ``lane`` of the pairs of row blocks 4s..4s+3 (``pv[v, tp]``, lane
-        order), i.e. rows 16s.. in row order (4x4 transpose of 128-bit lanes)."""
-        a, b, c, d = (pv[tirx.Ramp(((4 * s + i) * 2 + tp) * 16, 1, 16)] for i in range(4))
-        outs = []
-        for half in ((0, 1), (2, 3)):
-            lo, hi = pd_lanes(a, b, half), pd_lanes(c, d, half)
-            outs += [pd_lanes(lo, hi, (0, 2)), pd_lanes(lo, hi, (1, 3))]
-        return tirx.Select(
-            lane == 0,
-            outs[0],
-            tirx.Select(lane == 1, outs[1], tirx.Select(lane == 2, outs[2], outs[3])),
-        )
+    def sh_rows(pv, u, s, tp, p):
+        """int32x16: rows 16s.. of pair tp of quad ``u QL + p`` in row order (``pd_rows``; p is an
+        unrolled loop variable: both parities are built and the other folded away)."""
+        blocks = [pv[tirx.Ramp(((u * NBK + s * QL + i) * 2 + tp) * 16, 1, 16)] for i in range(QL)]
+        if QL == 1:
+            return pd_rows(blocks, PP)
+        return tirx.Select(p == 0, pd_rows(blocks, PP, parity=0), pd_rows(blocks, PP, parity=1))
 
     @T.macro
     def sh_dequantize_into(w, mvs, csum, wb, nt):
-        """wb as the per-term layout (row order): per K-block, ``sum_b c_b bit_b`` of each row
-        block and column bit (``sb[v, t]``, a vpdpbusd per lookup part: a 3-bit chain puts a row
-        block in two lookups), then the int16 pairs in lane order (``pv[v, tp]``: columns
-        16kq + 4L + 2tp, + 1 in int32 (L, d)) and a 4x4 lane transpose per 16 rows."""
-        pv = T.alloc_buffer((8 * 2 * 16,), "int32", scope="local")
-        sb = T.alloc_buffer((8 * 4 * 16,), "int32", scope="local")
+        """wb as the per-term layout (row order): per K-block, ``sum_b c_b bit_b`` of each unit's
+        row blocks and column bits (``sb[u, v, t]``, a vpdpbusd per lookup part: a 3-bit chain
+        puts a row block in two lookups), then the int16 pairs per int32 (``pv[u, v, tp]``) and
+        the rows of each quad in row order (``pd_rows``: as they are with one quad per lookup,
+        one lane shuffle per quad and 16 rows with two)."""
+        pv = T.alloc_buffer((UPK * NBK * 2 * 16,), "int32", scope="local")
+        sb = T.alloc_buffer((UPK * NBK * 4 * 16,), "int32", scope="local")
         for kq in range(KV):
-            for i in T.unroll(8 * 4):
+            for i in T.unroll(UPK * NBK * 4):
                 sb[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
-            for j in T.unroll(NJ):
-                for part in T.unroll(NPART):
-                    for t in T.unroll(4):
-                        sb[T.Ramp((pd_parts(PP, j, part)[0] * 4 + t) * 16, 1, 16)] = vpdpbusd(
-                            sb[T.Ramp((pd_parts(PP, j, part)[0] * 4 + t) * 16, 1, 16)],
-                            mvs[T.Ramp((((kq // VPG) * NJ + j) * NPART + part) * 64, 1, 64)],
-                            bit_bytes(w, nt, kq, j, t),
+            for u in T.unroll(UPK):
+                for j in T.unroll(LU):
+                    for part in T.unroll(NPART):
+                        for t in T.unroll(4):
+                            sb[
+                                T.Ramp(((u * NBK + pd_parts(PP, j, part)[0]) * 4 + t) * 16, 1, 16)
+                            ] = vpdpbusd(
+                                sb[
+                                    T.Ramp(
+                                        ((u * NBK + pd_parts(PP, j, part)[0]) * 4 + t) * 16, 1, 16
+                                    )
+                                ],
+                                mvs[T.Ramp((((kq // VPG) * LU + j) * NPART + part) * 64, 1, 64)],
+                                bit_bytes(w, nt, kq, u * LU + j, t),
+                            )
+            for u in T.unroll(UPK):
+                for v in T.unroll(NBK):
+                    for tp in T.unroll(2):
+                        pv[T.Ramp(((u * NBK + v) * 2 + tp) * 16, 1, 16)] = sh_pair(
+                            sb, csum, kq // VPG, u * NBK + v, v, tp
                         )
-            for v in T.unroll(8):
-                for tp in T.unroll(2):
-                    pv[T.Ramp((v * 2 + tp) * 16, 1, 16)] = sh_pair(sb, csum, kq // VPG, v, tp)
-            for s in T.unroll(2):
-                for tp in T.unroll(2):
-                    for lane in T.unroll(4):
-                        wb[T.Ramp((8 * kq + 2 * lane + tp) * ROWS + s * 16, 1, 16)] = (
-                            lane_transpose(pv, s, tp, lane)
-                        )
+            for u in T.unroll(UPK):
+                for p in T.unroll(QL):  # the quad u QL + p: columns 16kq + 4(u QL + p) + t
+                    for s in T.unroll(2):
+                        for tp in T.unroll(2):
+                            wb[T.Ramp((8 * kq + 2 * (u * QL + p) + tp) * ROWS + s * 16, 1, 16)] = (
+                                sh_rows(pv, u, s, tp, p)
+                            )
 
     def row(x, xp, m, k0, lanes):
         """x[m, k0 : k0 + lanes] (from the padded copy for ragged shapes)."""
@@ -544,8 +555,8 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
             rs = T.alloc_buffer((G * ROWS,), "float32")
             wb = T.alloc_buffer((KH * ROWS,), "int32")
             if SHARED:
-                csum = T.alloc_buffer((G * 8 * 16,), "int32")
-                mvs = T.alloc_buffer((G * NJ * NPART * 64,), "uint8")
+                csum = T.alloc_buffer((G * NBK * 16,), "int32")
+                mvs = T.alloc_buffer((G * LU * NPART * 64,), "uint8")
                 sh_scales_into(dl, rs, csum, mvs, nt)
                 sh_dequantize_into(w, mvs, csum, wb, nt)
             else:

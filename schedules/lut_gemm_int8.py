@@ -84,38 +84,43 @@ group the 32 rows' exponent words (as a term's) and then each plane's 32 bytes `
 hosts with VBMI.
 
 AVX-512 BW + VNNI, shared exponent (``isa="avx512bw"``, ``cfg.shared_exp``; no VBMI needed)
-    An in-lane ``vpshufb`` looks up one quad's table per 128-bit lane, so the 16 bytes of a lane
-    cannot be 16 rows summed per row by ``vpdpbusd`` (its 4 bytes would be 4 rows). Here the 4
-    bytes of an int32 are one row's planes of the lane's quad, and ``vpdpbusd`` weights each by
-    the row's ``|c_b|`` (signs folded into the bits, as above): no per-plane sums, no per-term
-    epilogue. Tables: 16 bytes per quad (int8), a 64-byte load gives the 4 quads of a K-block of
-    16, one per lane. Accumulators: one int32 per (row, quad lane) for row blocks of 4 rows; at
-    the group end the 4 lanes of 4 row blocks are added by lane shuffles (16 rows), then one
-    conversion, one exponent add and one multiply-add.
-    ``w: uint8[NT, Kp/16, PV, 64]``: nibble ``j % 2`` of byte ``16L + 4d + k`` of vector
-    ``j // 2`` is lookup j's index for quad ``4kq + L`` and the (row block v, plane b) of
-    ``pd_slots``: row ``4v + d``. 4 bits (PV = 4): one row block per int32, planes 0-3; 3 bits
-    (PV = 3): chains of 4 row blocks over 3 lookups, ``(a0 a1 a2 b0) (b1 b2 c0 c1) (c2 d0 d1
-    d2)``; 1-2 bits (PV = 2): two row blocks per int32 (bytes 0-1, 2-3). Where an int32 holds two
-    row blocks, each lookup feeds two ``vpdpbusd`` whose byte weights are 0 in the other row
-    block's bytes (``pd_parts``). ``codes: int16[PAD + NT * G * (32 + 8 PV)]``: per tile and
-    group the 32 rows' exponent words (as a term's), then per lookup j 16 bytes of weights, byte
-    ``4d + k`` = ``|c_b|`` of its slot's row and plane. Measured on the Xeon (Cascade Lake, no
-    VBMI), M = 1, 4096x4096, one thread, against the per-term avx512bw kernel on the same weights
-    in the same process: 2 bits 0.301 -> 0.237 ms, 3 bits 0.44-0.46 -> 0.41 (then 4 nibbles with
-    a zero plane), 4 bits 0.586 -> 0.409 (8 MiB read at ~20 GB/s, near the 24 GB/s a plain read
-    loop gets from L3). The 3-bit chain reads 25% fewer bytes than the zero plane did: M = 1
-    4096x4096 0.369 against 0.423 ms (same process); at first it was dropped because its 12
-    byte-weight vectors left one row per weight load (M = 8 3.36 against 2.28 ms at 4 bits).
-    With several rows per weight load the kernel now works on one 16-row half of the tile per
-    pass (``pd_group``: half the sums and byte weights live), which allows 4 rows: M = 8 at 3
-    bits 1.72 ms (4096x4096) and 0.039 ms (576x576) against 1.95 and 0.045 with the zero plane
-    and 2 rows. Tried and not kept: a third vector of plane-2 nibbles of 4 rows per int32 (0.42
-    ms: four ``vpdpbusd`` per lookup). The loop runs below its instruction count's rate
-    (4096x512, 4 bits: ~220 cycles per tile and group for ~265 instructions): on this core
-    independent ``vpshufb`` + ``vpdpbusd`` pairs took 0.52 ns each, against 0.375 ns for
-    ``vpshufb`` and 0.23 ns for ``vpdpbusd`` alone (likely the lower clock of AVX-512
-    multiplies).
+    An in-lane ``vpshufb`` looks up one table per 128-bit lane, and ``vpdpbusd`` adds the 4 bytes
+    of an int32, which therefore come from one quad's table. Here those 4 bytes are one row's
+    planes of that quad, and ``vpdpbusd`` weights each by the row's ``|c_b|`` (signs folded into
+    the bits, as above): no per-plane sums, no per-term epilogue. Tables: 16 bytes per quad
+    (int8). Each lookup's table register is a broadcast load, so every int32 of the accumulators
+    stays one row for the whole group and the group end needs no lane reduction:
+    * one quad per lookup (``pd_quads`` = 1; 1, 2 and 4 bits): the quad's 16 bytes in all 4 lanes;
+      int32 ``(L, d)`` (``4L + d``) of row block v is row ``16v + 4L + d`` (2 row blocks of 16);
+    * two quads per lookup (3 bits): the pair's 32 bytes twice, lane L holding quad ``L % 2``;
+      int32 ``(L, d)`` of row block v is row ``8v + 4 (L // 2) + d`` of quad ``L % 2`` (4 row
+      blocks of 8: the 3-nibble chain below needs 4), and the group end adds the two quads' lanes
+      (two lane shuffles and an add per 16 rows, ``pd_rows``).
+    A unit is ``pd_quads`` quads; its lookups j (``pd_lookups``: 1 per quad at 2 bits, 2 at 4, 3 per
+    pair at 3) hold in byte k of every int32 the (row block v, plane b) of ``pd_slots[j][k]``: 4
+    bits, one row block per int32 (planes 0-3); 1-2 bits, two (bytes 0-1, 2-3); 3 bits, the chain
+    ``(a0 a1 a2 b0) (b1 b2 c0 c1) (c2 d0 d1 d2)`` over the pair's 4 row blocks. Where an int32
+    holds two row blocks, each lookup feeds two ``vpdpbusd`` whose byte weights are 0 in the other
+    row block's bytes (``pd_parts``).
+    ``w: uint8[NT, Kp/16, PV, 64]`` (PV = 2, 3, 4 at 1-2, 3, 4 bits): nibble ``n % 2`` of byte
+    ``4(4L + d) + k`` of vector ``n // 2`` of K-block kq is the index of lookup ``n % LU`` of unit
+    ``n // LU`` for its int32 ``(L, d)`` and byte k (quad ``4kq + QL (n // LU) + L % QL``).
+    ``codes: int16[PAD + NT * G * (32 + 16 PV)]``: per tile and group the 32 rows' exponent words
+    (as a term's), then per lookup j of a unit its byte weights, byte ``4(4L + d) + k`` = ``|c_b|``
+    of that int32's row and byte k's plane (two quads per lookup: lanes 0 and 2 only, 32 bytes,
+    repeated into lanes 1 and 3 by one shuffle per group). Accumulators: with one row of x, 2 or 4
+    copies of each row block's sums (units alternate between them: consecutive ``vpdpbusd`` into
+    one int32 chain ran at its 5-cycle latency); with several, one per row of x.
+    Measured on the Xeon (Cascade Lake, no VBMI), one thread, same weights and process, against
+    the previous layout (one quad per lane, 4-row blocks, a 4-lane reduction per 16 rows and
+    group; bit-identical output): M = 1 4096x4096 2 / 3 / 4 bits 0.250 -> 0.228, 0.391 -> 0.350,
+    0.443 -> 0.428 ms; M = 8 576x576 29.6 -> 23.4, 39.0 -> 33.0, 34.7 -> 28.7 us, 192x576 2 bits
+    14.1 -> 11.4 us, 4096x4096 1.32 -> 0.88, 1.66 -> 1.43, 1.67 -> 1.31 ms (both kernels compiled
+    in one process, timed in alternating rounds, medians). Earlier: this
+    family against the per-term avx512bw kernel, M = 1 4096x4096: 2 bits 0.301 -> 0.237 ms, 4
+    bits 0.586 -> 0.409; the 3-bit chain against a zero fourth plane 0.369 against 0.423 ms
+    (25% fewer bytes); not kept: a third vector of plane-2 nibbles of 4 rows per int32 (four
+    ``vpdpbusd`` per lookup).
 
 M > 1: ``m_inner`` rows of x share each loaded weight vector (their tables differ); threads run
 ``T.parallel`` over (row block, chunk of N tiles).
@@ -155,35 +160,40 @@ def pd_vecs(cfg: LutGemmConfig) -> int:
     return ROWS * 4 * pd_planes(cfg) // 128
 
 
-def pd_parts(pp: int, j, part):
-    """(row block, first byte, bytes, first plane) of part ``part`` of lookup j (nibble ``j % 2``
-    of weight vector ``j // 2``): byte ``first + i`` of every int32 holds plane ``plane + i`` of
-    that row block (rows ``4v + d`` at int32 d of each lane). 4 nibbles: one row block per int32.
-    2: two (bytes 0-1, 2-3). 3: chains of 4 row blocks over 3 lookups, ``(a0 a1 a2 b0) (b1 b2 c0
-    c1) (c2 d0 d1 d2)``, each int32 two row blocks. j and part may be TIR expressions (unrolled
-    loop variables)."""
-    if pp == PD_PLANES:
-        return j, 0, 4, 0
-    if pp == 3:
-        i = j % 3  # position in the chain of lookups 3 (j // 3) .. 3 (j // 3) + 2
-        # part 0: row block i of the chain from plane i; part 1: row block i + 1 from plane 0
-        return 4 * (j // 3) + i + part, part * (3 - i), 3 - i + part * (2 * i - 2), (1 - part) * i
-    return 4 * (j // 2) + 2 * part + j % 2, 2 * part, 2, 0
+def pd_quads(pp: int) -> int:
+    """Quads per lookup (QL) of the avx512bw shared-exponent layout: 1 (every 128-bit lane holds the
+    same quad's table, 16 rows per row block) at 2 and 4 nibbles, 2 at 3 (lanes alternate between
+    the quads of a pair, 8 rows per row block: a 3-nibble chain needs 4 row blocks per tile)."""
+    return 2 if pp == 3 else 1
 
 
 def pd_lookups(cfg: LutGemmConfig) -> tuple[int, int, int]:
-    """(nibbles per (row, quad), lookups per K-block, row blocks per lookup) of the avx512bw
-    shared-exponent layout; lookups x row blocks is the number of byte-weight vectors."""
+    """(nibbles per (row, quad), lookups per unit of ``pd_quads`` quads, parts per lookup) of the
+    avx512bw shared-exponent layout; lookups x parts is the number of byte-weight vectors."""
     pp = pd_planes(cfg)
-    return pp, 2 * pd_vecs(cfg), 1 if pp == PD_PLANES else 2
+    return pp, pd_quads(pp) * pp // 2, 1 if pp == PD_PLANES else 2
+
+
+def pd_parts(pp: int, j, part):
+    """(row block, first byte, bytes, first plane) of part ``part`` of lookup j of a unit: byte
+    ``first + i`` of every int32 holds plane ``plane + i`` of that row block. 4 nibbles: one row
+    block per int32 (lookup j: row block j). 2: two (bytes 0-1 row block 0, 2-3 row block 1). 3:
+    a chain of 4 row blocks over the unit's 3 lookups, ``(a0 a1 a2 b0) (b1 b2 c0 c1) (c2 d0 d1
+    d2)``, each int32 two row blocks. j and part may be TIR expressions (unrolled loop
+    variables)."""
+    if pp == PD_PLANES:
+        return j, 0, 4, 0
+    if pp == 3:  # part 0: row block j from plane j; part 1: row block j + 1 from plane 0
+        return j + part, part * (3 - j), 3 - j + part * (2 * j - 2), (1 - part) * j
+    return part, 2 * part, 2, 0
 
 
 def pd_slots(pp: int) -> list[list[tuple[int, int]]]:
-    """``[j][k] = (v, b)``: byte k of every int32 of lookup j holds plane b of row block v
-    (``pd_parts`` spelled out per byte, for the numpy packing)."""
+    """``[j][k] = (v, b)``: byte k of every int32 of a unit's lookup j holds plane b of row block
+    v (``pd_parts`` spelled out per byte, for the numpy packing)."""
     parts = 1 if pp == PD_PLANES else 2
     slots = []
-    for j in range(2 * (ROWS * 4 * pp // 128)):
+    for j in range(pd_quads(pp) * pp // 2):
         row = {}
         for part in range(parts):
             v, first, count, plane = pd_parts(pp, j, part)
@@ -192,24 +202,51 @@ def pd_slots(pp: int) -> list[list[tuple[int, int]]]:
     return slots
 
 
+def pd_position(pp: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row offset within its row block, quad within the unit) of each int32 ``(L, d)`` of a
+    lookup (``[16]`` each, int32 ``4L + d``): row ``4 (L // QL) + d`` of quad ``L % QL``."""
+    ql = pd_quads(pp)
+    lane, d = np.divmod(np.arange(16), 4)
+    return 4 * (lane // ql) + d, lane % ql
+
+
 def pd_mults(dl, base, j, part, pp: int):
     """TIR uint8x64: the byte weights of part ``part`` of lookup j (``pd_parts``; 0 in the other
-    row block's bytes), repeated in each 128-bit lane; ``base``: the (tile, group)'s first word
-    of the codes after ``PAD`` (``_pd_codes``)."""
+    row block's bytes); ``base``: the (tile, group)'s first word of the codes after ``PAD``
+    (``_pd_codes``). One quad per lookup: 64 stored bytes. Two: 32 stored bytes (the rows of lanes
+    0-1 and of lanes 2-3), each 16 repeated for the two quads of the pair."""
     from tvm import tirx
 
-    raw = tirx.reinterpret("uint8x16", dl[tirx.Ramp(base + PAD + ROWS + 8 * j, 1, 8)])
-    rep = tirx.Shuffle([raw] * 4, [tirx.const(i, "int32") for i in range(64)])
+    ql = pd_quads(pp)
+    nb = 64 // ql  # stored bytes per lookup
+    raw = tirx.reinterpret(
+        f"uint8x{nb}", dl[tirx.Ramp(base + PAD + ROWS + nb // 2 * j, 1, nb // 2)]
+    )
+    if ql == 2:
+        raw = tirx.Shuffle(
+            [raw, raw], [tirx.const(16 * (i // 32) + i % 16, "int32") for i in range(64)]
+        )
     if pp == PD_PLANES:
-        return rep
+        return raw
     _, first, count, _ = pd_parts(pp, j, part)
     ones = tirx.const(0xFFFFFFFF, "uint32")
     mask = tirx.shift_left(
         tirx.shift_right(ones, tirx.Cast("uint32", 32 - 8 * count)),
         tirx.Cast("uint32", 8 * first),
     )
-    words = tirx.bitwise_and(tirx.reinterpret("uint32x16", rep), tirx.Broadcast(mask, 16))
+    words = tirx.bitwise_and(tirx.reinterpret("uint32x16", raw), tirx.Broadcast(mask, 16))
     return tirx.reinterpret("uint8x64", words)
+
+
+def pd_table(tab, base, pp: int):
+    """TIR int8x64: the table register of a lookup at quad ``base / 16``: that quad's 16 entries in
+    every lane (one quad per lookup), or the pair's 32 bytes twice (two: lane L holds quad L % 2);
+    a broadcast load either way."""
+    from tvm import tirx
+
+    nb = 16 * pd_quads(pp)
+    raw = tab[tirx.Ramp(base, 1, nb)]
+    return tirx.Shuffle([raw] * (64 // nb), [tirx.const(i, "int32") for i in range(64)])
 
 
 def vpdpbusd(acc, a, b):
@@ -227,15 +264,17 @@ def pd_lanes(a, b, sel):
     return tirx.Shuffle([a, b], [tirx.const(i, "int32") for i in idx])
 
 
-def pd_rows(acc, base):
-    """TIR int32x16: the sums of 16 rows, row blocks ``acc[base + 16v]`` (v < 4; one row per int32
-    of a lane, one share of the columns per lane) with their 4 lanes added."""
-    from tvm import tirx
-
-    a, b, c, d = (acc[tirx.Ramp(base + 16 * v, 1, 16)] for v in range(4))
-    s1 = pd_lanes(a, b, (0, 2)) + pd_lanes(a, b, (1, 3))
-    s2 = pd_lanes(c, d, (0, 2)) + pd_lanes(c, d, (1, 3))
-    return pd_lanes(s1, s2, (0, 2)) + pd_lanes(s1, s2, (1, 3))
+def pd_rows(blocks, pp: int, parity=None):
+    """TIR int32x16: 16 rows in row order from the row blocks ``blocks`` that hold them (int32 ``(L,
+    d)`` of block v: row ``4 (L // QL) + d`` of the block). One quad per lookup: the one 16-row
+    block. Two: blocks (a, b) of 8 rows, lanes 0-1 the first 4 rows, 2-3 the next 4, with the pair's
+    two quads in lanes L % 2: their sums (``parity`` None) or quad ``parity``'s values only."""
+    if pd_quads(pp) == 1:
+        return blocks[0]
+    a, b = blocks
+    if parity is not None:
+        return pd_lanes(a, b, (parity, parity + 2))
+    return pd_lanes(a, b, (0, 2)) + pd_lanes(a, b, (1, 3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,10 +341,10 @@ def default_int8_knobs(cfg: LutGemmConfig, isa: str, threads: int = 2) -> Int8Kn
     # int32 sums (avx512); two 16-bit sums of byte pairs (avx512bw); int16 sums (avx2, neon)
     acc_per_row = cfg.bits * ROWS * (4 if isa in _WIDE else 2) // vreg
     regs = _ACC_REGS.get(isa, 8) - (2 * cfg.bits if cfg.shared_exp else 0)  # byte weights
-    if isa == "avx512bw" and cfg.shared_exp:  # per 16-row half: one int32 per (row, quad lane)
-        _, lookups, parts = pd_lookups(cfg)
-        acc_per_row, regs = ROWS // 8, _ACC_REGS[isa] - lookups // 2 * parts
-    cap = max(1, regs // acc_per_row)
+    if isa == "avx512bw" and cfg.shared_exp:  # one int32 sum per (row, quad of the lookup)
+        pp, lookups, parts = pd_lookups(cfg)
+        acc_per_row, regs = 2 * pd_quads(pp), _ACC_REGS[isa] - lookups * parts
+    cap = min(8, max(1, regs // acc_per_row))
     m_inner = max(d for d in range(1, min(cap, cfg.m) + 1) if cfg.m % d == 0)
     blocks = cfg.m // m_inner
     n_tiles = -(-cfg.n // ROWS)
@@ -416,17 +455,23 @@ def pack_int8(
         v = nib.transpose(1, 4, 0, 3, 5, 2)  # [nt, kq, b, r, t, h]
         w = (v[..., 0] | (v[..., 1] << 4)).astype(np.uint8).reshape(nt, cfg.kp // 16, bits, 64)
     elif isa == "avx512bw" and cfg.shared_exp:
-        pp = pd_planes(cfg)
-        nib = np.zeros((pp, nt, ROWS // 4, 4, cfg.kp // 16, 4), np.uint8)  # [b, nt, v, d, kq, L]
-        nib[:bits] = _nibbles(planes, nt * ROWS).reshape(bits, nt, ROWS // 4, 4, -1, 4)
-        slots = pd_slots(pp)
-        # lookup j = 2u + hi, byte 16L + 4d + k of vector u: plane b of quad 4kq + L, row 4v + d
-        v = np.stack(
-            [np.stack([nib[b, :, vb] for vb, b in slots[j]], -1) for j in range(len(slots))], -1
-        )  # [nt, d, kq, L, k, j]
+        pp, lu, _ = pd_lookups(cfg)
+        ql = pd_quads(pp)
         kq = cfg.kp // 16
-        v = v.reshape(nt, 4, kq, 4, 4, -1, 2).transpose(0, 2, 5, 3, 1, 4, 6)  # [nt,kq,u,L,d,k,hi]
-        w = (v[..., 0] | (v[..., 1] << 4)).astype(np.uint8).reshape(nt, kq, -1, 64)
+        nib = np.zeros((pp, nt * ROWS, cfg.kp // 4), np.uint8)
+        nib[:bits] = _nibbles(planes, nt * ROWS)
+        nib = nib.reshape(pp, nt, ROWS, kq, 4).transpose(1, 3, 0, 2, 4)  # [nt, kq, b, row, quad]
+        # nibble h of byte 4L + d, k of vector p: lookup n = 2p + h, unit n // lu, lookup n % lu
+        slots = np.array(pd_slots(pp))  # [lu, 4 (k), 2 (v, b)]
+        roff, qoff = pd_position(pp)  # [16]
+        n = 2 * np.arange(pp)[:, None, None, None] + np.arange(2)  # [p, 1, 1, h]
+        n = np.broadcast_to(n, (pp, 16, 4, 2))
+        k = np.broadcast_to(np.arange(4)[None, None, :, None], n.shape)
+        v, b = slots[n % lu, k, 0], slots[n % lu, k, 1]
+        row = 16 // ql * v + roff[None, :, None, None]
+        quad = (n // lu) * ql + qoff[None, :, None, None]
+        val = nib[:, :, b, row, quad]  # [nt, kq, p, 16 (L, d), 4 (k), 2 (h)]
+        w = (val[..., 0] | (val[..., 1] << 4)).astype(np.uint8).reshape(nt, kq, pp, 64)
         return np.ascontiguousarray(w).reshape(-1), _pd_codes(exps, mult, cfg, nt)
     elif isa == "avx512bw":
         # [b, nt, s, i, kq, hi, h]: row 32nt + 16s + i, quad 4kq + 2hi + h
@@ -486,14 +531,21 @@ def _shared_codes(exps, mult, cfg: LutGemmConfig, nt: int) -> np.ndarray:
 
 def _pd_codes(exps, mult, cfg: LutGemmConfig, nt: int) -> np.ndarray:
     """The avx512bw shared-exponent kernel's int16 words: ``PAD`` zeros, then per tile and group
-    the 32 rows' exponent deltas (as ``encode_deltas``) and, per lookup j, 16 bytes of byte
-    weights: byte ``4d + k`` is ``|c_b|`` of row ``4v + d`` for ``(v, b) = pd_slots[j][k]``."""
-    c = np.zeros((PD_PLANES, nt, ROWS // 4, 4, cfg.groups), np.uint8)  # pad rows: weight 0
+    the 32 rows' exponent deltas (as ``encode_deltas``) and, per lookup j of a unit, its byte
+    weights: byte ``4L + d, k`` is ``|c_b|`` of the row of int32 ``(L, d)`` (``pd_position``) in row
+    block v, ``(v, b) = pd_slots[j][k]``; with two quads per lookup only lanes 0 and 2 are stored
+    (lane 1 repeats lane 0's rows, lane 3 lane 2's)."""
+    pp, lu, _ = pd_lookups(cfg)
+    ql = pd_quads(pp)
+    c = np.zeros((pp, nt, ROWS, cfg.groups), np.uint8)  # pad rows and planes: weight 0
     c[: cfg.bits].reshape(cfg.bits, -1, cfg.groups)[:, : exps.shape[0]] = mult
-    slots = pd_slots(pd_planes(cfg))
-    # per lookup j: byte 4d + k = |c_b| of row 4v + d for (v, b) = slots[j][k]
-    cj = np.stack([np.stack([c[b, :, vb] for vb, b in sl], -1) for sl in slots], 2)
-    cj = cj.transpose(0, 3, 2, 1, 4)  # [nt, G, j, d, k]
+    slots = np.array(pd_slots(pp))  # [lu, 4, 2]
+    roff, _ = pd_position(pp)
+    lanes = np.arange(16)[(np.arange(16) // 4) % ql == 0]  # int32s of the stored lanes
+    v, b = slots[:, None, :, 0], slots[:, None, :, 1]  # [lu, 1, 4]
+    row = 16 // ql * v + roff[lanes][None, :, None]  # [lu, 16 / ql, 4]
+    cj = c[b, :, row]  # [lu, 16 / ql, 4, nt, G]
+    cj = cj.transpose(3, 4, 0, 1, 2)  # [nt, G, j, int32, k]
     words = np.ascontiguousarray(cj).reshape(nt, cfg.groups, -1).view(np.int16)
     per_group = np.concatenate([_exp_words(exps, cfg, nt), words], axis=-1)  # [nt, G, SW]
     return np.concatenate([np.zeros(PAD, np.int16), per_group.reshape(-1)])
@@ -592,9 +644,11 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     KV = KP // 16 if wide else KP // 8  # weight vectors per row tile and plane
     VPG = GS // 16 if wide else GS // 8  # weight vectors per group
     PV = pd_vecs(cfg) if PD else 0  # weight vectors per tile and K-block (shared-exp avx512bw)
-    PP, NJ, NPART = pd_lookups(cfg) if PD else (0, 0, 0)  # (pd_lookups, pd_parts)
-    PASSES = 2 if MI > 1 else 1  # shared-exponent avx512bw: 16-row halves per pass (pd_group)
-    NJP, RBP = NJ // PASSES, 8 // PASSES  # lookups and row blocks of 4 per pass
+    PP, LU, NPART = pd_lookups(cfg) if PD else (0, 0, 0)  # (pd_lookups, pd_parts)
+    QL = pd_quads(PP) if PD else 1  # quads per lookup
+    NBK = 2 * QL  # row blocks per tile (of 16 / QL rows)
+    UPK = 4 // QL  # units (of QL quads) per K-block of 16
+    COPIES = UPK if PD and MI == 1 else 1  # sums per row block: units alternate between them
     WSIZE = NT * KV * (PV if PD else BITS) * W
     acc_t = "int32" if wide else "int16"
     # avx512bw (per term): entries + 128 (module docstring)
@@ -989,77 +1043,75 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     def pd_lookup(tab, tbase, wv, hi):
         """64 lookups: nibble ``hi`` of every byte of ``wv`` indexes its lane's quad table."""
         return tirx.call_llvm_pure_intrin(
-            "int8x64",
-            "llvm.x86.avx512.pshuf.b.512",
-            tab[tirx.Ramp(tbase, 1, 64)],
-            nibbles64(wv, hi),
+            "int8x64", "llvm.x86.avx512.pshuf.b.512", pd_table(tab, tbase, PP), nibbles64(wv, hi)
         )
 
-    def pd_sums(mi, h, jj, part):
-        """Index of the int32 sums that part ``part`` of pass h's lookup jj adds to for row mi
-        (pass h holds row blocks ``RBP h ..``; ``pd_parts``)."""
-        v = pd_parts(PP, h * NJP + jj, part)[0] - RBP * h
-        return tirx.Ramp((mi * RBP + v) * 16, 1, 16)
+    def pd_sums(mi, copy, v):
+        """The int32 sums of row block v, copy ``copy``, of row mi."""
+        return tirx.Ramp(((mi * COPIES + copy) * NBK + v) * 16, 1, 16)
+
+    def pd_half(acc, mi, h):
+        """int32x16: rows 16h.. of row mi in row order, summed over the copies (``pd_rows``)."""
+        blocks = []
+        for i in range(QL):
+            v = h * QL + i
+            s = acc[pd_sums(mi, 0, v)]
+            for copy in range(1, COPIES):
+                s = s + acc[pd_sums(mi, copy, v)]
+            blocks.append(s)
+        return pd_rows(blocks, PP)
 
     @T.macro
     def pd_group(acc, mv, tab, w, dl, ls, yacc, task, tt, g):
-        """avx512bw, shared exponent: per K-block of 16, PV weight vectors give NJ lookups of 4
-        rows x 4 quads x 4 bytes; vpdpbusd weights each plane's byte by ``|c_b|``. One 16-row half
-        of the tile at a time when several rows share a weight load (its NJ / 2 lookups:
-        ``pd_parts`` keeps each half's row blocks in its own lookups), so only half the sums and
-        byte weights are live: with all of them, 3 bits (12 byte-weight vectors) at two rows per
-        weight load spilled and rebuilt the byte weights with lane shuffles in the K loop. One
-        row (M = 1) keeps the whole tile per pass (measured faster: one table and weight load per
-        K-block; 4096x4096 M=1 2 bits 0.234 whole vs 0.258 ms in halves)."""
+        """avx512bw, shared exponent: per K-block of 16, PV weight vectors give 2 PV lookups of
+        64 bytes (units of QL quads, LU lookups each); vpdpbusd weights each plane's byte by
+        ``|c_b|`` into one int32 per (row, quad of the lookup). Group end: rows in order with at
+        most one lane fold (two quads per lookup), one conversion, exponent add and multiply-add
+        per 16 rows."""
         dbase = (((task % NC) * TPC + tt) * G + g) * SW
-        for h in T.unroll(PASSES):
-            for jj in T.unroll(NJP):
-                for part in T.unroll(NPART):
-                    mv[T.Ramp((jj * NPART + part) * 64, 1, 64)] = pd_mults(
-                        dl, dbase, h * NJP + jj, part, PP
-                    )
-            for i in T.unroll(MI * RBP):
-                acc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
-            for kq in range(T.if_then_else(g == G - 1, KQ_LAST, VPG)):
-                for jj in T.unroll(NJP):  # lookup j: nibble j % 2 of weight vector j // 2
+        for jj in T.unroll(LU):
+            for part in T.unroll(NPART):
+                mv[T.Ramp((jj * NPART + part) * 64, 1, 64)] = pd_mults(dl, dbase, jj, part, PP)
+        for i in T.unroll(MI * COPIES * NBK):
+            acc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
+        for kq in range(T.if_then_else(g == G - 1, KQ_LAST, VPG)):
+            for u in T.unroll(UPK):
+                for jj in T.unroll(LU):  # lookup n = u LU + jj: nibble n % 2 of vector n // 2
                     for mi in T.unroll(MI):
                         for part in T.unroll(NPART):  # the row blocks of its int32s (pd_parts)
-                            acc[pd_sums(mi, h, jj, part)] = vpdpbusd(
-                                acc[pd_sums(mi, h, jj, part)],
+                            acc[pd_sums(mi, u % COPIES, pd_parts(PP, jj, part)[0])] = vpdpbusd(
+                                acc[pd_sums(mi, u % COPIES, pd_parts(PP, jj, part)[0])],
                                 mv[T.Ramp((jj * NPART + part) * 64, 1, 64)],
                                 pd_lookup(
                                     tab,
-                                    (((task // NC) * MI + mi) * Q + g * JG + 4 * kq) * TB,
+                                    (((task // NC) * MI + mi) * Q + g * JG + 4 * kq + u * QL) * TB,
                                     w[
                                         T.Ramp(
                                             (
                                                 (((task % NC) * TPC + tt) * KV + g * VPG + kq) * PV
-                                                + (h * NJP + jj) // 2
+                                                + (u * LU + jj) // 2
                                             )
                                             * 64,
                                             1,
                                             64,
                                         )
                                     ],  # fmt: skip
-                                    (h * NJP + jj) % 2,
+                                    (u * LU + jj) % 2,
                                 ),
                             )
-            for mi in T.unroll(MI):
-                for hh in T.unroll(2 // PASSES):  # the 16-row halves of this pass: h + hh
-                    yacc[T.Ramp(mi * ROWS + (h + hh) * 16, 1, 16)] = yacc[
-                        T.Ramp(mi * ROWS + (h + hh) * 16, 1, 16)
-                    ] + T.reinterpret(
-                        "float32x16",
-                        shift(
-                            T.reinterpret(
-                                "int32x16",
-                                T.Cast("float32x16", pd_rows(acc, (mi * RBP + 4 * hh) * 16)),
-                            ),  # fmt: skip
-                            dl,
-                            dbase,
-                            h + hh,
-                        ),
-                    ) * T.Broadcast(ls[((task // NC) * MI + mi) * G + g], 16)
+        for mi in T.unroll(MI):
+            for h in T.unroll(2):
+                yacc[T.Ramp(mi * ROWS + h * 16, 1, 16)] = yacc[
+                    T.Ramp(mi * ROWS + h * 16, 1, 16)
+                ] + T.reinterpret(
+                    "float32x16",
+                    shift(
+                        T.reinterpret("int32x16", T.Cast("float32x16", pd_half(acc, mi, h))),
+                        dl,
+                        dbase,
+                        h,
+                    ),
+                ) * T.Broadcast(ls[((task // NC) * MI + mi) * G + g], 16)
 
     @T.macro
     def group(acc, aux, tab, w, dl, ls, yacc, task, tt, g):
@@ -1083,8 +1135,8 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                 shuffle_group(acc, tab, w, task, tt, g)
             apply_epilogues(acc, dl, ls, yacc, task, tt, g)
 
-    if PD:  # one int32 per (row, quad lane) of each row block; the byte weights in aux
-        ACC_N, ACC_T, AUX_N, AUX_T = MI * RBP * 16, "int32", NJP * NPART * 64, "uint8"
+    if PD:  # int32 sums per (row, quad of the lookup) of each row block; the byte weights in aux
+        ACC_N, ACC_T, AUX_N, AUX_T = MI * COPIES * NBK * 16, "int32", LU * NPART * 64, "uint8"
     elif isa == "avx512bw":  # biased byte pairs in uint16 words; their int32 sums in aux
         ACC_N, ACC_T, AUX_N, AUX_T = BITS * MI * 64, "uint16", BITS * MI * ROWS, "int32"
     elif avx512:  # int32 sums; the shared-exponent byte weights in aux

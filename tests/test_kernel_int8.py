@@ -562,34 +562,57 @@ def test_avx512bw_shared_exponent_kernel_matches_model(shape):
 
 
 def test_avx512bw_shared_exponent_layout():
-    """Packed bytes: 2 nibbles per (row, quad) up to 2 bits (a zero plane at 1), 3 at 3 bits
-    (chains of row blocks), 4 at 4; every (row, plane) in exactly one byte slot of a lookup's
-    int32s, an int32 holding at most two row blocks in consecutive bytes, each with consecutive
-    planes; per (row, group) one exponent word and the byte weights."""
-    for bits, per in ((1, 2), (2, 2), (3, 3), (4, 4)):
+    """Packed bytes, decoded by the layout's definition (module docstring) one nibble at a time: 2
+    nibbles per (row, quad) up to 2 bits (a zero plane at 1), 3 at 3 bits (chains of row blocks,
+    two quads per lookup), 4 at 4; every (row, plane, quad) in exactly one nibble, an int32
+    holding at most two row blocks in consecutive bytes, each with consecutive planes; per (row,
+    group) one exponent word and the byte weights of the rows each lookup's int32s hold."""
+    for bits, per, ql in ((1, 2, 1), (2, 2, 1), (3, 3, 2), (4, 4, 1)):
         cfg = LutGemmConfig(1, 70, 576, bits, 128, 3, shared_exp=True)
         _, planes, scales = shared_case(cfg, seed=bits)
         w, codes = L.pack_int8(planes, scales, cfg, "avx512bw")
-        nt = -(-cfg.n // L.ROWS)
-        assert L.pd_planes(cfg) == per
+        nt, kq = -(-cfg.n // L.ROWS), cfg.kp // 16
+        assert (L.pd_planes(cfg), L.pd_quads(per)) == (per, ql)
         assert w.size == nt * L.ROWS * cfg.kp // 4 * per // 2  # one nibble per (row, quad, slot)
         assert codes.size == L.PAD + nt * cfg.groups * L.shared_words(cfg, "avx512bw")
         slots = L.pd_slots(per)
-        assert sorted(sum(slots, [])) == [(v, b) for v in range(8) for b in range(per)]
+        lu = len(slots)
+        assert lu == ql * per // 2
+        assert sorted(sum(slots, [])) == [(v, b) for v in range(2 * ql) for b in range(per)]
         for j, sl in enumerate(slots):
             for part in range(1 if per == 4 else 2):
                 v, first, count, plane = L.pd_parts(per, j, part)
                 assert [sl[k] for k in range(first, first + count)] == [
                     (v, plane + i) for i in range(count)
                 ]
-        _, c = L.shared_form(scales, cfg)
+        exps, c = L.shared_form(scales, cfg)
+        folded = L._fold_signs(planes, c < 0, cfg)
+        want = np.zeros((per, nt * L.ROWS, cfg.kp // 4), np.int64)
+        want[:bits, : cfg.n] = L._nibbles(folded, cfg.n)
+        got = np.full_like(want, -1)
+        wb = w.reshape(nt, kq, per, 16, 4)  # [tile, K-block, vector, int32 (L, d), byte k]
+        for n in range(2 * per):  # lookup n of a K-block: nibble n % 2 of vector n // 2
+            u, j = divmod(n, lu)
+            for i32 in range(16):
+                lane, d = divmod(i32, 4)
+                row = 4 * (lane // ql) + d  # within the row block
+                for k, (v, b) in enumerate(slots[j]):
+                    nib = (wb[:, :, n // 2, i32, k] >> (4 * (n % 2))) & 15  # [tile, K-block]
+                    r = np.arange(nt)[:, None] * L.ROWS + 16 // ql * v + row
+                    q = 4 * np.arange(kq)[None, :] + u * ql + lane % ql
+                    assert (got[b, r, q] == -1).all()  # each nibble once
+                    got[b, r, q] = nib
+        assert np.array_equal(got, want)
         mult = codes[L.PAD :].reshape(nt, cfg.groups, -1)[..., L.ROWS :].view(np.uint8)
-        mult = mult.reshape(nt, cfg.groups, len(slots), 4, 4)  # [tile, group, j, d, k]
+        mult = mult.reshape(nt, cfg.groups, lu, 16 // ql, 4)  # [tile, group, j, int32, k]
         for j, sl in enumerate(slots):
-            for k, (v, b) in enumerate(sl):
-                if b < bits:
-                    got = mult[0, :, j, :, k]  # tile 0: rows 4v + d
-                    assert np.array_equal(got, np.abs(c[b, 4 * v : 4 * v + 4]).T)
+            for i32 in range(16 // ql):  # the stored lanes: 0-3 (one quad), 0 and 2 (two)
+                lane, d = divmod(i32, 4)
+                row = 4 * lane + d
+                for k, (v, b) in enumerate(sl):
+                    r = 16 // ql * v + row
+                    if b < bits and r < cfg.n:
+                        assert np.array_equal(mult[0, :, j, i32, k], np.abs(c[b, r]))
 
 
 def test_avx512bw_shared_exponent_kernel_asm():
