@@ -207,8 +207,8 @@ def lookup_int8_knobs(cfg: LutGemmConfig, db: Database | None, threads: int, isa
     """(knobs, how) for ``cfg``'s ``isa`` int8 kernel: the tuned ``int8-<isa>`` record, else the
     default rule (``default_int8_knobs``) with the reason, as ``lookup_knobs``."""
     default = default_int8_knobs(cfg, isa, threads)
-    # avx512bw's shared-exponent kernel is another loop (planes inside vpdpbusd, one 16-row half
-    # per pass for several rows), so the per-term kernel's knobs do not carry over (VBMI's
+    # avx512bw's shared-exponent kernel is another loop (planes inside vpdpbusd, broadcast table
+    # registers, one sum per row), so the per-term kernel's knobs do not carry over (VBMI's
     # variant only changes the epilogue)
     borrow = not (isa == "avx512bw" and cfg.shared_exp)
     return _lookup(cfg, db, int8_family(isa), Int8Knobs, default, borrow)
