@@ -343,8 +343,10 @@ def default_int8_knobs(cfg: LutGemmConfig, isa: str, threads: int = 2) -> Int8Kn
     regs = _ACC_REGS.get(isa, 8) - (2 * cfg.bits if cfg.shared_exp else 0)  # byte weights
     if isa == "avx512bw" and cfg.shared_exp:  # one int32 sum per (row, quad of the lookup)
         pp, lookups, parts = pd_lookups(cfg)
-        acc_per_row, regs = 2 * pd_quads(pp), _ACC_REGS[isa] - lookups * parts
-    cap = min(8, max(1, regs // acc_per_row))
+        acc_per_row = 2 * pd_quads(pp)
+        # each row of x also holds its table registers: at most 8 rows (measured up to M = 8)
+        regs = min(_ACC_REGS[isa] - lookups * parts, 8 * acc_per_row)
+    cap = max(1, regs // acc_per_row)
     m_inner = max(d for d in range(1, min(cap, cfg.m) + 1) if cfg.m % d == 0)
     blocks = cfg.m // m_inner
     n_tiles = -(-cfg.n // ROWS)
