@@ -392,12 +392,16 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                         T.Broadcast(T.int8(1), 64),
                     )
 
-    def sh_pair(sb, csum, g, uv, v, tp):
+    def sb_at(u, v, t):
+        """``sb[u, v, t]``: the vector of ``sum_b c_b bit_b`` of column bit t of unit u's row
+        block v (``sh_dequantize_into``)."""
+        return tirx.Ramp(((u * NBK + v) * 4 + t) * 16, 1, 16)
+
+    def sh_pair(sb, csum, g, u, v, tp):
         """int32x16: the int16 pair of each int32's weights at columns 2tp, 2tp + 1 of its quad,
-        each ``2 sum_b c_b bit_b - sum_b c_b``; ``sb[uv, t]``: ``sum_b c_b bit_b`` of column bit
-        t of unit u's row block v (``uv = u NBK + v``, ``sh_dequantize_into``)."""
+        each ``2 sum_b c_b bit_b - sum_b c_b`` (``sb_at``)."""
         cs = csum[T.Ramp((g * NBK + v) * 16, 1, 16)]
-        lo, hi = (sb[T.Ramp((uv * 4 + 2 * tp + i) * 16, 1, 16)] for i in range(2))
+        lo, hi = (sb[sb_at(u, v, 2 * tp + i)] for i in range(2))
         return T.bitwise_or(
             T.bitwise_and(lo + lo - cs, T.Broadcast(T.int32(0xFFFF), 16)),
             T.shift_left(hi + hi - cs, T.Broadcast(T.int32(16), 16)),
@@ -427,14 +431,8 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                 for j in T.unroll(LU):
                     for part in T.unroll(NPART):
                         for t in T.unroll(4):
-                            sb[
-                                T.Ramp(((u * NBK + pd_parts(PP, j, part)[0]) * 4 + t) * 16, 1, 16)
-                            ] = vpdpbusd(
-                                sb[
-                                    T.Ramp(
-                                        ((u * NBK + pd_parts(PP, j, part)[0]) * 4 + t) * 16, 1, 16
-                                    )
-                                ],
+                            sb[sb_at(u, pd_parts(PP, j, part)[0], t)] = vpdpbusd(
+                                sb[sb_at(u, pd_parts(PP, j, part)[0], t)],
                                 mvs[T.Ramp((((kq // VPG) * LU + j) * NPART + part) * 64, 1, 64)],
                                 bit_bytes(w, nt, kq, u * LU + j, t),
                             )
@@ -442,7 +440,7 @@ def make_primfunc(cfg: LutGemmConfig, knobs: Int16Knobs | None = None):
                 for v in T.unroll(NBK):
                     for tp in T.unroll(2):
                         pv[T.Ramp(((u * NBK + v) * 2 + tp) * 16, 1, 16)] = sh_pair(
-                            sb, csum, kq // VPG, u * NBK + v, v, tp
+                            sb, csum, kq // VPG, u, v, tp
                         )
             for u in T.unroll(UPK):
                 for p in T.unroll(QL):  # the quad u QL + p: columns 16kq + 4(u QL + p) + t
