@@ -16,6 +16,7 @@ from shiftadd_tvm.schedules.packing import encode_terms, pack_planes
 
 import shiftadd_tvm
 from shiftadd_tvm import cpu_features, tuning
+from shiftadd_tvm.bench_kernel import random_packed
 from shiftadd_tvm.errors import ConfigError
 
 TARGET = {"kind": "llvm", "num-cores": 2}
@@ -201,6 +202,10 @@ def _run_int8(cfg, knobs, seed=0, isa="avx512", target=ZEN4):
         np.arange(cfg.terms) < np.asarray(cfg.term_counts)[:, None, None, None], signs, 0
     )
     scales = encode_terms(signs, rng.integers(-12, 3, shape))
+    if cfg.shared_exp:  # each (row, group)'s terms within 8 exponents, as a windowed fit's
+        planes, scales = random_packed(
+            cfg.n, cfg.k, cfg.bits, cfg.group_size, cfg.terms, seed, cfg.term_counts, True
+        )
     func = L.make_int8_primfunc(cfg, knobs, isa)
     ex = tvm.compile(tvm.IRModule({"k": func}), target=tvm.target.Target(target))
     args = [x, *L.pack_int8(planes, scales, cfg, isa), np.zeros((cfg.m, cfg.n), np.float32)]
