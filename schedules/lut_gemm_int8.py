@@ -148,7 +148,10 @@ _ACC_REGS = {"avx512": 24, "avx512bw": 24, "avx2": 10, "neon": 24}  # registers 
 # threads, one task against 2 chunks in one process (Zen 5, avx512): 576x1536 2 / 4 bits (0.21 /
 # 0.42 MiB) 3.3 / 5.6 us against 5.2 / 6.5; 1536x1536 2 bits (0.56 MiB) 8.1 against 7.3; 2048x2048
 # and up 1.5-1.8x faster in 2 chunks. The tuning logs of three CPUs (Zen 4, Zen 5, Cascade Lake)
-# chose one task at M = 1 for all 12 of the default model's kernels (0.04-0.42 MiB).
+# chose one task at M = 1 for all 12 of the default model's kernels (0.04-0.42 MiB). M = 2 (no
+# parallel table build either): 192x576 1.3 / 1.5 us against 2.0 / 2.1 (2 / 3 bits), 576x576 the
+# same; from M = 2 x threads the table build is parallel anyway and 2 chunks were as fast or
+# faster (M = 4, 576x576: 3.8 against 4.6 us), so the rule applies below that only.
 PARALLEL_MIN_BYTES = 512 << 10
 BW_MAX_GROUP = 2048  # avx512bw: a (row, group)'s biased byte sums must fit 16 bits
 _WIDE = ("avx512", "avx512bw")  # 64-byte weight vectors of 4 quads, int32 group sums
@@ -343,7 +346,7 @@ def unsupported_reason(cfg: LutGemmConfig, isa: str) -> str | None:
 def default_int8_knobs(cfg: LutGemmConfig, isa: str, threads: int = 2) -> Int8Knobs:
     """Rule: as many rows per weight load as the accumulator registers allow (dividing M), and
     enough parallel tasks that every thread gets the same number, except that a small kernel
-    (``PARALLEL_MIN_BYTES``) does not split N."""
+    with few rows (``PARALLEL_MIN_BYTES``) does not split N."""
     vreg = {"avx512": 64, "avx512bw": 64, "avx2": 32, "neon": 16}.get(isa, 16)
     # int32 sums (avx512); two 16-bit sums of byte pairs (avx512bw); int16 sums (avx2, neon)
     acc_per_row = cfg.bits * ROWS * (4 if isa in _WIDE else 2) // vreg
@@ -358,10 +361,10 @@ def default_int8_knobs(cfg: LutGemmConfig, isa: str, threads: int = 2) -> Int8Kn
     blocks = cfg.m // m_inner
     n_tiles = -(-cfg.n // ROWS)
     n_chunks = max(1, min(n_tiles, threads // math.gcd(blocks, threads)))
-    if cfg.m * cfg.n * cfg.k * cfg.bits // 8 < PARALLEL_MIN_BYTES:
-        n_chunks = 1  # a small kernel: one task per row block (PARALLEL_MIN_BYTES)
     # one thread: a parallel launch only costs (32x576, M = 8: 2 us of 10)
     build_parallel = threads > 1 and cfg.m >= 2 * threads
+    if not build_parallel and cfg.m * cfg.n * cfg.k * cfg.bits // 8 < PARALLEL_MIN_BYTES:
+        n_chunks = 1  # a small kernel: one task per row block (PARALLEL_MIN_BYTES)
     return Int8Knobs(m_inner=m_inner, n_chunks=n_chunks, build_parallel=build_parallel)
 
 
