@@ -30,6 +30,10 @@ SHAPES = [  # m, n, k, bits, group_size, terms
     (3, 100, 100, 4, 32, 3),  # K=100 with group 32: ragged K; M=3
     (8, 33, 256, 1, 64, 3),  # one bit, M=8
     (8, 96, 192, 2, 64, 1),
+    # M = 1 at 4 bits (avx512: two copies of the sums over alternate K-blocks), an odd number
+    # of K-blocks in the last group (K = 560: 3 of 16 columns; K = 100 with group 32: 1)
+    (1, 70, 560, 4, 128, 3),
+    (1, 40, 100, 4, 32, 2),
 ]
 
 
@@ -388,7 +392,12 @@ def shared_case(cfg, seed):
     return x, planes, encode_terms(signs, exps)
 
 
-SHARED_SHAPES = [(1, 70, 576, 3, 128, 3), (3, 100, 100, 4, 32, 3), (8, 33, 256, 1, 64, 3)]
+SHARED_SHAPES = [
+    (1, 70, 576, 3, 128, 3),
+    (3, 100, 100, 4, 32, 3),
+    (8, 33, 256, 1, 64, 3),
+    (1, 70, 560, 4, 128, 3),  # M = 1, 4 bits: the avx512 kernel's two copies; ragged last group
+]
 
 
 def test_shared_exponent_form():
