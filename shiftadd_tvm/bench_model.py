@@ -46,7 +46,7 @@ class BuildSpec:
     model: str = "smollm2"
     bits: int = 3
     group_size: int = 128
-    terms: int = 3
+    terms: int | str = "auto"  # compile --terms (compile's default); 3 = every plane 3 terms
     head_bits: int | None = None
     max_context: int = 256
     steps: tuple[int, ...] = (1, 128)
@@ -68,8 +68,10 @@ class BuildSpec:
         head = f"-h{self.head_bits}" if self.head_bits else f"-{self.head_storage}head"
         steps = "-".join(str(t) for t in self.steps)
         sw = f"-sw{self.scale_window}" if self.scale_window else ""
+        # builds with 3 terms on every plane keep their old names
+        terms = "" if self.terms == 3 else f"-terms{str(self.terms).replace(',', '.')}"
         return (
-            f"{self.model}-b{self.bits}{head}{sw}-ctx{self.max_context}-t{steps}"
+            f"{self.model}-b{self.bits}{head}{sw}{terms}-ctx{self.max_context}-t{steps}"
             f"{self.rot_suffix()}.so"
         )
 
@@ -85,7 +87,7 @@ def build_artifact(spec: BuildSpec, work: Path, progress: bool = True) -> Path:
     weight fit are cached beside it."""
     from . import compiler
     from .models import load_model
-    from .quant import QuantConfig
+    from .quant import QuantConfig, terms_kwargs
     from .report import _load_fits, _save_fits
     from .targets import resolve_target
 
@@ -132,7 +134,7 @@ def build_artifact(spec: BuildSpec, work: Path, progress: bool = True) -> Path:
     qcfg = QuantConfig(
         bits=spec.bits,
         group_size=spec.group_size,
-        terms=spec.terms,
+        **terms_kwargs(spec.terms),
         scale_window=spec.scale_window,
     )
     head = {k: c for k, c in imp.candidates.items() if c[0] in imp.bits_by_name}
@@ -314,6 +316,7 @@ def run(args) -> dict:
             head_storage=args.head_storage,
             rotate=not args.no_rotate,
             scale_window=args.scale_window,
+            terms=int(args.terms) if args.terms.strip().isdigit() else args.terms.strip(),
         )
         artifact = build_artifact(spec, Path(args.work))
     cfg = {
@@ -406,6 +409,13 @@ def add_parser(sub) -> None:
         help="compile the unrotated model (default: rotated as compile does; when compiling)",
     )
     p.add_argument("--max-context", type=int, default=256, help="KV cache tokens (when compiling)")
+    p.add_argument(
+        "--terms",
+        default="auto",
+        help="power-of-two terms per scale, as compile --terms (when compiling): 'auto' (compile's "
+        "default: per-width counts, 3,2,2 at 3 bits), one count for every plane (3 = the builds "
+        "before session 19), or per-plane counts",
+    )
     p.add_argument(
         "--scale-window",
         type=int,

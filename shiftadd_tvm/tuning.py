@@ -156,6 +156,20 @@ class Database:
         """The record of ``cfg``'s ``kernel`` family, or None."""
         return self.records.get((kernel, cfg.to_json()))
 
+    def get_other_terms(self, cfg: LutGemmConfig, kernel: str) -> dict | None:
+        """A record of ``kernel`` for ``cfg``'s shapes, bits, group size and scale form with other
+        term counts (e.g. tuned with ``--terms auto`` and built with 3 on every plane), or None;
+        the widest such plan first."""
+        same = []
+        for (fam, _), r in self.records.items():
+            other = LutGemmConfig(**r["config"])
+            if (
+                fam == kernel
+                and dataclasses.replace(other, terms=cfg.terms, plane_terms=cfg.plane_terms) == cfg
+            ):
+                same.append((sum(other.term_counts), r))
+        return max(same, key=lambda t: t[0])[1] if same else None
+
     def put(self, cfg: LutGemmConfig, record: dict, meta: dict) -> None:
         """Store ``record`` under its ``kernel`` field (absent: float) and rewrite the file."""
         record = {
@@ -185,6 +199,9 @@ def _lookup(cfg: LutGemmConfig, db: Database | None, kernel: str, knobs_type, de
         # both)
         rec = db.get(dataclasses.replace(cfg, plane_terms=(), shared_exp=False), kernel)
         note = ", measured with every term slot" + (" per term" if cfg.shared_exp else "")
+    if rec is None:
+        # the same kernel with other term counts: the knobs are tile and thread choices
+        rec, note = db.get_other_terms(cfg, kernel), ", measured with other term counts"
     if rec is None:
         family = "" if kernel == FLOAT else f"{kernel} "
         return default, f"default rule (no {family}record for this kernel)"

@@ -348,6 +348,32 @@ def test_plan_config_uses_the_uniform_record(tmp_path):
     assert kn == L.default_int8_knobs(shared, "avx512bw", 2) and how.startswith("default rule")
 
 
+def test_record_of_other_term_counts_is_used(tmp_path):
+    """A kernel built with other term counts than the tuned one (tuned with --terms auto, built
+    with 3 on every plane) takes the record of the same shapes and scale form, and says so; a
+    record of other shapes or of the other scale form (avx512bw) does not stand in."""
+    import dataclasses
+
+    path = tmp_path / "log.json"
+    db = tuning.Database(path)
+    tuned = LutGemmConfig(1, 576, 576, 3, 128, 3, (3, 2, 2), True)
+    chosen = L.Int8Knobs(m_inner=1, n_chunks=1, build_parallel=True)
+    assert chosen != L.default_int8_knobs(tuned, "avx512", 2)
+    for fam in ("int8-avx512", "int8-avx512bw"):
+        db.put(tuned, {"kernel": fam, "knobs": vars(chosen), "us": 1.0, "default_us": 2.0}, {})
+    uniform = dataclasses.replace(tuned, plane_terms=())  # t3x
+    kn, how = tuning.lookup_int8_knobs(uniform, tuning.Database(path), 2, "avx512")
+    assert kn == chosen and "other term counts" in how
+    kn, how = tuning.lookup_int8_knobs(uniform, tuning.Database(path), 2, "avx512bw")
+    assert kn == chosen and "other term counts" in how
+    for other in (dataclasses.replace(uniform, n=192), dataclasses.replace(uniform, m=8)):
+        kn, how = tuning.lookup_int8_knobs(other, tuning.Database(path), 2, "avx512")
+        assert how.startswith("default rule"), how
+    per_term = dataclasses.replace(uniform, shared_exp=False)
+    kn, how = tuning.lookup_int8_knobs(per_term, tuning.Database(path), 2, "avx512bw")
+    assert how.startswith("default rule"), how
+
+
 def test_tune_times_per_plane_terms_on_this_cpus_int8_kernel(logs):
     """A per-plane term plan (compile's default, auto: 3,2,2 at 3 bits) is tuned on the int8
     kernel this CPU runs: the timing weights leave each plane's slots past its count empty (the
