@@ -160,13 +160,11 @@ class Database:
         """A record of ``kernel`` for ``cfg``'s shapes, bits, group size and scale form with other
         term counts (e.g. tuned with ``--terms auto`` and built with 3 on every plane), or None;
         the widest such plan first."""
+        fields = ("m", "n", "k", "bits", "group_size", "shared_exp")
         same = []
         for (fam, _), r in self.records.items():
             other = LutGemmConfig(**r["config"])
-            if (
-                fam == kernel
-                and dataclasses.replace(other, terms=cfg.terms, plane_terms=cfg.plane_terms) == cfg
-            ):
+            if fam == kernel and all(getattr(other, f) == getattr(cfg, f) for f in fields):
                 same.append((sum(other.term_counts), r))
         return max(same, key=lambda t: t[0])[1] if same else None
 

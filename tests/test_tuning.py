@@ -361,6 +361,13 @@ def test_record_of_other_term_counts_is_used(tmp_path):
     assert chosen != L.default_int8_knobs(tuned, "avx512", 2)
     for fam in ("int8-avx512", "int8-avx512bw"):
         db.put(tuned, {"kernel": fam, "knobs": vars(chosen), "us": 1.0, "default_us": 2.0}, {})
+    # records of other widths, whose term plans do not fit this config, are passed over
+    for other in (
+        LutGemmConfig(1, 576, 576, 4, 128, 4, (4, 3, 2, 2), True),
+        LutGemmConfig(1, 576, 576, 2, 128, 3, (), True),
+    ):
+        rec = {"kernel": "int8-avx512", "knobs": vars(chosen), "us": 1.0, "default_us": 2.0}
+        db.put(other, rec, {})
     uniform = dataclasses.replace(tuned, plane_terms=())  # t3x
     kn, how = tuning.lookup_int8_knobs(uniform, tuning.Database(path), 2, "avx512")
     assert kn == chosen and "other term counts" in how
