@@ -147,8 +147,7 @@ _ACC_REGS = {"avx512": 24, "avx512bw": 24, "avx2": 10, "neon": 24}  # registers 
 # Below this many plane bytes (times M) the default rule does not split N over threads. M = 1, 2
 # threads, one task against 2 chunks in one process (Zen 5, avx512): 576x1536 2 / 4 bits (0.21 /
 # 0.42 MiB) 3.3 / 5.6 us against 5.2 / 6.5; 1536x1536 2 bits (0.56 MiB) 8.1 against 7.3; 2048x2048
-# and up 1.5-1.8x faster in 2 chunks. The tuning logs of three CPUs (Zen 4, Zen 5, Cascade Lake)
-# chose one task at M = 1 for all 12 of the default model's kernels (0.04-0.42 MiB). M = 2 (no
+# and up 1.5-1.8x faster in 2 chunks (all with TVM_NUM_THREADS=2). M = 2 (no
 # parallel table build either): 192x576 1.3 / 1.5 us against 2.0 / 2.1 (2 / 3 bits), 576x576 the
 # same; from M = 2 x threads the table build is parallel anyway and 2 chunks were as fast or
 # faster (M = 4, 576x576: 3.8 against 4.6 us), so the rule applies below that only.
@@ -665,9 +664,10 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     COPIES = UPK if PD and MI == 1 else 1  # sums per row block: units alternate between them
     # avx512 at M = 1 and 4 bits: two copies of the sums, consecutive K-blocks alternate between
     # them (the group loop is then not fully unrolled). Measured on Zen 5 (one thread, both
-    # compiled in one process, alternating rounds): windowed fit 4096x4096 cold 470 -> 250 us,
-    # 11008x4096 cold 1274 -> 633 us, hot 99 -> 97 us; free fit 4096x4096 cold 597 -> 529 us, hot
-    # 130 -> 115 us. At 2 and 3 bits the copies were 1-7% slower, so they stay single there.
+    # compiled in one process, alternating rounds, bit-identical output;
+    # reports/bench/zen5-ab-copies-s19.txt): windowed fit 4096x4096 cold 480 -> 250 us, hot 116 ->
+    # 106 us, 11008x4096 cold 1323 -> 733 us; free fit 4096x4096 cold 601 -> 531 us, hot 129 ->
+    # 123 us. At 2 and 3 bits the copies were 1-7% slower, so they stay single there.
     VC = 2 if avx512 and MI == 1 and BITS == 4 else 1
     WSIZE = NT * KV * (PV if PD else BITS) * W
     acc_t = "int32" if wide else "int16"

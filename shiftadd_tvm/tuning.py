@@ -424,6 +424,30 @@ class Runner:
         self._libs.clear()
 
 
+def _size_thread_pool(threads: int) -> int:
+    """Run this process's TVM kernels on ``threads`` threads (the target's cores) for local
+    measurements; returns the count in effect. Unset, TVM's pool has half the logical CPUs on x86
+    (one on a 2-vCPU machine), so the thread knobs (``n_chunks``, ``build_parallel``) were timed
+    on one thread and the records did not hold on two (Zen 5: a tuned M=128 kernel 2.6x slower
+    than the default rule on two threads). The pool is created once per process; if it already
+    has fewer threads, says so."""
+    import tvm  # noqa: F401 - registers the runtime's thread-pool functions
+    import tvm_ffi
+
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)
+    got = int(tvm_ffi.get_global_func("runtime.NumThreads")())
+    if got != threads:
+        log.warning(
+            "measuring on %d TVM thread(s), not the target's %d: the thread knobs' records may not "
+            "hold there (start a fresh process with TVM_NUM_THREADS=%d)",
+            got,
+            threads,
+            threads,
+        )
+    return got
+
+
 def tune(
     configs: list[LutGemmConfig],
     target: dict,
@@ -465,11 +489,13 @@ def tune(
             "tune on a machine that has them (--rpc / --rpc-tracker) or for a target this CPU "
             "supports",
         )
+    measured_threads = _size_thread_pool(threads) if runner.remote is None else threads
     meta = {
         "target": target,
         "key": key,
         "cpu": _cpu_name(),
         "measured_with": runner.where,
+        "measured_threads": measured_threads,
         "source": "shiftadd-tvm tune (random search over the knobs of schedules/lut_gemm.py "
         "(kernel float) and schedules/lut_gemm_int8.py (kernel int8-<isa>))",
     }

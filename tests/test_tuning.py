@@ -249,6 +249,12 @@ def test_tune_int8_beside_float_and_tuned_kernels_match_reference(logs):
     path = logs / "llvm_znver4_2c.json"
     records = json.loads(path.read_text())["records"]
     assert sorted(r["kernel"] for r in records) == ["float", "int8-avx512", "int8-avx512"]
+    # the log says how many threads the candidates ran on: the pool tune() sized (2 cores), or
+    # fewer when this process's pool existed already (then it warned)
+    import tvm_ffi
+
+    threads = int(tvm_ffi.get_global_func("runtime.NumThreads")())
+    assert json.loads(path.read_text())["measured_threads"] == threads
     db = tuning.Database(path)
     assert db.get(cfgs[1])["kernel"] == "float"
     for cfg in cfgs:
