@@ -1004,6 +1004,10 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         """avx512: the int32 sums of copy c (``VC``), plane b, row mi, nibble hh (16 rows each)."""
         return tirx.Ramp((((c * BITS + b) * MI + mi) * 2 + hh) * 16, 1, 16)
 
+    def vbmi_table(task, mi, g, kq):
+        """avx512: the first byte of the 64-byte table (4 quads) of K-block kq of group g, row mi."""
+        return (((task // NC) * MI + mi) * (KP // 16) + g * VPG + kq) * 64
+
     def vbmi_weights(task, tt, g, kq, b):
         """avx512: the 64 weight bytes of K-block kq of group g, plane b, of the task's tile tt."""
         return tirx.Ramp(((((task % NC) * TPC + tt) * KV + g * VPG + kq) * BITS + b) * 64, 1, 64)
@@ -1028,13 +1032,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                                     1 - h,
                                     lookup_avx512(
                                         tab,
-                                        (
-                                            ((task // NC) * MI + mi) * (KP // 16)
-                                            + g * VPG
-                                            + kq2 * VC
-                                            + c
-                                        )
-                                        * 64,  # fmt: skip
+                                        vbmi_table(task, mi, g, kq2 * VC + c),
                                         w[vbmi_weights(task, tt, g, kq2 * VC + c, b)],
                                         1 - h,
                                     ),

@@ -73,18 +73,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def set_tvm_threads(n: int) -> int:
-    """Resize TVM's CPU thread pool in this process; returns the thread count TVM reports.
+def resize_tvm_pool(n: int) -> int:
+    """Ask TVM's CPU thread pool in this process for ``n`` threads; returns the count it reports.
 
     TVM creates the pool once per process with ``TVM_NUM_THREADS`` workers (default on x86: half
-    the logical CPUs, i.e. 1 on a 2-vCPU machine) and cannot grow it later, so a larger ``n`` is
-    refused instead of being measured as fewer threads."""
+    the logical CPUs, i.e. 1 on a 2-vCPU machine) and cannot grow it later."""
+    import tvm  # noqa: F401 - registers the runtime's thread-pool functions
     import tvm_ffi
 
+    tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)  # 1 = big cores (all, here)
+    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
+
+
+def set_tvm_threads(n: int) -> int:
+    """``resize_tvm_pool``, refusing a count the pool cannot give instead of measuring fewer
+    threads; returns the thread count TVM reports."""
     from .errors import ConfigError
 
-    tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)  # 1 = big cores (all, here)
-    got = int(tvm_ffi.get_global_func("runtime.NumThreads")())
+    got = resize_tvm_pool(n)
     if got != n:
         raise ConfigError(
             f"TVM's thread pool runs {got} thread(s), not {n}: it is sized once per process; "

@@ -431,12 +431,10 @@ def _size_thread_pool(threads: int) -> int:
     on one thread and the records did not hold on two (Zen 5: a tuned M=128 kernel 2.6x slower
     than the default rule on two threads). The pool is created once per process; if it already
     has fewer threads, says so."""
-    import tvm  # noqa: F401 - registers the runtime's thread-pool functions
-    import tvm_ffi
+    from .bench_kernel import resize_tvm_pool
 
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
-    tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)
-    got = int(tvm_ffi.get_global_func("runtime.NumThreads")())
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # sizes the pool if none exists yet
+    got = resize_tvm_pool(threads)
     if got != threads:
         log.warning(
             "measuring on %d TVM thread(s), not the target's %d: the thread knobs' records may not "
