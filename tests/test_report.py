@@ -111,12 +111,15 @@ def test_eval_json_terms_name_every_plane():
 
 
 def test_bench_model_scale_window_names_its_fit_and_artifact():
-    """bench model --scale-window 8 fits and builds apart from the free-exponent cache (whose
-    names are unchanged, so existing caches are still found)."""
+    """bench model --scale-window 8 fits and builds apart from the free-exponent cache, and
+    compile's default terms (auto) apart from 3 terms on every plane (whose names are unchanged,
+    so caches from before are still found with --terms 3)."""
     from shiftadd_tvm.bench_model import BuildSpec
 
-    free, windowed = BuildSpec(), BuildSpec(scale_window=8)
-    assert free.artifact_name() == "smollm2-b3-float16head-ctx256-t1-128-rot.so"
-    assert free.fit_digest() == "f1712561cd5d-rot"  # the digest caches were written under
+    three, free, windowed = BuildSpec(terms=3), BuildSpec(), BuildSpec(scale_window=8)
+    assert three.artifact_name() == "smollm2-b3-float16head-ctx256-t1-128-rot.so"
+    assert three.fit_digest() == "f1712561cd5d-rot"  # the digest caches were written under
+    assert free.terms == "auto" and "-termsauto-" in free.artifact_name()
+    assert free.fit_digest() != three.fit_digest()
     assert "-sw8-" in windowed.artifact_name()
     assert windowed.fit_digest() != free.fit_digest()
