@@ -159,7 +159,7 @@ class Database:
     def get_other_terms(self, cfg: LutGemmConfig, kernel: str) -> dict | None:
         """A record of ``kernel`` for ``cfg``'s shapes, bits, group size and scale form with other
         term counts (e.g. tuned with ``--terms auto`` and built with 3 on every plane), or None;
-        the widest such plan first."""
+        of several, the one with the most term slots."""
         fields = ("m", "n", "k", "bits", "group_size", "shared_exp")
         same = []
         for (fam, _), r in self.records.items():
