@@ -309,6 +309,9 @@ def run(args) -> dict:
     if args.artifact:
         artifact = Path(args.artifact)
     else:
+        from .quant import terms_kwargs
+
+        terms_kwargs(args.terms)  # a bad --terms fails here, not after the calibration
         spec = BuildSpec(
             bits=args.bits,
             head_bits=args.head_bits,
