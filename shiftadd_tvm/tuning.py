@@ -141,9 +141,14 @@ class Database:
     def __init__(self, path: Path):
         self.path = path
         self.records: dict[tuple[str, str], dict] = {}
+        # threads the records were measured on: ``measured_threads`` (tune writes it since session
+        # 19), else the cores of the log's target (older logs; what they were tuned for)
+        self.threads: int | None = None
         if path.is_file():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
+                measured = data.get("measured_threads") or data.get("target", {}).get("num-cores")
+                self.threads = int(measured) if measured else None
                 for r in data["records"]:
                     r = {"kernel": r.get("kernel", FLOAT), **r}
                     self.records[(r["kernel"], _config_key(r["config"]))] = r
@@ -185,11 +190,27 @@ class Database:
         write_text_atomic(self.path, json.dumps(body, indent=1) + "\n")
 
 
-def _lookup(cfg: LutGemmConfig, db: Database | None, kernel: str, knobs_type, default, borrow=True):
-    """(knobs, how): ``cfg``'s record of the ``kernel`` family if it fits, else ``default``.
-    ``borrow=False``: a shared-exponent config does not take the per-term config's record."""
+def _lookup(
+    cfg: LutGemmConfig,
+    db: Database | None,
+    kernel: str,
+    knobs_type,
+    default,
+    threads: int,
+    borrow: bool = True,
+):
+    """(knobs, how): ``cfg``'s record of the ``kernel`` family if it fits, else ``default``
+    (the default rule for ``threads``). ``borrow=False``: a shared-exponent config does not take
+    the per-term config's record. Records measured on another thread count than ``threads`` are
+    not used: the thread knobs of a two-thread record ran 10-20% slower on one thread than the
+    one-thread rule (Zen 5, ``bench kernel`` M = 8 and 128 on the default model's shapes)."""
     if db is None:
         return default, "default rule (no tuning log for this target)"
+    if db.threads is not None and db.threads != threads:
+        return default, (
+            f"default rule ({db.path.name} was measured on {db.threads} thread(s), this kernel "
+            f"runs on {threads})"
+        )
     rec, note = db.get(cfg, kernel), ""
     if rec is None and (cfg.plane_terms or cfg.shared_exp) and (borrow or not cfg.shared_exp):
         # a per-plane plan or a shared exponent changes only the epilogue: the record of the same
@@ -215,7 +236,7 @@ def _lookup(cfg: LutGemmConfig, db: Database | None, kernel: str, knobs_type, de
 def lookup_knobs(cfg: LutGemmConfig, db: Database | None, threads: int):
     """(knobs, how) for ``cfg``'s float-table kernel: the tuned record, else the default rule
     with the reason."""
-    return _lookup(cfg, db, FLOAT, LutGemmKnobs, default_knobs(cfg, threads))
+    return _lookup(cfg, db, FLOAT, LutGemmKnobs, default_knobs(cfg, threads), threads)
 
 
 def lookup_int8_knobs(cfg: LutGemmConfig, db: Database | None, threads: int, isa: str):
@@ -226,7 +247,7 @@ def lookup_int8_knobs(cfg: LutGemmConfig, db: Database | None, threads: int, isa
     # registers, one sum per row), so the per-term kernel's knobs do not carry over (VBMI's
     # variant only changes the epilogue)
     borrow = not (isa == "avx512bw" and cfg.shared_exp)
-    return _lookup(cfg, db, int8_family(isa), Int8Knobs, default, borrow)
+    return _lookup(cfg, db, int8_family(isa), Int8Knobs, default, threads, borrow)
 
 
 # ----------------------------------------------------------------------------- CUDA records

@@ -175,17 +175,45 @@ def test_database_float_and_int8_records_coexist_and_old_logs_load(logs):
     assert tuning.lookup_knobs(cfg, db, 2)[1].startswith("tuned")  # the float record is intact
 
 
-def test_shipped_log_loads():
-    path = Path(tuning.__file__).resolve().parents[1] / "tuning_logs" / "llvm_znver4_2c.json"
+def test_records_hold_only_on_the_thread_count_they_were_measured_on(logs):
+    """A record's thread knobs were timed on the log's ``measured_threads`` (else its target's
+    cores): on another thread count the kernel takes that count's default rule, and says why."""
+    cfg = LutGemmConfig(8, 64, 256, 3, 128, 3)
+    chosen = L.Int8Knobs(m_inner=2, n_chunks=2, build_parallel=False)
+    rec = {"kernel": "int8-avx512", "config": vars(cfg), "knobs": vars(chosen), "us": 3.0}
+    path = logs / "llvm_znver5_2c.json"
+    tuning.Database(path).put(cfg, {**rec, "default_us": 4.0}, {"target": ZEN4})
     db = tuning.Database(path)
-    assert db.records and all(k[0] in ("float", "int8-avx512") for k in db.records)
+    assert db.threads == ZEN4["num-cores"] == 2  # no measured_threads: the target's cores
+    assert tuning.lookup_int8_knobs(cfg, db, 2, "avx512")[0] == chosen
+    kn, how = tuning.lookup_int8_knobs(cfg, db, 1, "avx512")
+    assert kn == L.default_int8_knobs(cfg, "avx512", 1) != chosen
+    assert how == (
+        "default rule (llvm_znver5_2c.json was measured on 2 thread(s), this kernel runs on 1)"
+    )
+    # a log tuned on one thread for a two-core target (the withdrawn Zen 5 log of session 19)
+    db.put(cfg, {**rec, "default_us": 4.0}, {"target": ZEN4, "measured_threads": 1})
+    db = tuning.Database(path)
+    assert tuning.lookup_int8_knobs(cfg, db, 1, "avx512")[0] == chosen
+    kn, how = tuning.lookup_int8_knobs(cfg, db, 2, "avx512")
+    assert kn == L.default_int8_knobs(cfg, "avx512", 2) and "measured on 1 thread(s)" in how
+
+
+@pytest.mark.parametrize("name", ["llvm_znver4_2c", "llvm_znver5_2c", "llvm_cascadelake_2c"])
+def test_shipped_log_loads(name):
+    """Every record of a shipped CPU log is what compile() takes for its kernel on the log's
+    target (two cores; Zen 5's log says it was measured on two threads)."""
+    path = Path(tuning.__file__).resolve().parents[1] / "tuning_logs" / f"{name}.json"
+    db = tuning.Database(path)
+    assert db.records and db.threads == 2
     for (kernel, _), rec in db.records.items():
         cfg = LutGemmConfig(**rec["config"])
         if kernel == "float":
             kn, how = tuning.lookup_knobs(cfg, db, 2)
         else:
-            kn, how = tuning.lookup_int8_knobs(cfg, db, 2, "avx512")
+            kn, how = tuning.lookup_int8_knobs(cfg, db, 2, kernel.removeprefix("int8-"))
         assert how.startswith("tuned"), how
+        assert dataclasses.asdict(kn) == rec["knobs"]
 
 
 def _run_int8(cfg, knobs, seed=0, isa="avx512", target=ZEN4):
@@ -407,15 +435,24 @@ def test_tune_times_per_plane_terms_on_this_cpus_int8_kernel(logs):
 
 def test_a_regular_install_carries_the_shipped_logs(tmp_path):
     """A non-editable install (no repository beside the package) finds the shipped logs as package
-    data, so compile() on those CPUs gets the tuned schedules there too."""
+    data, so compile() on those CPUs gets the tuned schedules there too. Installed from a copy of
+    the packaged folders: setuptools reuses a checkout's ``build/lib``, so a stale one (say, with
+    a log since removed) would be installed instead of the tree under test."""
+    import shutil
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("shiftadd_tvm", "passes", "schedules", "tuning_logs"):
+        shutil.copytree(repo / folder, src / folder, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, src / name)
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
-        + ["-t", str(target), str(repo)],
+        + ["-t", str(target), str(src)],
         check=True,
         capture_output=True,
     )
