@@ -141,8 +141,9 @@ class Database:
     def __init__(self, path: Path):
         self.path = path
         self.records: dict[tuple[str, str], dict] = {}
-        # threads the records were measured on: ``measured_threads`` (tune writes it since session
-        # 19), else the cores of the log's target (older logs; what they were tuned for)
+        # threads the records were measured on, where a record does not say (its ``threads``):
+        # the log's ``measured_threads`` (tune writes it since session 19), else the cores of the
+        # log's target (older logs; what they were tuned for)
         self.threads: int | None = None
         if path.is_file():
             try:
@@ -206,11 +207,6 @@ def _lookup(
     one-thread rule (Zen 5, ``bench kernel`` M = 8 and 128 on the default model's shapes)."""
     if db is None:
         return default, "default rule (no tuning log for this target)"
-    if db.threads is not None and db.threads != threads:
-        return default, (
-            f"default rule ({db.path.name} was measured on {db.threads} thread(s), this kernel "
-            f"runs on {threads})"
-        )
     rec, note = db.get(cfg, kernel), ""
     if rec is None and (cfg.plane_terms or cfg.shared_exp) and (borrow or not cfg.shared_exp):
         # a per-plane plan or a shared exponent changes only the epilogue: the record of the same
@@ -224,6 +220,14 @@ def _lookup(
     if rec is None:
         family = "" if kernel == FLOAT else f"{kernel} "
         return default, f"default rule (no {family}record for this kernel)"
+    measured = rec.get(
+        "threads", db.threads
+    )  # the record's own count (tune writes it), else the log's
+    if measured is not None and measured != threads:
+        return default, (
+            f"default rule (the record in {db.path.name} was measured on {measured} thread(s), "
+            f"this kernel runs on {threads})"
+        )
     try:
         kn = knobs_type(**rec["knobs"])
         kn.validate(cfg)
@@ -593,6 +597,7 @@ def tune(
                 "us": times[best],
                 "default_us": default_us,
                 "trials": len(cands),
+                "threads": measured_threads,
             }
             db.put(cfg, rec, meta)
             summary["kernels"].append({**rec, "name": cfg.name})

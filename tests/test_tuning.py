@@ -189,7 +189,8 @@ def test_records_hold_only_on_the_thread_count_they_were_measured_on(logs):
     kn, how = tuning.lookup_int8_knobs(cfg, db, 1, "avx512")
     assert kn == L.default_int8_knobs(cfg, "avx512", 1) != chosen
     assert how == (
-        "default rule (llvm_znver5_2c.json was measured on 2 thread(s), this kernel runs on 1)"
+        "default rule (the record in llvm_znver5_2c.json was measured on 2 thread(s), this "
+        "kernel runs on 1)"
     )
     # a log tuned on one thread for a two-core target (the withdrawn Zen 5 log of session 19)
     db.put(cfg, {**rec, "default_us": 4.0}, {"target": ZEN4, "measured_threads": 1})
@@ -197,6 +198,11 @@ def test_records_hold_only_on_the_thread_count_they_were_measured_on(logs):
     assert tuning.lookup_int8_knobs(cfg, db, 1, "avx512")[0] == chosen
     kn, how = tuning.lookup_int8_knobs(cfg, db, 2, "avx512")
     assert kn == L.default_int8_knobs(cfg, "avx512", 2) and "measured on 1 thread(s)" in how
+    # a record's own count wins over the log's (a log holds the records of several tune runs)
+    db.put(cfg, {**rec, "default_us": 4.0, "threads": 2}, {"target": ZEN4, "measured_threads": 1})
+    db = tuning.Database(path)
+    assert tuning.lookup_int8_knobs(cfg, db, 2, "avx512")[0] == chosen
+    assert "measured on 2 thread(s)" in tuning.lookup_int8_knobs(cfg, db, 1, "avx512")[1]
 
 
 @pytest.mark.parametrize("name", ["llvm_znver4_2c", "llvm_znver5_2c", "llvm_cascadelake_2c"])
@@ -288,7 +294,8 @@ def test_tune_int8_beside_float_and_tuned_kernels_match_reference(logs):
     for cfg in cfgs:
         rec = db.get(cfg, "int8-avx512")
         assert 0 < rec["us"] <= rec["default_us"] < float("inf") and rec["trials"] == 3
-        kn, how = tuning.lookup_int8_knobs(cfg, db, 2, "avx512")
+        assert rec["threads"] == threads  # each record says it too
+        kn, how = tuning.lookup_int8_knobs(cfg, db, threads, "avx512")
         assert kn == L.Int8Knobs(**rec["knobs"]) and how.startswith("tuned")
     # the rerun skips both families' records
     assert tuning.tune(cfgs, ZEN4, trials=3, progress=False)["kernels"] == []
@@ -490,7 +497,8 @@ def test_tune_times_the_shared_exponent_kernel_with_its_own_records(logs):
     assert rec is not None and 0 < rec["us"] <= rec["default_us"] < float("inf")
     per_term = LutGemmConfig(8, 64, 256, 3, 128, 3, (3, 2, 2))
     assert db.get(per_term, f"int8-{isa}") is None
-    kn, how = tuning.lookup_int8_knobs(cfg, db, 2, isa)
+    # on the thread count it was measured on (fewer than 2 where this process's pool existed)
+    kn, how = tuning.lookup_int8_knobs(cfg, db, rec["threads"], isa)
     assert how.startswith("tuned") and kn == L.Int8Knobs(**rec["knobs"])
 
 
