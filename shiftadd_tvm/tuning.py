@@ -132,6 +132,14 @@ def _config_key(config: dict) -> str:
     return LutGemmConfig(**config).to_json()
 
 
+def _log_threads(meta: dict) -> int | None:
+    """Threads a log's records were measured on where a record does not say (its ``threads``):
+    the log's ``measured_threads`` (tune writes it since session 19), else the cores of the log's
+    target (older logs; what they were tuned for)."""
+    measured = meta.get("measured_threads") or meta.get("target", {}).get("num-cores")
+    return int(measured) if measured else None
+
+
 class Database:
     """Tuning records of one target: ``{(kernel family, config JSON): record}``, saved atomically.
 
@@ -141,15 +149,11 @@ class Database:
     def __init__(self, path: Path):
         self.path = path
         self.records: dict[tuple[str, str], dict] = {}
-        # threads the records were measured on, where a record does not say (its ``threads``):
-        # the log's ``measured_threads`` (tune writes it since session 19), else the cores of the
-        # log's target (older logs; what they were tuned for)
-        self.threads: int | None = None
+        self.threads: int | None = None  # (_log_threads)
         if path.is_file():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                measured = data.get("measured_threads") or data.get("target", {}).get("num-cores")
-                self.threads = int(measured) if measured else None
+                self.threads = _log_threads(data)
                 for r in data["records"]:
                     r = {"kernel": r.get("kernel", FLOAT), **r}
                     self.records[(r["kernel"], _config_key(r["config"]))] = r
@@ -182,6 +186,7 @@ class Database:
             "config": json.loads(cfg.to_json()),
         }
         self.records[(record["kernel"], cfg.to_json())] = record
+        self.threads = _log_threads(meta)  # the file's meta is now ``meta``
         body = {
             **meta,
             "records": sorted(
@@ -220,9 +225,8 @@ def _lookup(
     if rec is None:
         family = "" if kernel == FLOAT else f"{kernel} "
         return default, f"default rule (no {family}record for this kernel)"
-    measured = rec.get(
-        "threads", db.threads
-    )  # the record's own count (tune writes it), else the log's
+    # the record's own thread count (tune writes it), else the log's
+    measured = rec.get("threads", db.threads)
     if measured is not None and measured != threads:
         return default, (
             f"default rule (the record in {db.path.name} was measured on {measured} thread(s), "
@@ -462,10 +466,12 @@ def _size_thread_pool(threads: int) -> int:
     got = resize_tvm_pool(threads)
     if got != threads:
         log.warning(
-            "measuring on %d TVM thread(s), not the target's %d: the thread knobs' records may not "
-            "hold there (start a fresh process with TVM_NUM_THREADS=%d)",
+            "measuring on %d TVM thread(s), not the target's %d: the records will hold only on %d "
+            "thread(s), not for this target's kernels (start a fresh process with "
+            "TVM_NUM_THREADS=%d)",
             got,
             threads,
+            got,
             threads,
         )
     return got

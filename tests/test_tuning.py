@@ -393,8 +393,6 @@ def test_record_of_other_term_counts_is_used(tmp_path):
     """A kernel built with other term counts than the tuned one (tuned with --terms auto, built
     with 3 on every plane) takes the record of the same shapes and scale form, and says so; a
     record of other shapes or of the other scale form (avx512bw) does not stand in."""
-    import dataclasses
-
     path = tmp_path / "log.json"
     db = tuning.Database(path)
     tuned = LutGemmConfig(1, 576, 576, 3, 128, 3, (3, 2, 2), True)
