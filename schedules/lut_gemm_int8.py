@@ -78,10 +78,10 @@ bits), and the epilogue is one conversion, one exponent add of ``(E + SHIFT) << 
 multiply-add by the table scale per 16 rows, instead of one exponent add and one add per term.
 ``c_b`` is still a sum of the plane's power-of-two terms (shifts of the lookups); the byte operand
 applies them in the instruction that already adds the lookups. Codes: ``PAD`` words, per tile and
-group the 32 rows' exponent words (as a term's) and then each plane's 32 bytes ``|c_b|``, then
-``PAD`` words (a plane's bytes are loaded as 64 and expanded to the ``p = 4r + t`` layout with one
-``vpermb`` per half). Compiled and checked against the model's asm shape on x86 hosts; run only on
-hosts with VBMI.
+group the 32 rows' exponent words (as a term's) and then each plane's 32 bytes ``|c_b|`` (at 2 bits
+followed by ``GAP_WORDS`` zero words, ``code_gap``), then ``PAD`` words (a plane's bytes are loaded
+as 64 and expanded to the ``p = 4r + t`` layout with one ``vpermb`` per half). Compiled and checked
+against the model's asm shape on x86 hosts; run only on hosts with VBMI.
 
 AVX-512 BW + VNNI, shared exponent (``isa="avx512bw"``, ``cfg.shared_exp``; no VBMI needed)
     An in-lane ``vpshufb`` looks up one table per 128-bit lane, and ``vpdpbusd`` adds the 4 bytes
@@ -155,6 +155,16 @@ PARALLEL_MIN_BYTES = 512 << 10
 BW_MAX_GROUP = 2048  # avx512bw: a (row, group)'s biased byte sums must fit 16 bits
 _WIDE = ("avx512", "avx512bw")  # 64-byte weight vectors of 4 quads, int32 group sums
 PD_PLANES = 4  # avx512bw shared exponent: the bytes of one int32 (one row, 4 planes)
+# Zero words after each (tile, group)'s codes of the avx512 shared-exponent kernel at 2 bits
+# (``code_gap``): 136 bytes per group instead of 128. Measured on Zen 5 (one process, alternating
+# rounds, same weights, bit-identical output; reports/bench/zen5-code-gap-s21.txt): weights
+# streamed from DRAM (cold), 4096x4096 M = 1 one thread 1.22-1.33x faster in five runs (e.g.
+# 176.6 -> 135.2 us), two threads 1.18-1.23x, 11008x4096 1.26-1.32x; hot (L3) and the default
+# model's 576-wide shapes unchanged (0.98-1.02x). Not understood: a plain read of two streams with
+# the same strides is as fast at 128 as at 136 bytes; 3 and 4 bits (160 and 192 bytes) gained
+# nothing consistent (0.95-1.13x), nor did the per-term kernel (1.04-1.10x cold at 4096 and
+# 11008 columns, 0.87-1.07x at the model's shapes), so only 2 bits has the gap.
+GAP_WORDS = 4
 
 
 def pd_planes(cfg: LutGemmConfig) -> int:
@@ -531,13 +541,14 @@ def _exp_words(exps, cfg: LutGemmConfig, nt: int) -> np.ndarray:
 
 def _shared_codes(exps, mult, cfg: LutGemmConfig, nt: int) -> np.ndarray:
     """The shared-exponent kernel's int16 words: ``PAD`` zeros, then per tile and group the 32
-    rows' exponent deltas (as ``encode_deltas``) and each plane's 32 byte weights ``|c|``, then
-    ``PAD`` zeros (a plane's 64-byte load reads past its 32 bytes)."""
+    rows' exponent deltas (as ``encode_deltas``), each plane's 32 byte weights ``|c|`` and
+    ``code_gap`` zeros, then ``PAD`` zeros (a plane's 64-byte load reads past its 32 bytes)."""
     c = np.zeros((cfg.bits, nt * ROWS, cfg.groups), np.uint8)  # pad rows: weight 0
     c[:, : exps.shape[0]] = mult
     c = c.reshape(cfg.bits, nt, ROWS, cfg.groups).transpose(1, 3, 0, 2)  # [nt, G, bits, 32]
     words = np.ascontiguousarray(c).reshape(nt, cfg.groups, cfg.bits * ROWS).view(np.int16)
-    per_group = np.concatenate([_exp_words(exps, cfg, nt), words], axis=-1)  # [nt, G, SW]
+    gap = np.zeros((nt, cfg.groups, code_gap(cfg)), np.int16)
+    per_group = np.concatenate([_exp_words(exps, cfg, nt), words, gap], axis=-1)  # [nt, G, SW]
     pad = np.zeros(PAD, np.int16)
     return np.concatenate([pad, per_group.reshape(-1), pad])
 
@@ -564,10 +575,16 @@ def _pd_codes(exps, mult, cfg: LutGemmConfig, nt: int) -> np.ndarray:
     return np.concatenate([np.zeros(PAD, np.int16), per_group.reshape(-1)])
 
 
+def code_gap(cfg: LutGemmConfig, isa: str = "avx512") -> int:
+    """Zero int16 words at the end of each (tile, group)'s codes (``GAP_WORDS``: the avx512
+    shared-exponent kernel at 2 bits only)."""
+    return GAP_WORDS if isa == "avx512" and cfg.shared_exp and cfg.bits == 2 else 0
+
+
 def shared_words(cfg: LutGemmConfig, isa: str = "avx512") -> int:
-    """int16 words per (tile, group) of ``isa``'s shared-exponent layout."""
+    """int16 words per (tile, group) of ``isa``'s shared-exponent layout (``code_gap`` included)."""
     planes = pd_planes(cfg) if isa == "avx512bw" else cfg.bits
-    return ROWS + planes * ROWS // 2
+    return ROWS + planes * ROWS // 2 + code_gap(cfg, isa)
 
 
 # ----------------------------------------------------------------------------- numpy model

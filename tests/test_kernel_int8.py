@@ -397,6 +397,8 @@ SHARED_SHAPES = [
     (3, 100, 100, 4, 32, 3),
     (8, 33, 256, 1, 64, 3),
     (1, 70, 560, 4, 128, 3),  # M = 1, 4 bits: the avx512 kernel's two copies; ragged last group
+    (1, 70, 576, 2, 128, 3),  # 2 bits: the codes' gap (code_gap); ragged N and last group
+    (2, 64, 256, 2, 64, 2),
 ]
 
 
@@ -426,6 +428,12 @@ def test_shared_exponent_model(shape):
     _, codes = L.pack_int8(planes, scales, cfg, "avx512")
     nt = -(-cfg.n // L.ROWS)
     assert codes.size == 2 * L.PAD + nt * cfg.groups * L.shared_words(cfg)
+    gap = L.code_gap(cfg)
+    assert gap == (L.GAP_WORDS if cfg.bits == 2 else 0)
+    per_group = codes[L.PAD : -L.PAD].reshape(nt, cfg.groups, -1)
+    assert per_group.shape[-1] == L.ROWS + cfg.bits * L.ROWS // 2 + gap
+    assert not per_group[..., per_group.shape[-1] - gap :].any()  # the gap holds zeros
+    assert per_group[..., L.ROWS :].view(np.uint8)[..., : cfg.bits * L.ROWS].any()  # |c_b| bytes
     assert "x_m" in cfg.name and '"shared_exp": true' in cfg.to_json()
     assert "shared_exp" not in LutGemmConfig(*shape).to_json()  # old record keys unchanged
 
