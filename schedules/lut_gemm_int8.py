@@ -66,7 +66,8 @@ second half loads one word early, which the leading pad keeps in bounds) and one
 Measured at M=1 (4096x4096, 2/3/4 bits, speedup over the former one-byte codes with a select per
 plane, same run each): this 1.26/1.23/1.27x; int32 deltas (one ``vpaddd``, twice the bytes)
 1.17/1.17/1.04x; int16 widened by and/shift 1.19/1.20/1.16x; one byte decoded by
-sign-extend/shift/and 1.08/1.06/1.07x.
+sign-extend/shift/and 1.08/1.06/1.07x. At M = 1 the ``avx512`` kernel prefetches every line of
+the next group's codes at the start of each group (``PREFETCH_CODES``).
 
 Shared exponent (``cfg.shared_exp``, AVX-512 only): when every (row, group)'s scales are
 ``c_b * 2^E`` with integers ``|c_b| <= 255`` (``packing.shared_exponent_form``; a fit with
@@ -165,6 +166,9 @@ PD_PLANES = 4  # avx512bw shared exponent: the bytes of one int32 (one row, 4 pl
 # nothing consistent (0.95-1.13x), nor did the per-term kernel (1.04-1.10x cold at 4096 and
 # 11008 columns, 0.87-1.07x at the model's shapes), so only 2 bits has the gap.
 GAP_WORDS = 4
+# The avx512 per-term kernel at M = 1 prefetches the next group's codes (``make_int8_primfunc``,
+# ``PREFETCH_CODES``: the measurements); False builds it without (for A/B runs).
+PREFETCH_NEXT_CODES = True
 
 
 def pd_planes(cfg: LutGemmConfig) -> int:
@@ -686,6 +690,16 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     # 106 us, 11008x4096 cold 1323 -> 733 us; free fit 4096x4096 cold 601 -> 531 us, hot 129 ->
     # 123 us. At 2 and 3 bits the copies were 1-7% slower, so they stay single there.
     VC = 2 if avx512 and MI == 1 and BITS == 4 else 1
+    # avx512 per-term kernel at M = 1: at the start of each group, prefetch (prefetcht0) every
+    # line of the next group's codes (NTERM lines of 64 bytes; they are 27-34% of its bytes).
+    # Measured on Zen 5 (one process, alternating rounds, same weights; reports/bench/
+    # zen5-prefetch-codes-s21.txt): weights from DRAM 4096x4096 one thread 268 -> 166 / 377 -> 230
+    # / 536 -> 272 us at 2 / 3 / 4 bits (52-55% -> 85-100% of the DRAM floor), 11008x4096
+    # 1.65-1.97x, two threads 1.32-1.39x, the model's 1536x576 and 576x1536 1.11-1.58x, its
+    # smaller shapes unchanged; hot (L3) 0.95-1.01x. Not at M > 1 (M = 8: 0.76-1.18x, M = 128:
+    # 0.91x) nor in the shared-exponent kernel (its codes are 9-12% of the bytes: 0.96-1.01x);
+    # every other line only, or distances of 2 and 4 groups, gave less.
+    PREFETCH_CODES = PREFETCH_NEXT_CODES and avx512 and not SHARED and M == 1
     WSIZE = NT * KV * (PV if PD else BITS) * W
     acc_t = "int32" if wide else "int16"
     # avx512bw (per term): entries + 128 (module docstring)
@@ -1030,9 +1044,34 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         return tirx.Ramp(((((task % NC) * TPC + tt) * KV + g * VPG + kq) * BITS + b) * 64, 1, 64)
 
     @T.macro
+    def prefetch_codes(dl, task, tt, g):
+        """Prefetch the lines of the next (tile, group)'s codes (``PREFETCH_CODES``); past the
+        last group the address is clamped to the buffer's last word."""
+        if PREFETCH_CODES:
+            for ln in T.unroll(SW * 2 // 64):
+                T.evaluate(
+                    T.call_llvm_intrin(
+                        "void",
+                        "llvm.prefetch.p0",
+                        T.address_of(
+                            dl[
+                                T.min(
+                                    (((task % NC) * TPC + tt) * G + g + 1) * SW + PAD + ln * 32,
+                                    DSIZE - 1,
+                                )
+                            ]
+                        ),
+                        T.int32(0),  # read
+                        T.int32(3),  # locality 3: prefetcht0
+                        T.int32(1),  # data
+                    )
+                )
+
+    @T.macro
     def vbmi_group(acc, mv, tab, w, dl, task, tt, g):
         """avx512: the group's lookups, vpermb over 4 quads' tables, vpdpbusd into int32. With
         ``VC`` copies of the sums, consecutive K-blocks alternate between them."""
+        prefetch_codes(dl, task, tt, g)
         load_mults(dl, mv, task, tt, g)
         for kq2 in range((n_kq(g) + VC - 1) // VC):
             for c in T.unroll(VC):

@@ -456,6 +456,24 @@ def test_shared_exponent_refusals():
         )
 
 
+def test_per_term_kernel_prefetches_next_codes_at_m1(monkeypatch):
+    """Compile-only (any x86 host): the avx512 per-term kernel at M = 1 prefetches every line of
+    the next group's codes (one prefetcht0 per term slot, PREFETCH_CODES); at M = 8, in the
+    shared-exponent kernel and with the switch off it does not."""
+
+    def prefetches(cfg):
+        func = L.make_int8_primfunc(cfg, None, "avx512")
+        ex = tvm.compile(tvm.IRModule({"k": func}), target=tvm.target.Target(TARGETS["avx512"]))
+        return len(re.findall(r"\bprefetcht0\b", ex.mod.inspect_source("asm")))
+
+    m1 = LutGemmConfig(1, 64, 512, 3, 128, 3, (3, 2, 2))
+    assert prefetches(m1) >= sum(m1.term_counts)  # 7 lines of 64 bytes per group
+    assert prefetches(LutGemmConfig(8, 64, 512, 3, 128, 3, (3, 2, 2))) == 0
+    assert prefetches(LutGemmConfig(1, 64, 512, 3, 128, 3, (3, 2, 2), shared_exp=True)) == 0
+    monkeypatch.setattr(L, "PREFETCH_NEXT_CODES", False)
+    assert prefetches(m1) == 0
+
+
 def test_shared_exponent_kernel_compiles_to_one_shift_per_group():
     """Compile-only (runs on any x86 host): the shared-exponent kernel's group loop applies one
     masked exponent add per 16 rows, where the per-term kernel applies one per term."""
