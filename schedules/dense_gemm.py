@@ -37,6 +37,22 @@ class DenseGemmConfig:
 WEIGHT_DTYPES = ("float32", "float16")
 
 
+def prefetch_read(address):
+    """``llvm.prefetch`` of the cache line at ``address``: a read, kept in every cache level
+    (``prefetcht0`` on x86), data. Wrap in ``T.evaluate``; the address must lie in its buffer."""
+    from tvm import tirx
+
+    i32 = "int32"
+    return tirx.call_llvm_intrin(
+        "void",
+        "llvm.prefetch.p0",
+        address,
+        tirx.const(0, i32),
+        tirx.const(3, i32),
+        tirx.const(1, i32),
+    )
+
+
 def reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """float64 ``x @ W.T`` of the values as stored (a float16 ``W`` is widened exactly)."""
     return np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
@@ -140,18 +156,13 @@ def make_gemv_primfunc(
                         acc[u, v] = T.float32(0)
                 for line in range(LINES):  # the tile AHEAD rows on (clamped: any valid address)
                     T.evaluate(
-                        T.call_llvm_intrin(
-                            "void",
-                            "llvm.prefetch.p0",
+                        prefetch_read(
                             T.address_of(
                                 w[
                                     T.min(nt * U + AHEAD + (line * per_line) // K, N - 1),
                                     (line * per_line) % K,
                                 ]
-                            ),
-                            T.int32(0),  # read
-                            T.int32(3),  # keep in all cache levels
-                            T.int32(1),  # data
+                            )
                         )
                     )
                 for ko in range(KV):

@@ -134,6 +134,7 @@ import math
 
 import numpy as np
 
+from .dense_gemm import prefetch_read
 from .lut_gemm import LutGemmConfig
 from .packing import EXP_BIAS, MULT_MAX, shared_exponent_form
 
@@ -1050,9 +1051,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         if PREFETCH_CODES:
             for ln in T.unroll(SW * 2 // 64):
                 T.evaluate(
-                    T.call_llvm_intrin(
-                        "void",
-                        "llvm.prefetch.p0",
+                    prefetch_read(
                         T.address_of(
                             dl[
                                 T.min(
@@ -1060,10 +1059,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                                     DSIZE - 1,
                                 )
                             ]
-                        ),
-                        T.int32(0),  # read
-                        T.int32(3),  # locality 3: prefetcht0
-                        T.int32(1),  # data
+                        )
                     )
                 )
 
