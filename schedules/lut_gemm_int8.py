@@ -37,6 +37,11 @@ to the group size (activations past K read as 0):
     its high nibble those of row ``32nt + 16 + r``. The four 16-entry tables of quads ``4kq..4kq+3``
     form one 64-byte register; ``vpermb`` with index ``nibble | 16 t`` does 64 lookups and
     ``vpdpbusd`` with all-ones adds the 4 adjacent bytes (4 quads, one row) into int32.
+    K is split into chunks of whole scale groups whose tables take at most ``CHUNK_TABLE_BYTES``
+    per row of x (``k_chunks``: 2 chunks at K = 4096, group 128); the kernel loops over chunks
+    outside the tile loop (y = chunk 0's sums, then y += each later chunk's), and the weights and
+    codes are stored as records of one (tile, group), chunk-major (``stream_order``: per chunk,
+    tile by tile, the chunk's groups), so both stay one sequential stream.
 ``avx512bw`` (needs AVX-512 F/BW: Skylake-SP, Cascade Lake, ... without VBMI)
     ``w: uint8[NT, Kp/16, bits, 64]``: byte ``p = 32h + 2i + s`` of the vector for tile ``nt``,
     K-block ``kq``, plane b belongs to row ``32nt + 16s + i``; its low nibble holds the 4 bits of
@@ -170,6 +175,41 @@ GAP_WORDS = 4
 # The avx512 per-term kernel at M = 1 prefetches the next group's codes (``make_int8_primfunc``,
 # ``PREFETCH_CODES``: the measurements); False builds it without (for A/B runs).
 PREFETCH_NEXT_CODES = True
+# The avx512 kernel splits K into chunks whose tables (16 bytes per quad: 4 per column) take at
+# most this many bytes per row of x, loops over the chunks outside the tile loop, and stores its
+# weights and codes chunk-major (``k_chunks``, ``stream_order``; 0 = one chunk). Without the split
+# a tile streams its whole K (48 KiB at 4096 columns and 3 bits) between two reads of the same
+# table (16 KiB), so every table read missed L1 (K = 2048 ran 15% faster per byte than K = 4096).
+# Measured on Zen 5 (48 KiB L1; one process, alternating rounds, same weights, chunked against
+# one chunk; reports/bench/zen5-k-chunks-s22.txt): 4096x4096 M = 1 one thread, windowed fit, hot
+# 1.18 / 1.16 / 1.12x at 2 / 3 / 4 bits (3 bits 77.3 -> 66.9 us), cold 1.06-1.07x; default fit
+# hot 1.10-1.14x, cold 1.03-1.14x; 11008x4096 two threads hot 1.09-1.13x, cold 1.03-1.07x; M = 8
+# hot 1.00-1.05x, cold 1.15-1.24x; M = 128 1.02-1.09x. 4096 bytes gained less hot (1.02-1.16x),
+# 6144 about the same. Not measured on Zen 4 (32 KiB L1).
+CHUNK_TABLE_BYTES = 8192
+
+
+def k_chunks(cfg: LutGemmConfig, isa: str) -> int:
+    """K chunks of ``isa``'s kernel for ``cfg`` (``CHUNK_TABLE_BYTES``; 1 = no split). Chunks are
+    whole scale groups; the last may hold fewer."""
+    if isa != "avx512" or not CHUNK_TABLE_BYTES:
+        return 1
+    per_group = cfg.group_size // 4 * _TABLE_BYTES[isa]
+    gpc = max(1, CHUNK_TABLE_BYTES // per_group)  # groups per chunk
+    return -(-cfg.groups // gpc)
+
+
+def chunk_groups(cfg: LutGemmConfig, isa: str) -> int:
+    """Scale groups per K chunk (``k_chunks``); the last chunk may hold fewer."""
+    return -(-cfg.groups // k_chunks(cfg, isa))
+
+
+def stream_order(per_group: np.ndarray, cfg: LutGemmConfig, isa: str) -> np.ndarray:
+    """``[nt, G, ...]`` records (one per tile and scale group) in the order the kernel reads them:
+    per K chunk (``k_chunks``), tile by tile, the chunk's groups in order."""
+    gpc = chunk_groups(cfg, isa)
+    parts = [per_group[:, g0 : g0 + gpc] for g0 in range(0, cfg.groups, gpc)]
+    return np.concatenate([p.reshape(-1, *per_group.shape[2:]) for p in parts])
 
 
 def pd_planes(cfg: LutGemmConfig) -> int:
@@ -481,7 +521,8 @@ def pack_int8(
     if isa == "avx512":
         nib = _nibbles(planes, nt * ROWS).reshape(bits, nt, 2, 16, cfg.kp // 16, 4)
         v = nib.transpose(1, 4, 0, 3, 5, 2)  # [nt, kq, b, r, t, h]
-        w = (v[..., 0] | (v[..., 1] << 4)).astype(np.uint8).reshape(nt, cfg.kp // 16, bits, 64)
+        w = (v[..., 0] | (v[..., 1] << 4)).astype(np.uint8).reshape(nt, cfg.groups, -1)
+        w = stream_order(w, cfg, isa)
     elif isa == "avx512bw" and cfg.shared_exp:
         pp, lu, _ = pd_lookups(cfg)
         ql = pd_quads(pp)
@@ -524,7 +565,10 @@ def pack_int8(
     d = d.transpose(1, 3, 0, 4, 2)  # [nt, G, bits, terms, 32]
     # only each plane's present slots (cfg.term_counts), plane-major: [nt, G, sum(counts), 32]
     d = np.concatenate([d[:, :, b, :c] for b, c in enumerate(cfg.term_counts)], axis=2)
-    codes = np.concatenate([np.zeros(PAD, np.int16), encode_deltas(d).reshape(-1)])
+    d = encode_deltas(d).reshape(nt, cfg.groups, -1)
+    if isa == "avx512":
+        d = stream_order(d, cfg, isa)
+    codes = np.concatenate([np.zeros(PAD, np.int16), d.reshape(-1)])
     return np.ascontiguousarray(w).reshape(-1), codes  # 1-D args
 
 
@@ -555,7 +599,7 @@ def _shared_codes(exps, mult, cfg: LutGemmConfig, nt: int) -> np.ndarray:
     gap = np.zeros((nt, cfg.groups, code_gap(cfg)), np.int16)
     per_group = np.concatenate([_exp_words(exps, cfg, nt), words, gap], axis=-1)  # [nt, G, SW]
     pad = np.zeros(PAD, np.int16)
-    return np.concatenate([pad, per_group.reshape(-1), pad])
+    return np.concatenate([pad, stream_order(per_group, cfg, "avx512").reshape(-1), pad])
 
 
 def _pd_codes(exps, mult, cfg: LutGemmConfig, nt: int) -> np.ndarray:
@@ -701,6 +745,8 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     # 0.91x) nor in the shared-exponent kernel (its codes are 9-12% of the bytes: 0.96-1.01x);
     # every other line only, or distances of 2 and 4 groups, gave less.
     PREFETCH_CODES = PREFETCH_NEXT_CODES and avx512 and not SHARED and M == 1
+    KC = k_chunks(cfg, isa)  # K chunks, outside the tile loop (CHUNK_TABLE_BYTES)
+    GPC = chunk_groups(cfg, isa)  # groups per chunk
     WSIZE = NT * KV * (PV if PD else BITS) * W
     acc_t = "int32" if wide else "int16"
     # avx512bw (per term): entries + 128 (module docstring)
@@ -709,6 +755,15 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     DSIZE = PAD + NT * G * SW + (PAD if SHARED and not PD else 0)
     full_n = N % ROWS == 0
     build_loop = T.parallel if knobs.build_parallel else T.serial
+
+    def record(task, tt, g):
+        """Index of the (tile, group) record of the task's tile tt and group g in the weights and
+        codes as stored (avx512: chunk-major, ``stream_order``; otherwise tile-major)."""
+        nt = (task % NC) * TPC + tt
+        if KC == 1:
+            return nt * G + g
+        c = g // GPC
+        return c * GPC * NT + nt * T.min(GPC, G - c * GPC) + g - c * GPC
 
     def sgn(c, t):
         return tirx.Cast("float32", tirx.bitwise_and(tirx.shift_right(c, t), 1) * 2 - 1)
@@ -807,7 +862,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             for b in T.unroll(BITS):
                 for hh in T.unroll(2):
                     mv[T.Ramp((b * 2 + hh) * 64, 1, 64)] = expand_mults(
-                        dl, (((task % NC) * TPC + tt) * G + g) * SW, b, hh
+                        dl, record(task, tt, g) * SW, b, hh
                     )
 
     def shuffle(tab, tbase, wv, hi):
@@ -829,7 +884,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                 yacc[T.Ramp(mi * ROWS + h * 16, 1, 16)] = epilogue(
                     acc,
                     dl,
-                    (((task % NC) * TPC + tt) * G + g) * SW,
+                    record(task, tt, g) * SW,
                     mi * ROWS + h * 16,
                     h,
                     ls[((task // NC) * MI + mi) * G + g],
@@ -1018,15 +1073,22 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                 )
 
     @T.macro
-    def store_tile(y, yacc, ybuf, task, tt):
+    def store_tile(y, yacc, ybuf, task, tt, kc):
+        """y = the tile's sums (K chunk 0) or y + them (later chunks, ``k_chunks``)."""
         for mi in T.unroll(MI):
             if full_n:
-                y[(task // NC) * MI + mi, T.Ramp(((task % NC) * TPC + tt) * ROWS, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]  # fmt: skip
+                if kc == 0:
+                    y[(task // NC) * MI + mi, T.Ramp(((task % NC) * TPC + tt) * ROWS, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]  # fmt: skip
+                else:
+                    y[(task // NC) * MI + mi, T.Ramp(((task % NC) * TPC + tt) * ROWS, 1, ROWS)] = y[(task // NC) * MI + mi, T.Ramp(((task % NC) * TPC + tt) * ROWS, 1, ROWS)] + yacc[T.Ramp(mi * ROWS, 1, ROWS)]  # fmt: skip
             else:
                 ybuf[T.Ramp(0, 1, ROWS)] = yacc[T.Ramp(mi * ROWS, 1, ROWS)]
                 for r in range(ROWS):
                     if ((task % NC) * TPC + tt) * ROWS + r < N:
-                        y[(task // NC) * MI + mi, ((task % NC) * TPC + tt) * ROWS + r] = ybuf[r]  # fmt: skip
+                        if kc == 0:
+                            y[(task // NC) * MI + mi, ((task % NC) * TPC + tt) * ROWS + r] = ybuf[r]  # fmt: skip
+                        else:
+                            y[(task // NC) * MI + mi, ((task % NC) * TPC + tt) * ROWS + r] = y[(task // NC) * MI + mi, ((task % NC) * TPC + tt) * ROWS + r] + ybuf[r]  # fmt: skip
 
     def n_kq(g):
         """Weight vectors (K-blocks of 16) of group g: fewer in the last group of a ragged K."""
@@ -1042,7 +1104,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
 
     def vbmi_weights(task, tt, g, kq, b):
         """avx512: the 64 weight bytes of K-block kq of group g, plane b, of the task's tile tt."""
-        return tirx.Ramp(((((task % NC) * TPC + tt) * KV + g * VPG + kq) * BITS + b) * 64, 1, 64)
+        return tirx.Ramp(((record(task, tt, g) * VPG + kq) * BITS + b) * 64, 1, 64)
 
     @T.macro
     def prefetch_codes(dl, task, tt, g):
@@ -1055,7 +1117,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
                         T.address_of(
                             dl[
                                 T.min(
-                                    (((task % NC) * TPC + tt) * G + g + 1) * SW + PAD + ln * 32,
+                                    (record(task, tt, g) + 1) * SW + PAD + ln * 32,
                                     DSIZE - 1,
                                 )
                             ]
@@ -1249,12 +1311,13 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
             aux = T.alloc_buffer((AUX_N,), AUX_T, scope="local")
             yacc = T.alloc_buffer((MI * ROWS,), "float32", scope="local")
             ybuf = T.alloc_buffer((ROWS,), "float32", scope="local")
-            for tt in range(TPC):
-                if (task % NC) * TPC + tt < NT:
-                    for i in T.unroll(MI * 2):
-                        yacc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.float32(0), 16)
-                    for g in range(G):
-                        group(acc, aux, tab, w, dl, ls, yacc, task, tt, g)
-                    store_tile(y, yacc, ybuf, task, tt)
+            for kc in range(KC):
+                for tt in range(TPC):
+                    if (task % NC) * TPC + tt < NT:
+                        for i in T.unroll(MI * 2):
+                            yacc[T.Ramp(i * 16, 1, 16)] = T.Broadcast(T.float32(0), 16)
+                        for g in range(T.min(GPC, G - kc * GPC)):
+                            group(acc, aux, tab, w, dl, ls, yacc, task, tt, kc * GPC + g)
+                        store_tile(y, yacc, ybuf, task, tt, kc)
 
     return as_root_block(kernel, int8_symbol(cfg, isa))

@@ -5,7 +5,9 @@ Switches of ``schedules/lut_gemm_int8``:
 * ``gap``: ``GAP_WORDS`` zero words after each (tile, group)'s codes of the shared-exponent kernel
   at 2 bits (``--scale-window 8`` fits; the script times 2 bits);
 * ``prefetch``: ``PREFETCH_NEXT_CODES``, the per-term kernel (the default fit) at M = 1
-  prefetching the next group's codes (``--bits`` sets the widths).
+  prefetching the next group's codes (``--bits`` sets the widths);
+* ``chunks``: ``CHUNK_TABLE_BYTES``, K split into chunks whose tables stay in L1 (0: one chunk;
+  ``--scale-window 8`` times the shared-exponent kernel, 0 the per-term one).
 
 It builds the kernel twice in one process (switch off, then as shipped), packs the same random
 weights for each, checks both against the float64 reference, and times them in alternating rounds
@@ -15,9 +17,10 @@ copies larger than twice the last-level cache). Needs a CPU with AVX-512 VBMI/VN
     python scripts/ab_kernel_switch.py gap --shape 4096x4096 --modes cold,hot
     python scripts/ab_kernel_switch.py prefetch --shape 4096x4096 --bits 2,3,4 --modes cold,hot
     TVM_NUM_THREADS=2 python scripts/ab_kernel_switch.py gap --shape 11008x4096 --threads 2
+    python scripts/ab_kernel_switch.py chunks --bits 2,3,4 --modes hot,cold --scale-window 8
 
-Results of session 21 (Zen 5): reports/bench/zen5-code-gap-s21.txt and
-reports/bench/zen5-prefetch-codes-s21.txt.
+Results (Zen 5): reports/bench/zen5-code-gap-s21.txt, reports/bench/zen5-prefetch-codes-s21.txt,
+reports/bench/zen5-k-chunks-s22.txt.
 """
 
 import argparse
@@ -35,7 +38,11 @@ from shiftadd_tvm.quant import kernel_terms
 from shiftadd_tvm.targets import resolve_target
 
 log = logging.getLogger("ab_kernel_switch")
-SWITCHES = {"gap": ("GAP_WORDS", 0), "prefetch": ("PREFETCH_NEXT_CODES", False)}
+SWITCHES = {
+    "gap": ("GAP_WORDS", 0),
+    "prefetch": ("PREFETCH_NEXT_CODES", False),
+    "chunks": ("CHUNK_TABLE_BYTES", 0),
+}
 
 
 def main() -> None:
@@ -47,6 +54,13 @@ def main() -> None:
     ap.add_argument("--modes", default="cold,hot", help="'hot', 'cold' or both")
     ap.add_argument("--threads", type=int, default=1, help="TVM threads (set TVM_NUM_THREADS too)")
     ap.add_argument("--rounds", type=int, default=9, help="alternating timing rounds")
+    ap.add_argument(
+        "--scale-window",
+        type=int,
+        choices=(0, 8),
+        help="8: the shared-exponent kernel (a windowed fit), 0: the per-term kernel "
+        "(default: 8 for gap, 0 otherwise)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if host_missing("avx512"):
@@ -58,9 +72,10 @@ def main() -> None:
     name, off = SWITCHES[args.switch]
     shipped = getattr(L8, name)
     bits_list = [2] if args.switch == "gap" else [int(b) for b in args.bits.split(",")]
+    window = args.scale_window if args.scale_window is not None else 8 * (args.switch == "gap")
     for bits, mode in ((b, m) for b in bits_list for m in args.modes.split(",")):
         width, counts = kernel_terms(bits, 128, "auto")
-        cfg = LutGemmConfig(args.m, n, k, bits, 128, width, counts, args.switch == "gap")
+        cfg = LutGemmConfig(args.m, n, k, bits, 128, width, counts, window == 8)
         copies = bk.copies_for(int(n * k * (bits + 1) / 8), mode == "cold", bk.llc_bytes())
         timers = {}
         for value in (off, shipped):

@@ -489,6 +489,67 @@ def test_shared_exponent_kernel_compiles_to_one_shift_per_group():
 
 
 @pytest.mark.skipif(bool(cpu_features.host_missing("avx512")), reason="needs AVX-512 VBMI/VNNI")
+def test_k_chunks_rule():
+    """avx512 splits K into chunks whose tables (16 bytes per quad) fit CHUNK_TABLE_BYTES, at
+    every M; the other kernels and K up to 2048 (group 128) keep one chunk."""
+    big = LutGemmConfig(1, 4096, 4096, 3, 128, 3)
+    assert L.CHUNK_TABLE_BYTES == 8192
+    assert (L.k_chunks(big, "avx512"), L.chunk_groups(big, "avx512")) == (2, 16)
+    assert L.k_chunks(LutGemmConfig(8, 4096, 4096, 3, 128, 3), "avx512") == 2
+    assert L.k_chunks(LutGemmConfig(1, 576, 11008, 3, 128, 3), "avx512") == 6  # 86 groups
+    for isa in ("avx512bw", "avx2", "neon"):
+        assert L.k_chunks(big, isa) == 1
+    for k in (576, 1536, 2048):
+        assert L.k_chunks(LutGemmConfig(1, 576, k, 3, 128, 3), "avx512") == 1
+
+
+def test_stream_order_is_chunk_major(monkeypatch):
+    """Records (tile, group) are stored per K chunk, tile by tile, the chunk's groups in order;
+    the last chunk may be shorter. With one chunk the order is tile-major, as before."""
+    cfg = LutGemmConfig(1, 96, 160, 2, 32, 1)  # 3 tiles, 5 groups of 32
+    rec = np.array([[(t, g) for g in range(5)] for t in range(3)])  # [nt, G, 2]
+    assert np.array_equal(L.stream_order(rec, cfg, "avx512"), rec.reshape(-1, 2))
+    monkeypatch.setattr(L, "CHUNK_TABLE_BYTES", 256)  # 2 groups of 32 (128 table bytes each)
+    assert L.k_chunks(cfg, "avx512") == 3
+    want = [(t, g) for c in ((0, 1), (2, 3), (4,)) for t in range(3) for g in c]
+    assert L.stream_order(rec, cfg, "avx512").tolist() == [list(r) for r in want]
+    planes, scales = random_case(cfg, seed=2)[1:]
+    w, codes = L.pack_int8(planes, scales, cfg, "avx512")
+    monkeypatch.setattr(L, "CHUNK_TABLE_BYTES", 0)  # one chunk: tile-major
+    assert L.k_chunks(cfg, "avx512") == 1
+    w1, codes1 = L.pack_int8(planes, scales, cfg, "avx512")
+    monkeypatch.setattr(L, "CHUNK_TABLE_BYTES", 256)
+    assert np.array_equal(w, L.stream_order(w1.reshape(3, 5, -1), cfg, "avx512").reshape(-1))
+    assert np.array_equal(codes[: L.PAD], codes1[: L.PAD])
+    per_group = codes1[L.PAD :].reshape(3, 5, -1)  # 2 planes x 1 term x 32 rows per record
+    assert np.array_equal(codes[L.PAD :], L.stream_order(per_group, cfg, "avx512").reshape(-1))
+
+
+CHUNK_SHAPES = [  # m, n, k, bits, group_size, terms; chunks of 3 groups of 32 (CHUNK_TABLE_BYTES)
+    (1, 70, 300, 3, 32, 2),  # 10 groups: chunks of 3, 3, 3, 1; ragged N and K
+    (3, 64, 256, 2, 32, 3),  # M = 3, 8 groups: 3, 3, 2
+    (1, 96, 512, 4, 32, 3),  # 4 bits at M = 1: two copies of the sums inside each chunk
+]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_term", "shared_exp"])
+@pytest.mark.parametrize("shape", CHUNK_SHAPES, ids=lambda s: "m{}_n{}_k{}_b{}".format(*s[:4]))
+@runnable("avx512")
+def test_chunked_kernel_matches_models(monkeypatch, shape, shared):
+    """The avx512 kernel with K split into chunks (outer loop, y accumulated per chunk, weights
+    and codes chunk-major) against its numpy model and the exact reference, one task and
+    parallel tile chunks."""
+    monkeypatch.setattr(L, "CHUNK_TABLE_BYTES", 384)
+    cfg = LutGemmConfig(*shape, shared_exp=shared)
+    assert L.k_chunks(cfg, "avx512") >= 3
+    x, planes, scales = (shared_case if shared else random_case)(cfg, seed=sum(shape))
+    model = L.reference_int8(x, planes, scales, cfg)
+    for kn in (None, L.Int8Knobs(1, 3, False)):
+        y = run_int8(cfg, "avx512", x, planes, scales, kn)
+        assert rel(y, model) < RTOL_MODEL, kn
+        assert rel(y, reference(x, planes, scales, cfg)) < RTOL_EXACT, kn
+
+
 @pytest.mark.parametrize("shape", SHARED_SHAPES, ids=lambda s: "m{}_n{}_k{}_b{}".format(*s[:4]))
 def test_shared_exponent_kernel_matches_model(shape):
     cfg = LutGemmConfig(*shape, shared_exp=True)
