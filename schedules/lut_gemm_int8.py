@@ -179,14 +179,24 @@ PREFETCH_NEXT_CODES = True
 # most this many bytes per row of x, loops over the chunks outside the tile loop, and stores its
 # weights and codes chunk-major (``k_chunks``, ``stream_order``; 0 = one chunk). Without the split
 # a tile streams its whole K (48 KiB at 4096 columns and 3 bits) between two reads of the same
-# table (16 KiB), so every table read missed L1 (K = 2048 ran 15% faster per byte than K = 4096).
-# Measured on Zen 5 (48 KiB L1; one process, alternating rounds, same weights, chunked against
-# one chunk; reports/bench/zen5-k-chunks-s22.txt): 4096x4096 M = 1 one thread, windowed fit, hot
-# 1.18 / 1.16 / 1.12x at 2 / 3 / 4 bits (3 bits 77.3 -> 66.9 us), cold 1.06-1.07x; default fit
-# hot 1.10-1.14x, cold 1.03-1.14x; 11008x4096 two threads hot 1.09-1.13x, cold 1.03-1.07x; M = 8
-# hot 1.00-1.05x, cold 1.15-1.24x; M = 128 1.02-1.09x. 4096 bytes gained less hot (1.02-1.16x),
-# 6144 about the same. Not measured on Zen 4 (32 KiB L1).
+# table (16 KiB): the tables cannot stay in L1 (inferred, this VM has no cache counters: at the
+# same bytes, K = 2048 ran 15% faster than K = 4096).
+# Measured on Zen 5 (48 KiB L1 per core; one process, alternating rounds, same weights, chunked
+# against one chunk; reports/bench/zen5-k-chunks-s22.txt and an earlier run of the same A/B):
+# 4096x4096 M = 1 one thread, windowed fit, hot 1.15-1.18 / 1.16-1.17 / 1.08-1.12x at 2 / 3 / 4
+# bits (3 bits 77.4 -> 65.9 us), cold 1.05-1.09x; default fit hot 1.03-1.14x, cold 0.99-1.18x;
+# 11008x4096 two threads hot 1.01-1.13x (4 bits 2.6x), cold 0.99-1.21x; M = 8 hot 1.00-1.05x, cold
+# 1.15-1.26x; M = 128 1.02-1.09x. 4096 bytes gained less hot (1.02-1.16x), 6144 about the same as
+# 8192. Not measured on Zen 4 (32 KiB L1).
 CHUNK_TABLE_BYTES = 8192
+# With ``build_parallel`` and one chunk of N tiles per row block (``n_chunks`` = 1), each
+# parallel task builds its own rows' tables before its tiles: one parallel launch instead of two
+# (the build's, then the lookups'). Measured on Zen 5, two threads, default rule (one process,
+# alternating rounds, same weights): M = 8 windowed fit 192x576 3.8 / 4.4 / 4.9 -> 2.8 / 3.5 / 3.9
+# us at 2 / 3 / 4 bits (1.22-1.35x hot and cold), 576x576 1.11-1.24x, 1536x576 1.01-1.12x,
+# 4096x4096 0.99x; default fit 192x576 1.17-1.50x; M = 128 576x576 1.05-1.19x
+# (reports/bench/zen5-fused-build-s22.txt). False: the separate parallel build (A/B runs).
+FUSED_BUILD = True
 
 
 def k_chunks(cfg: LutGemmConfig, isa: str) -> int:
@@ -346,7 +356,8 @@ class Int8Knobs:
 
     m_inner: int  # rows of x sharing one weight vector load; must divide M
     n_chunks: int  # parallel chunks of N tiles per row block
-    build_parallel: bool  # build the tables of different rows in parallel
+    build_parallel: bool  # build the tables of different rows in parallel (n_chunks = 1: in the
+    # lookups' parallel loop, each task its own rows', FUSED_BUILD)
 
     def validate(self, cfg: LutGemmConfig) -> None:
         if self.m_inner < 1 or cfg.m % self.m_inner:
@@ -755,6 +766,8 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
     DSIZE = PAD + NT * G * SW + (PAD if SHARED and not PD else 0)
     full_n = N % ROWS == 0
     build_loop = T.parallel if knobs.build_parallel else T.serial
+    # each task builds its own rows' tables (FUSED_BUILD)
+    FUSED = bool(FUSED_BUILD and knobs.build_parallel and NC == 1)
 
     def record(task, tt, g):
         """Index of the (tile, group) record of the task's tile tt and group g in the weights and
@@ -945,7 +958,7 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         return tirx.Cast(f"{tab_t}x{TB}", biased(tirx.nearbyint(v)))
 
     @T.macro
-    def build_tables_into(x, tab, ls):
+    def build_tables_into(x, tab, ls, m0, rows, loop):
         """Per row m of x: the scale ls[m, g] and the int8 tables of every quad (build_tables).
 
         Two passes per group: the float entries of every quad's table (into ``tot``) and their
@@ -964,7 +977,8 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         output, one thread, Xeon (Cascade Lake), avx512bw shared exponent: 32x576 M=8 (the build
         dominates) 13.3 -> 7.6 us, 576x576 M=8 36.9 -> 29.5 us (2 bits) and 44.9 -> 36.7 us (3
         bits), 576x576 M=1 6.0 -> 5.2 us, 4096x4096 M=1 unchanged."""
-        for m in build_loop(M):
+        for mm in loop(rows):
+            m = m0 + mm
             mx = T.alloc_buffer((1,), "float32", scope="local")
             inv = T.alloc_buffer((1,), "float32", scope="local")
             vmx = T.alloc_buffer((NMX * TB,), "float32", scope="local")
@@ -1305,8 +1319,11 @@ def make_int8_primfunc(cfg: LutGemmConfig, knobs: Int8Knobs | None, isa: str):
         T.func_attr({"tirx.noalias": True})
         tab = T.alloc_buffer((M * Q * TB,), tab_t)
         ls = T.alloc_buffer((M * G,), "float32")
-        build_tables_into(x, tab, ls)
+        if not FUSED:
+            build_tables_into(x, tab, ls, 0, M, build_loop)
         for task in T.parallel(MB * NC):
+            if FUSED:
+                build_tables_into(x, tab, ls, task * MI, MI, T.serial)
             acc = T.alloc_buffer((ACC_N,), ACC_T, scope="local")
             aux = T.alloc_buffer((AUX_N,), AUX_T, scope="local")
             yacc = T.alloc_buffer((MI * ROWS,), "float32", scope="local")

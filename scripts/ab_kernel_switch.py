@@ -7,20 +7,24 @@ Switches of ``schedules/lut_gemm_int8``:
 * ``prefetch``: ``PREFETCH_NEXT_CODES``, the per-term kernel (the default fit) at M = 1
   prefetching the next group's codes (``--bits`` sets the widths);
 * ``chunks``: ``CHUNK_TABLE_BYTES``, K split into chunks whose tables stay in L1 (0: one chunk;
-  ``--scale-window 8`` times the shared-exponent kernel, 0 the per-term one).
+  ``--scale-window 8`` times the shared-exponent kernel, 0 the per-term one);
+* ``fused``: ``FUSED_BUILD``, each parallel task building its own rows' tables (M > 1, two
+  threads: the default rule's knobs then build in parallel; ``--isa`` picks the kernel).
 
 It builds the kernel twice in one process (switch off, then as shipped), packs the same random
 weights for each, checks both against the float64 reference, and times them in alternating rounds
 (median over rounds of the bench's batched mean), hot (one weight buffer) or cold (rotating over
-copies larger than twice the last-level cache). Needs a CPU with AVX-512 VBMI/VNNI:
+copies larger than twice the last-level cache). The default `--isa avx512` needs AVX-512 VBMI/VNNI:
 
     python scripts/ab_kernel_switch.py gap --shape 4096x4096 --modes cold,hot
     python scripts/ab_kernel_switch.py prefetch --shape 4096x4096 --bits 2,3,4 --modes cold,hot
     TVM_NUM_THREADS=2 python scripts/ab_kernel_switch.py gap --shape 11008x4096 --threads 2
     python scripts/ab_kernel_switch.py chunks --bits 2,3,4 --modes hot,cold --scale-window 8
+    TVM_NUM_THREADS=2 python scripts/ab_kernel_switch.py fused --shape 192x576 --m 8 --threads 2 \
+        --bits 2,3,4 --scale-window 8
 
 Results (Zen 5): reports/bench/zen5-code-gap-s21.txt, reports/bench/zen5-prefetch-codes-s21.txt,
-reports/bench/zen5-k-chunks-s22.txt.
+reports/bench/zen5-k-chunks-s22.txt, reports/bench/zen5-fused-build-s22.txt.
 """
 
 import argparse
@@ -42,6 +46,7 @@ SWITCHES = {
     "gap": ("GAP_WORDS", 0),
     "prefetch": ("PREFETCH_NEXT_CODES", False),
     "chunks": ("CHUNK_TABLE_BYTES", 0),
+    "fused": ("FUSED_BUILD", False),
 }
 
 
@@ -55,6 +60,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="TVM threads (set TVM_NUM_THREADS too)")
     ap.add_argument("--rounds", type=int, default=9, help="alternating timing rounds")
     ap.add_argument(
+        "--isa", default="avx512", choices=("avx512", "avx512bw", "avx2"), help="kernel variant"
+    )
+    ap.add_argument(
         "--scale-window",
         type=int,
         choices=(0, 8),
@@ -63,8 +71,10 @@ def main() -> None:
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if host_missing("avx512"):
-        raise SystemExit(f"this CPU lacks {host_missing('avx512')}: the avx512 kernel cannot run")
+    if host_missing(args.isa):
+        raise SystemExit(
+            f"this CPU lacks {host_missing(args.isa)}: the {args.isa} kernel cannot run"
+        )
     n, k = (int(v) for v in args.shape.lower().split("x"))
     bk.set_tvm_threads(args.threads)
     target = resolve_target("llvm").tvm_target()
@@ -81,7 +91,7 @@ def main() -> None:
         for value in (off, shipped):
             setattr(L8, name, value)  # read when the kernel is built and its weights packed
             try:
-                ker = bk.build_ours(cfg, "avx512", args.threads, target, copies, x, 0)
+                ker = bk.build_ours(cfg, args.isa, args.threads, target, copies, x, 0)
             finally:
                 setattr(L8, name, shipped)
             if not ker.err < 2e-2:

@@ -100,8 +100,29 @@ def test_parallel_tasks_and_row_blocks(isa):
     cfg = LutGemmConfig(8, 200, 256, 3, 64, 3)
     x, planes, scales = random_case(cfg, seed=5)
     model = L.reference_int8(x, planes, scales, cfg)
-    for kn in (L.Int8Knobs(2, 3, True), L.Int8Knobs(8, 1, False), L.Int8Knobs(1, 7, True)):
+    knobs = (L.Int8Knobs(2, 3, True), L.Int8Knobs(8, 1, False), L.Int8Knobs(1, 7, True))
+    fused = (L.Int8Knobs(2, 1, True), L.Int8Knobs(1, 1, True))  # each task builds its rows' tables
+    for kn in knobs + fused:
         assert rel(run_int8(cfg, isa, x, planes, scales, kn), model) < RTOL_MODEL, kn
+
+
+@pytest.mark.parametrize("isa", X86_ISAS)
+def test_fused_table_build_is_one_parallel_launch(isa, monkeypatch):
+    """Compile-only (any x86 host): with build_parallel and one N chunk per row block the tables
+    are built inside the lookups' parallel loop (one TVMBackendParallelLaunch, FUSED_BUILD); with
+    several N chunks, or the switch off, the build is its own parallel loop (two)."""
+
+    def launches(kn):
+        cfg = LutGemmConfig(8, 64, 256, 3, 64, 3)
+        func = L.make_int8_primfunc(cfg, kn, isa)
+        ex = tvm.compile(tvm.IRModule({"k": func}), target=tvm.target.Target(TARGETS[isa]))
+        return ex.mod.inspect_source("ll").count("load ptr, ptr @__TVMBackendParallelLaunch")
+
+    assert launches(L.Int8Knobs(2, 1, True)) == 1
+    assert launches(L.Int8Knobs(2, 2, True)) == 2
+    assert launches(L.Int8Knobs(2, 1, False)) == 1  # a serial build, then the lookups
+    monkeypatch.setattr(L, "FUSED_BUILD", False)
+    assert launches(L.Int8Knobs(2, 1, True)) == 2
 
 
 @pytest.mark.parametrize("sign", [1, -1], ids=["all+127", "all-127"])
