@@ -218,6 +218,8 @@ def stream_order(per_group: np.ndarray, cfg: LutGemmConfig, isa: str) -> np.ndar
     """``[nt, G, ...]`` records (one per tile and scale group) in the order the kernel reads them:
     per K chunk (``k_chunks``), tile by tile, the chunk's groups in order."""
     gpc = chunk_groups(cfg, isa)
+    if gpc >= cfg.groups:  # one chunk: tile-major, no copy
+        return per_group.reshape(-1, *per_group.shape[2:])
     parts = [per_group[:, g0 : g0 + gpc] for g0 in range(0, cfg.groups, gpc)]
     return np.concatenate([p.reshape(-1, *per_group.shape[2:]) for p in parts])
 
@@ -576,9 +578,7 @@ def pack_int8(
     d = d.transpose(1, 3, 0, 4, 2)  # [nt, G, bits, terms, 32]
     # only each plane's present slots (cfg.term_counts), plane-major: [nt, G, sum(counts), 32]
     d = np.concatenate([d[:, :, b, :c] for b, c in enumerate(cfg.term_counts)], axis=2)
-    d = encode_deltas(d).reshape(nt, cfg.groups, -1)
-    if isa == "avx512":
-        d = stream_order(d, cfg, isa)
+    d = stream_order(encode_deltas(d).reshape(nt, cfg.groups, -1), cfg, isa)
     codes = np.concatenate([np.zeros(PAD, np.int16), d.reshape(-1)])
     return np.ascontiguousarray(w).reshape(-1), codes  # 1-D args
 
